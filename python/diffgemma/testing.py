@@ -1,0 +1,217 @@
+"""Tiny-model factory: random-weight `diffusion-gemma` files with the exact published layout.
+
+Used by the tests, the benchmarks and users who want a model to play with. `write_model(path, tiny_hparams())`
+writes a small file in seconds; `write_model(path, layout.full_26b_a4b(), sparse=True)` writes the full 26B-A4B
+layout as a sparse file (metadata only on disk) with the published size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import re
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from . import layout
+from .gguf_file import Writer
+
+# Token types as the GGUF tokenizer stores them.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
+                  "<|tool_response>"]
+PAD, EOS, BOS, UNK, MASK, TURN_START, TURN_END = range(7)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+_CORPUS = """
+The quick brown fox jumps over the lazy dog. A diffusion model does not write from left to right: it starts
+from noise and denoises a whole canvas at once, step after step, until the text is stable and confident.
+To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows of
+outrageous fortune, or to take arms against a sea of troubles. Numbers like 0 1 2 3 4 5 6 7 8 9 and 2026 appear
+in code: def main(): return print("hello, world") # comments explain why, not what.
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    merges: list[str]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "tokenizer.ggml.model": "gemma4",
+            "tokenizer.ggml.tokens": self.tokens,
+            "tokenizer.ggml.scores": self.scores,
+            "tokenizer.ggml.token_type": self.types,
+            "tokenizer.ggml.merges": self.merges,
+            "tokenizer.ggml.bos_token_id": BOS,
+            "tokenizer.ggml.eos_token_id": EOS,
+            "tokenizer.ggml.unknown_token_id": UNK,
+            "tokenizer.ggml.padding_token_id": PAD,
+            "tokenizer.ggml.mask_token_id": MASK,
+            "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_eos_token": False,
+            "tokenizer.chat_template": CHAT_TEMPLATE,
+            "diffusion.eos_token_ids": [EOS, TURN_END],
+        }
+
+
+def tiny_vocab(n_vocab: int = 512, corpus: str = _CORPUS) -> Vocab:
+    """A gemma4-style BPE vocabulary: Gemma special/control tokens, 256 byte-fallback tokens `<0xNN>`,
+    metaspace `▁` words, and merges learned on `corpus` until `n_vocab` tokens."""
+    tokens = list(SPECIAL_TOKENS)
+    types = [CONTROL] * len(tokens)
+    types[UNK] = UNKNOWN
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [BYTE] * 256
+    text = corpus.strip().replace(" ", "▁").replace("\n", "▁")
+    chars = sorted(set(text) | {"\n"})
+    tokens += chars
+    types += [NORMAL] * len(chars)
+    if len(tokens) > n_vocab:
+        raise ValueError(f"n_vocab={n_vocab} is too small for the base vocabulary ({len(tokens)} tokens)")
+    # Byte-pair merges learned on the corpus (words split at the metaspace, kept with it as a prefix).
+    words = Counter(tuple(w) for w in re.findall(r"▁?[^▁]+|▁", text))
+    merges: list[str] = []
+    have = set(tokens)
+    while len(tokens) < n_vocab:
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            for a, b in zip(w, w[1:], strict=False):
+                pairs[a, b] += c
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        new = a + b
+        if new not in have:
+            tokens.append(new)
+            types.append(NORMAL)
+            have.add(new)
+        merged: Counter = Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += c
+        words = merged
+    while len(tokens) < n_vocab:
+        tokens.append(f"<unused{len(tokens)}>")
+        types.append(USER_DEFINED)
+    return Vocab(tokens, [float(-i) for i in range(len(tokens))], types, merges)
+
+
+def tiny_hparams(**overrides: Any) -> layout.HParams:
+    """Small shapes that keep the real structure: 5 sliding : 1 global layers, GQA on both kinds, several
+    experts, sliding window smaller than prompt + canvas."""
+    n_layer = overrides.pop("n_layer", 6)
+    swa = overrides.pop("swa_layers", tuple((i + 1) % 6 != 0 and i != n_layer - 1 for i in range(n_layer)))
+    kv_swa, kv_global = overrides.pop("n_head_kv_swa", 2), overrides.pop("n_head_kv_global", 1)
+    base = dict(
+        n_layer=n_layer, n_embd=64, n_vocab=512, n_head=4, n_head_kv=tuple(kv_swa if s else kv_global for s in swa),
+        head_dim=32, head_dim_swa=16, n_ff=96, n_ff_exp=32, n_expert=4, n_expert_used=2, sliding_window=8,
+        swa_layers=swa, rope_dim=32, rope_dim_swa=16, canvas_length=16, context_length=4096,
+    )
+    base.update(overrides)
+    return layout.check_hparams_or_raise(layout.HParams(**base))
+
+
+_GGML_TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
+
+
+def random_weights(hp: layout.HParams, seed: int = 0) -> dict[str, np.ndarray]:
+    """F32 random weights for every tensor (numpy order, i.e. reversed ggml shape). Norm weights, router scale,
+    per-expert scales and both layer scalars get non-trivial values so that tests notice a swapped one."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for spec in layout.tensor_specs(hp):
+        shape = tuple(reversed(spec.shape))
+        if spec.name == "rope_freqs.weight":
+            w = np.asarray(layout.rope_freq_factors(hp), dtype=np.float32)
+        elif spec.role == layout.VECTOR:
+            w = rng.uniform(0.5, 1.5, size=shape)
+        else:
+            fan_in = spec.shape[0]
+            w = rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape)
+            if spec.name == "token_embd.weight":
+                w *= 0.05 * np.sqrt(fan_in)  # embeddings are scaled by sqrt(n_embd) at the input
+        out[spec.name] = np.asarray(w, dtype=np.float32)
+    return out
+
+
+def stored_type(spec: layout.TensorSpec, wtype: str) -> int:
+    """GGML type a tensor gets in a file whose matrices are `wtype` (vectors and the router stay F32)."""
+    if spec.role in (layout.VECTOR, layout.ROUTER):
+        return int(QT.F32)
+    t = _GGML_TYPES[wtype]
+    if t == QT.Q8_0 and spec.shape[0] % 32:
+        t = QT.F16
+    return int(t)
+
+
+def _encode(w: np.ndarray, t: int) -> np.ndarray:
+    if t == QT.F32:
+        return w
+    if t == QT.F16:
+        return w.astype(np.float16)
+    return gq.quantize(w, QT(t))
+
+
+def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wtype: str = "f32", seed: int = 0,
+                weights: dict[str, np.ndarray] | None = None, sparse: bool = False, vocab: Vocab | None = None,
+                extra_metadata: dict[str, Any] | None = None) -> pathlib.Path:
+    """Write a `diffusion-gemma` GGUF with random weights (or `weights`, F32 numpy arrays in numpy order).
+
+    wtype: f32, f16, bf16 or q8_0 for the matrices. sparse=True writes metadata only and extends the file to its
+    full size without storing data (for layout and size checks of the full 26B-A4B model).
+    """
+    hp = hp or tiny_hparams()
+    if wtype not in _GGML_TYPES:
+        raise ValueError(f"wtype must be one of {sorted(_GGML_TYPES)}")
+    if vocab is None:
+        vocab = tiny_vocab(hp.n_vocab) if hp.n_vocab <= 4096 else _placeholder_vocab(hp.n_vocab)
+    if len(vocab.tokens) != hp.n_vocab:
+        raise ValueError(f"vocab has {len(vocab.tokens)} tokens, hparams say {hp.n_vocab}")
+    w = Writer(path)
+    w.set("general.architecture", layout.ARCH)
+    w.set("general.name", "diffgemma-testing")
+    w.set("general.file_type", {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[wtype])
+    w.set("general.quantization_version", 2)
+    w.set_all(layout.hparams_to_metadata(hp))
+    w.set_all(vocab.metadata())
+    w.set_all(extra_metadata or {})
+    specs = layout.tensor_specs(hp)
+    types = {s.name: stored_type(s, wtype) for s in specs}
+    for s in specs:
+        w.add_tensor(s.name, s.shape, types[s.name])
+    if sparse:
+        w.write(sparse=True)
+        return pathlib.Path(path)
+    weights = weights if weights is not None else random_weights(hp, seed)
+    w.write(lambda name: np.ascontiguousarray(_encode(weights[name], types[name])))
+    return pathlib.Path(path)
+
+
+def _placeholder_vocab(n_vocab: int) -> Vocab:
+    """A vocabulary of the right size for layout work (not meant for tokenizing)."""
+    base = tiny_vocab(512)
+    extra = n_vocab - len(base.tokens)
+    tokens = base.tokens + [f"<unused{i}>" for i in range(len(base.tokens), n_vocab)]
+    return Vocab(tokens, [float(-i) for i in range(n_vocab)], base.types + [USER_DEFINED] * extra, base.merges)
