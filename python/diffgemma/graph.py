@@ -1,0 +1,242 @@
+"""The DiffusionGemma forward graph, built on ggml.
+
+Two passes share one set of weights (see ../shared/spec/model.md):
+- `encode`: causal pass over newly committed tokens (prompt, or a finished canvas) that appends each layer's
+  K (after k_norm + RoPE) and V (after v_norm) to the prompt-KV store;
+- `decode`: bidirectional pass over a canvas that reads the store (global layers: every committed key;
+  sliding layers: the last W-1), with the self-conditioning input path and soft-capped logits.
+Shapes are in ggml order: activations are [features, tokens].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from . import binding as B
+from .layout import HParams
+
+_lib, _ffi = B.lib, B.ffi
+F32, F16, I32 = 0, 1, 26
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class Ctx:
+    """A ggml context (no_alloc) holding one graph's nodes, with short names for the ops we use."""
+
+    def __init__(self, n_nodes: int):
+        size = _lib.ggml_tensor_overhead() * n_nodes + _lib.ggml_graph_overhead_custom(n_nodes, False)
+        self.ctx = _lib.ggml_init(_ffi.new("struct ggml_init_params *",
+                                           {"mem_size": size, "mem_buffer": _ffi.NULL, "no_alloc": True})[0])
+        self.graph = _lib.ggml_new_graph_custom(self.ctx, n_nodes, False)
+
+    def free(self) -> None:
+        if self.ctx is not None:
+            _lib.ggml_free(self.ctx)
+            self.ctx = None
+
+    def input(self, name: str, type_: int, *ne: int) -> Any:
+        t = getattr(_lib, f"ggml_new_tensor_{len(ne)}d")(self.ctx, type_, *ne)
+        _lib.ggml_set_name(t, name.encode())
+        _lib.ggml_set_input(t)
+        return t
+
+    def output(self, t: Any, name: str) -> Any:
+        _lib.ggml_set_name(t, name.encode())
+        _lib.ggml_set_output(t)
+        _lib.ggml_build_forward_expand(self.graph, t)
+        return t
+
+    def expand(self, t: Any) -> None:
+        _lib.ggml_build_forward_expand(self.graph, t)
+
+    def __getattr__(self, op: str) -> Any:
+        fn = getattr(_lib, "ggml_" + op)
+        ctx = self.ctx
+        return lambda *args: fn(ctx, *args)
+
+
+@dataclasses.dataclass
+class PromptKV:
+    """Per-layer K/V of every committed token, on the weights' device: k[il], v[il] are [d, n_kv_head, capacity]."""
+
+    k: list[Any]
+    v: list[Any]
+    capacity: int
+    n: int = 0  # committed tokens stored
+
+
+def rms(g: Ctx, x: Any, eps: float, w: Any = None) -> Any:
+    """RMS norm over ne0, weight used as is (x * w, not x * (1 + w))."""
+    y = g.rms_norm(x, eps)
+    return g.mul(y, w) if w is not None else y
+
+
+def gelu_tanh(g: Ctx, x: Any) -> Any:
+    # Composed from exact ops: the CPU backend's fused gelu reads an fp16 table (errors ~1e-3).
+    x3 = g.mul(g.sqr(x), x)
+    inner = g.scale(g.add(x, g.scale(x3, 0.044715)), GELU_C)
+    return g.mul(g.scale(x, 0.5), g.scale_bias(g.tanh(inner), 1.0, 1.0))
+
+
+def mlp(g: Ctx, x: Any, gate: Any, up: Any, down: Any) -> Any:
+    return g.mul_mat(down, g.mul(gelu_tanh(g, g.mul_mat(gate, x)), g.mul_mat(up, x)))
+
+
+def attention(g: Ctx, q: Any, k: Any, v: Any, mask: Any, flash: bool) -> Any:
+    """q [d, Hq, n_q], k/v [d, Hkv, n_kv] -> [d*Hq, n_q]. Scale 1.0: q/k norms replace 1/sqrt(d)."""
+    d, n_head, n_q = q.ne[0], q.ne[1], q.ne[2]
+    q = g.permute(q, 0, 2, 1, 3)  # [d, n_q, Hq]
+    k = g.permute(k, 0, 2, 1, 3)  # [d, n_kv, Hkv]
+    if flash:
+        v = g.permute(v, 0, 2, 1, 3)
+        out = g.flash_attn_ext(q, k, v, mask, 1.0, 0.0, 0.0)  # [d, Hq, n_q]
+        _lib.ggml_flash_attn_ext_set_prec(out, B.GGML_PREC_F32)
+        return g.reshape_2d(out, d * n_head, n_q)
+    kq = g.mul_mat(k, q)  # [n_kv, n_q, Hq]; KV head j serves query heads j*G..(j+1)*G-1 (ggml broadcast)
+    kq = g.soft_max_ext(kq, mask if mask is not None else _ffi.NULL, 1.0, 0.0)
+    vt = g.cont(g.permute(v, 1, 2, 0, 3))  # [n_kv, d, Hkv]
+    out = g.mul_mat(vt, kq)  # [d, n_q, Hq]
+    return g.reshape_2d(g.cont(g.permute(out, 0, 2, 1, 3)), d * n_head, n_q)
+
+
+class Graphs:
+    """Builds the encoder and decoder graphs of one model (weights by GGUF name, hyper-parameters)."""
+
+    def __init__(self, w: dict[str, Any], hp: HParams, flash: bool, embd_scale: float):
+        self.w, self.hp, self.flash, self.embd_scale = w, hp, flash, embd_scale
+
+    def _qkv(self, g: Ctx, il: int, a: Any, pos: Any, n: int) -> tuple[Any, Any, Any]:
+        """Projected, normed and roped q, k and normed v of one layer: [d, heads, n]."""
+        hp, w, p = self.hp, self.w, f"blk.{il}."
+        d, n_kv = hp.layer_head_dim(il), hp.n_head_kv[il]
+        swa = hp.is_swa(il)
+        q = g.reshape_3d(g.mul_mat(w[p + "attn_q.weight"], a), d, hp.n_head, n)
+        k_raw = g.reshape_3d(g.mul_mat(w[p + "attn_k.weight"], a), d, n_kv, n)
+        # Global layers have no v_proj: V is the raw K projection (before k_norm and RoPE).
+        v_raw = g.reshape_3d(g.mul_mat(w[p + "attn_v.weight"], a), d, n_kv, n) if swa else k_raw
+        q = rms(g, q, hp.rms_eps, w[p + "attn_q_norm.weight"])
+        k = rms(g, k_raw, hp.rms_eps, w[p + "attn_k_norm.weight"])
+        freqs = _ffi.NULL if swa else w["rope_freqs.weight"]  # proportional RoPE: pairs past n_rot frozen
+        base = hp.rope_base_swa if swa else hp.rope_base
+        q = g.rope_ext(q, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        k = g.rope_ext(k, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
+        v = rms(g, v_raw, hp.rms_eps)
+        return q, k, v
+
+    def _ffn(self, g: Ctx, il: int, h1: Any, n: int) -> Any:
+        """Dense MLP + MoE, both from h1, each with its own pre/post norms; returns their normed sum."""
+        hp, w, p = self.hp, self.w, f"blk.{il}."
+        eps = hp.rms_eps
+        dense = mlp(g, rms(g, h1, eps, w[p + "ffn_norm.weight"]),
+                    w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
+        dense = rms(g, dense, eps, w[p + "post_ffw_norm_1.weight"])
+
+        # Router on the raw residual: softmax over all experts, top-k, renormalise, then per-expert scale.
+        r = g.scale(g.mul(g.rms_norm(h1, eps), w[p + "ffn_gate_inp.scale"]), hp.n_embd ** -0.5)
+        probs = g.soft_max(g.mul_mat(w[p + "ffn_gate_inp.weight"], r))  # [E, n]
+        k = hp.n_expert_used
+        ids = g.argsort_top_k(probs, k)  # [k, n]
+        wts = g.get_rows(g.reshape_3d(probs, 1, hp.n_expert, n), ids)  # [1, k, n]
+        wts = g.div(wts, g.reshape_3d(g.sum_rows(g.reshape_2d(wts, k, n)), 1, 1, n))
+        flat_ids = g.reshape_1d(g.cont(ids), k * n)
+        scale = g.get_rows(g.reshape_2d(w[p + "ffn_down_exps.scale"], 1, hp.n_expert), flat_ids)
+        wts = g.mul(wts, g.reshape_3d(scale, 1, k, n))
+
+        x = g.reshape_3d(rms(g, h1, eps, w[p + "pre_ffw_norm_2.weight"]), hp.n_embd, 1, n)
+        fe = hp.n_ff_exp
+        if p + "ffn_gate_up_exps.weight" in w:
+            gu = g.mul_mat_id(w[p + "ffn_gate_up_exps.weight"], x, ids)  # [2*fe, k, n]: gate rows, then up rows
+            gate = g.view_3d(gu, fe, k, n, gu.nb[1], gu.nb[2], 0)
+            up = g.view_3d(gu, fe, k, n, gu.nb[1], gu.nb[2], fe * gu.nb[0])
+        else:
+            gate = g.mul_mat_id(w[p + "ffn_gate_exps.weight"], x, ids)
+            up = g.mul_mat_id(w[p + "ffn_up_exps.weight"], x, ids)
+        act = g.mul(gelu_tanh(g, g.cont(gate)), up)
+        experts = g.mul(g.mul_mat_id(w[p + "ffn_down_exps.weight"], act, ids), wts)  # [H, k, n]
+        moe = g.view_2d(experts, hp.n_embd, n, experts.nb[2], 0)
+        for j in range(1, k):
+            moe = g.add(moe, g.view_2d(experts, hp.n_embd, n, experts.nb[2], j * experts.nb[1]))
+        moe = rms(g, moe, eps, w[p + "post_ffw_norm_2.weight"])
+        return rms(g, g.add(dense, moe), eps, w[p + "post_ffw_norm.weight"])
+
+    def _prefix(self, g: Ctx, kv: PromptKV, il: int, n_prefix: int) -> tuple[Any, Any]:
+        """Views of the last n_prefix committed K/V of layer il."""
+        k, v = kv.k[il], kv.v[il]
+        off = (kv.n - n_prefix) * k.nb[2]
+        return (g.view_3d(k, k.ne[0], k.ne[1], n_prefix, k.nb[1], k.nb[2], off),
+                g.view_3d(v, v.ne[0], v.ne[1], n_prefix, v.nb[1], v.nb[2], off))
+
+    def n_prefix(self, il: int, n_committed: int) -> int:
+        return n_committed if not self.hp.is_swa(il) else min(n_committed, self.hp.sliding_window - 1)
+
+    def encode(self, g: Ctx, kv: PromptKV, n: int) -> dict[str, Any]:
+        """Causal pass over n new committed tokens at positions kv.n.. ; writes their K/V into the store.
+        Inputs: ids [n], pos [n], mask_swa / mask_full [n_kv, n] (0 or -inf)."""
+        hp, w = self.hp, self.w
+        ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
+        masks = {}
+        for kind in ("swa", "full"):
+            n_kv = self.n_prefix(0 if kind == "swa" else hp.n_layer - 1, kv.n) + n
+            masks[kind] = g.input(f"mask_{kind}", F16 if self.flash else F32, n_kv, n)
+        h = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
+        for il in range(hp.n_layer):
+            p = f"blk.{il}."
+            a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
+            q, k, v = self._qkv(g, il, a, pos, n)
+            d, n_kv = k.ne[0], k.ne[1]
+            # Append to the store (the attention below reads the prefix views, not what is written now).
+            off = kv.n * kv.k[il].nb[2]
+            g.expand(g.cpy(k, g.view_3d(kv.k[il], d, n_kv, n, kv.k[il].nb[1], kv.k[il].nb[2], off)))
+            g.expand(g.cpy(v, g.view_3d(kv.v[il], d, n_kv, n, kv.v[il].nb[1], kv.v[il].nb[2], off)))
+            if il == hp.n_layer - 1:
+                break  # only K/V of the last layer matter: the encoder's output is never read
+            n_pre = self.n_prefix(il, kv.n)
+            if n_pre:
+                pk, pv = self._prefix(g, kv, il, n_pre)
+                k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)
+            mask = masks["swa" if hp.is_swa(il) else "full"]
+            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
+            h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
+            h = g.mul(g.add(h1, self._ffn(g, il, h1, n)), w[p + "enc_layer_output_scale.weight"])
+        return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}}
+
+    def self_cond(self, g: Ctx, sc_logits: Any, embd_t: Any) -> Any:
+        """MLP_sc(pre_norm(softmax(prev scaled logits) . E . s_e)): [V, L] -> [H, L]."""
+        w, hp = self.w, self.hp
+        probs = g.soft_max(sc_logits)  # over the full vocabulary
+        if embd_t.type != F32:
+            probs = g.cast(probs, embd_t.type)
+        soft = g.scale(g.mul_mat(embd_t, probs), self.embd_scale)  # embd_t is E^T [V, H]
+        soft = rms(g, soft, hp.rms_eps, w["self_cond_pre_norm.weight"])
+        return mlp(g, soft, w["self_cond_gate.weight"], w["self_cond_up.weight"], w["self_cond_down.weight"])
+
+    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any) -> dict[str, Any]:
+        """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store.
+        Inputs: ids [L], pos [L], sc_logits [V, L], sc_gate [1] (0 on the first step: contributes exactly 0).
+        Output: logits [V, L] (soft-capped, no temperature)."""
+        hp, w = self.hp, self.w
+        ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
+        sc_logits = g.input("sc_logits", F32, hp.n_vocab, L)
+        sc_gate = g.input("sc_gate", F32, 1)
+        hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
+        sc = g.mul(self.self_cond(g, sc_logits, embd_t), sc_gate)
+        h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
+        for il in range(hp.n_layer):
+            p = f"blk.{il}."
+            a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
+            q, k, v = self._qkv(g, il, a, pos, L)
+            n_pre = self.n_prefix(il, kv.n)
+            if n_pre:
+                pk, pv = self._prefix(g, kv, il, n_pre)
+                k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)
+            # Every canvas query sees the same keys: the chosen prefix plus the whole canvas; no mask needed.
+            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, _ffi.NULL, self.flash))
+            h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
+            h = g.mul(g.add(h1, self._ffn(g, il, h1, L)), w[p + "layer_output_scale.weight"])
+        h = rms(g, h, hp.rms_eps, w["output_norm.weight"])
+        logits = g.mul_mat(w["token_embd.weight"], h)  # tied LM head
+        logits = g.scale(g.tanh(g.scale(logits, 1.0 / hp.softcap)), hp.softcap)
+        g.output(logits, "logits")
+        return {"ids": ids, "pos": pos, "sc_logits": sc_logits, "sc_gate": sc_gate, "logits": logits}

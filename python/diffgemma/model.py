@@ -1,0 +1,412 @@
+"""A loaded DiffusionGemma model: memory-mapped weights on ggml backends, prompt-KV store, graphs, logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+import os
+import pathlib
+import threading
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from . import binding as B
+from . import gguf_file, layout
+from .errors import Error
+from .graph import F16, F32, Ctx, Graphs, PromptKV
+from .tokenizer import Tokenizer
+
+_lib, _ffi = B.lib, B.ffi
+GRAPH_NODES = 32768
+ENCODE_CHUNK = 512  # committed tokens encoded per graph (bounds the compute buffer)
+
+
+def _bf16_round(x: float) -> float:
+    b = np.array([x], dtype=np.float32).view(np.uint32)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return float(b.view(np.float32)[0])
+
+
+@dataclasses.dataclass
+class _Graph:
+    key: tuple
+    ctx: Ctx
+    io: dict[str, Any]
+
+
+class Model:
+    """A DiffusionGemma model loaded from a `diffusion-gemma` GGUF file (see `diffgemma.load`)."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
+                 flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None):
+        B.set_verbose(verbose)
+        self.path = pathlib.Path(path)
+        self._file = gguf_file.read(self.path)
+        self.hparams: layout.HParams = gguf_file.validate(self._file)
+        self.metadata: dict[str, Any] = self._file.metadata
+        self.tokenizer = Tokenizer(self.metadata)
+        hp = self.hparams
+        if threads is not None and threads < 1:
+            raise Error(f"threads must be >= 1, got {threads}")
+        if not isinstance(n_gpu_layers, int):
+            raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
+        self.n_ctx = min(n_ctx or 4096, hp.context_length)
+        if self.n_ctx < hp.canvas_length + 1:
+            raise Error(f"n_ctx={self.n_ctx} cannot hold a prompt and a canvas of {hp.canvas_length}")
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self._lock = threading.RLock()
+        self._closed = False
+        self._bufs: list[Any] = []
+        self._ctxs: list[Any] = []
+        self._setup_backends(n_gpu_layers)
+        self._load_weights()
+        self.flash = self._want_flash(flash_attn)
+        scale = math.sqrt(hp.n_embd)
+        # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
+        if self._file.tensors["token_embd.weight"].type == int(QT.BF16):
+            scale = _bf16_round(scale)
+        self._graphs = Graphs(self.weights, hp, self.flash, scale)
+        self._alloc_prompt_kv()
+        self._embd_t = None
+        self._graph: _Graph | None = None
+        self.committed: list[int] = []  # token ids whose K/V are in the store
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def _setup_backends(self, n_gpu_layers: int) -> None:
+        devs = B.devices()
+        cpu = next(d for d in devs if d["type"] == "cpu")
+        gpu = next((d for d in devs if d["type"] in ("gpu", "igpu")), None)
+        hp = self.hparams
+        if gpu is None or n_gpu_layers == 0:
+            self._gpu_layers = 0
+        else:
+            self._gpu_layers = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
+        self.cpu_backend = _lib.ggml_backend_dev_init(cpu["handle"], _ffi.NULL)
+        B.set_n_threads(self.cpu_backend, self.threads)
+        self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
+        self._gpu_dev = gpu["handle"] if self._gpu_layers else None
+        backends = ([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend]
+        self._backends_arr = _ffi.new("ggml_backend_t[]", backends)
+        self.sched = _lib.ggml_backend_sched_new(self._backends_arr, _ffi.NULL, len(backends), GRAPH_NODES,
+                                                 False, True)
+        self.devices = ([B.cstr(_lib.ggml_backend_name(self.gpu_backend))] if self.gpu_backend else []) + ["CPU"]
+
+    def _on_gpu(self, name: str) -> bool:
+        """Last k layers on the GPU (llama.cpp's n_gpu_layers); the output layer (tied embedding, final norm,
+        self-conditioning) counts as layer n_layer."""
+        if not self._gpu_layers:
+            return False
+        il = layout.layer_of(name)
+        il = self.hparams.n_layer if il is None else il
+        return il >= self.hparams.n_layer + 1 - self._gpu_layers
+
+    def _new_ctx(self, n: int) -> Any:
+        ctx = _lib.ggml_init(_ffi.new("struct ggml_init_params *", {
+            "mem_size": _lib.ggml_tensor_overhead() * (n + 8), "mem_buffer": _ffi.NULL, "no_alloc": True})[0])
+        self._ctxs.append(ctx)
+        return ctx
+
+    def _load_weights(self) -> None:
+        """Memory-map the file; CPU weights point into the mapping (no copy), GPU weights are uploaded."""
+        infos = list(self._file.tensors.values())
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base = _ffi.from_buffer(self._mmap)
+        self.weights: dict[str, Any] = {}
+        groups = {False: [], True: []}
+        for info in infos:
+            groups[self._on_gpu(info.name)].append(info)
+        for on_gpu, group in groups.items():
+            if not group:
+                continue
+            ctx = self._new_ctx(len(group))
+            for info in group:
+                ne = list(info.shape) + [1] * (4 - len(info.shape))
+                t = _lib.ggml_new_tensor_4d(ctx, info.type, *ne)
+                _lib.ggml_set_name(t, info.name.encode())
+                self.weights[info.name] = t
+            if on_gpu:
+                buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, _lib.ggml_backend_dev_buffer_type(self._gpu_dev))
+                if buf == _ffi.NULL:
+                    raise Error("not enough GPU memory for the offloaded layers; lower n_gpu_layers")
+                for info in group:
+                    _lib.ggml_backend_tensor_set(self.weights[info.name], self._base + info.offset, 0, info.nbytes)
+            else:
+                buf = _lib.ggml_backend_cpu_buffer_from_ptr(self._base, len(self._mmap))
+                for info in group:
+                    if _lib.ggml_backend_tensor_alloc(buf, self.weights[info.name], self._base + info.offset) != 0:
+                        raise Error(f"cannot place {info.name} in the mapped file")
+            _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            self._bufs.append(buf)
+
+    def _want_flash(self, flash_attn: str | bool) -> bool:
+        if flash_attn in (True, "on"):
+            return True
+        if flash_attn in (False, "off"):
+            return False
+        if flash_attn != "auto":
+            raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
+        return self.gpu_backend is not None and self._flash_supported()
+
+    def _flash_supported(self) -> bool:
+        """Ask the GPU backend whether it runs flash attention at both head sizes of this model."""
+        g = Ctx(64)
+        try:
+            ok = True
+            for d, kv in {(self.hparams.head_dim, 1), (self.hparams.head_dim_swa, 1)}:
+                q = _lib.ggml_new_tensor_3d(g.ctx, F32, d, 4, self.hparams.n_head)
+                k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, kv)
+                m = _lib.ggml_new_tensor_2d(g.ctx, F16, 16, 4)
+                fa = g.flash_attn_ext(q, k, k, m, 1.0, 0.0, 0.0)
+                ok = ok and bool(_lib.ggml_backend_supports_op(self.gpu_backend, fa))
+            return ok
+        finally:
+            g.free()
+
+    def _alloc_prompt_kv(self) -> None:
+        hp = self.hparams
+        ks, vs = [], []
+        per_dev: dict[bool, list[Any]] = {False: [], True: []}
+        ctx = {dev: self._new_ctx(2 * hp.n_layer) for dev in (False, True)}
+        for il in range(hp.n_layer):
+            dev = self._on_gpu(f"blk.{il}.")
+            d, n_kv = hp.layer_head_dim(il), hp.n_head_kv[il]
+            # Sliding layers never need more than the last W-1 keys beyond a chunk, but the store keeps
+            # every committed token so the views stay simple; capacity is n_ctx.
+            k = _lib.ggml_new_tensor_3d(ctx[dev], F32, d, n_kv, self.n_ctx)
+            v = _lib.ggml_new_tensor_3d(ctx[dev], F32, d, n_kv, self.n_ctx)
+            _lib.ggml_set_name(k, f"prompt_k.{il}".encode())
+            _lib.ggml_set_name(v, f"prompt_v.{il}".encode())
+            ks.append(k)
+            vs.append(v)
+            per_dev[dev] += [k, v]
+        for dev, ts in per_dev.items():
+            if not ts:
+                continue
+            buft = (_lib.ggml_backend_dev_buffer_type(self._gpu_dev) if dev else _lib.ggml_backend_cpu_buffer_type())
+            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx[dev], buft)
+            if buf == _ffi.NULL:
+                raise Error(f"cannot allocate the prompt-KV store for n_ctx={self.n_ctx}")
+            self._bufs.append(buf)
+        self.prompt_kv = PromptKV(ks, vs, self.n_ctx)
+
+    def _embedding_t(self) -> Any:
+        """E^T [V, H] for the self-conditioning product, built once on the embedding's device."""
+        if self._embd_t is None:
+            info = self._file.tensors["token_embd.weight"]
+            raw = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+            hp = self.hparams
+            if info.type == int(QT.F32):
+                e = raw.view(np.float32).reshape(hp.n_vocab, hp.n_embd)
+            else:
+                e = gq.dequantize(raw.reshape(hp.n_vocab, -1), QT(info.type)).reshape(hp.n_vocab, hp.n_embd)
+            ttype = F32 if info.type == int(QT.F32) else F16
+            et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
+            on_gpu = self._on_gpu("token_embd.weight")
+            ctx = self._new_ctx(1)
+            t = _lib.ggml_new_tensor_2d(ctx, ttype, hp.n_vocab, hp.n_embd)
+            _lib.ggml_set_name(t, b"token_embd_t")
+            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
+            if buf == _ffi.NULL:
+                raise Error("cannot allocate the transposed embedding for self-conditioning")
+            _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            self._bufs.append(buf)
+            _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(et), 0, et.nbytes)
+            self._embd_t = t
+        return self._embd_t
+
+    # ---- graphs --------------------------------------------------------------------------------------
+
+    def _use_graph(self, key: tuple, build: Any) -> _Graph:
+        """The allocated graph for `key`, building and allocating it only when the shape changed."""
+        if self._graph is not None and self._graph.key == key:
+            return self._graph
+        if self._graph is not None:
+            self._graph.ctx.free()
+            self._graph = None
+        _lib.ggml_backend_sched_reset(self.sched)
+        g = Ctx(GRAPH_NODES)
+        io = build(g)
+        if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
+            g.free()
+            raise Error("ggml could not allocate the compute graph (out of memory?)")
+        self._graph = _Graph(key, g, io)
+        return self._graph
+
+    def _compute(self, gr: _Graph) -> None:
+        if _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph) != 0:
+            raise Error("ggml graph computation failed")
+
+    @staticmethod
+    def _set(t: Any, arr: np.ndarray) -> None:
+        if t.buffer == _ffi.NULL:  # an input this graph does not use (e.g. no global layer to mask)
+            return
+        arr = np.ascontiguousarray(arr)
+        _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(arr), 0, arr.nbytes)
+
+    def _check_ids(self, ids: Any, what: str) -> np.ndarray:
+        try:
+            arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise Error(f"{what} must be a sequence of token ids") from e
+        if arr.size and (arr.min() < 0 or arr.max() >= self.hparams.n_vocab):
+            raise Error(f"{what}: token ids must be in [0, {self.hparams.n_vocab})")
+        return arr.astype(np.int32)
+
+    def _mask(self, n_pre: int, n: int, start: int, window: int | None) -> np.ndarray:
+        """Causal (+ window) mask for n queries at start.. over [n_pre prefix keys | n new keys]."""
+        kpos = np.arange(start - n_pre, start + n)[None, :]
+        qpos = np.arange(start, start + n)[:, None]
+        ok = kpos <= qpos
+        if window is not None:
+            ok &= kpos > qpos - window
+        m = np.where(ok, 0.0, -np.inf).astype(np.float16 if self.flash else np.float32)
+        return m
+
+    def encode(self, ids: Any) -> None:
+        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store, causally."""
+        with self._lock:
+            arr = self._check_ids(ids, "committed tokens")
+            kv, hp = self.prompt_kv, self.hparams
+            if kv.n + len(arr) > self.n_ctx:
+                raise Error(f"context full: {kv.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
+                            "n_ctx)")
+            for s in range(0, len(arr), ENCODE_CHUNK):
+                chunk = arr[s:s + ENCODE_CHUNK]
+                n = len(chunk)
+                gr = self._use_graph(("enc", kv.n, n), lambda g, n=n: self._graphs.encode(g, kv, n))
+                self._set(gr.io["ids"], chunk)
+                self._set(gr.io["pos"], np.arange(kv.n, kv.n + n, dtype=np.int32))
+                self._set(gr.io["mask_swa"], self._mask(self._graphs.n_prefix(0, kv.n), n, kv.n, hp.sliding_window))
+                self._set(gr.io["mask_full"], self._mask(kv.n, n, kv.n, None))
+                self._compute(gr)
+                kv.n += n
+                self.committed.extend(int(t) for t in chunk)
+
+    def reset(self) -> None:
+        """Forget every committed token (the store is rewritten by the next encode)."""
+        with self._lock:
+            self.prompt_kv.n = 0
+            self.committed = []
+
+    def _sync_prefix(self, prefix: np.ndarray) -> None:
+        """Make the store hold exactly `prefix`, encoding only what is new (prompt-KV reuse)."""
+        n = 0
+        have = self.committed
+        lim = min(len(have), len(prefix))
+        while n < lim and have[n] == prefix[n]:
+            n += 1
+        if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
+            self.prompt_kv.n = n
+            self.committed = have[:n]
+        if n < len(prefix):
+            self.encode(prefix[n:])
+
+    def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None) -> np.ndarray:
+        """Denoiser logits (soft-capped, no temperature) for a canvas placed right after the committed prefix
+        `prompt_ids`; float32 [len(canvas_ids), n_vocab]. self_cond: previous step's temperature-scaled logits
+        of the same shape, or None for the first step."""
+        with self._lock:
+            self._check_open()
+            prefix = self._check_ids(prompt_ids, "prompt_ids")
+            canvas = self._check_ids(canvas_ids, "canvas_ids")
+            L, V = len(canvas), self.hparams.n_vocab
+            if L == 0:
+                raise Error("canvas_ids is empty")
+            if len(prefix) + L > self.n_ctx:
+                raise Error(f"prompt ({len(prefix)}) + canvas ({L}) exceeds n_ctx={self.n_ctx}")
+            if self_cond is not None:
+                sc = np.asarray(self_cond, dtype=np.float32)
+                if sc.shape != (L, V):
+                    raise Error(f"self_cond must have shape {(L, V)}, got {sc.shape}")
+                if not np.isfinite(sc).all():
+                    raise Error("self_cond contains non-finite values")
+            self._sync_prefix(prefix)
+            gr = self._decoder_graph(L)
+            self._set(gr.io["ids"], canvas)
+            self._set(gr.io["pos"], np.arange(self.prompt_kv.n, self.prompt_kv.n + L, dtype=np.int32))
+            if self_cond is None:
+                self._set(gr.io["sc_logits"], np.zeros((L, V), np.float32))
+                self._set(gr.io["sc_gate"], np.zeros(1, np.float32))
+            else:
+                self._set(gr.io["sc_logits"], sc)
+                self._set(gr.io["sc_gate"], np.ones(1, np.float32))
+            self._compute(gr)
+            out = np.empty((L, V), dtype=np.float32)
+            _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
+            return out
+
+    def _decoder_graph(self, L: int) -> _Graph:
+        kv = self.prompt_kv
+        embd_t = self._embedding_t()
+        return self._use_graph(("dec", kv.n, L), lambda g: self._graphs.decode(g, kv, L, embd_t))
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of `text` (BOS added when add_special; control tokens in the text are recognised)."""
+        return self.tokenizer.tokenize(text, add_special=add_special)
+
+    def detokenize(self, ids: Any, *, special: bool = False) -> str:
+        """Text of token ids; control tokens are left out unless special=True."""
+        return self.tokenizer.detokenize(ids, special=special)
+
+    # ---- lifetime --------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Error("this model was closed")
+
+    def close(self) -> None:
+        """Free backends, buffers and the mapping (the object is unusable afterwards)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._graph is not None:
+                self._graph.ctx.free()
+                self._graph = None
+            _lib.ggml_backend_sched_free(self.sched)
+            for buf in self._bufs:
+                _lib.ggml_backend_buffer_free(buf)
+            for ctx in self._ctxs:
+                _lib.ggml_free(ctx)
+            if self.gpu_backend is not None:
+                _lib.ggml_backend_free(self.gpu_backend)
+            _lib.ggml_backend_free(self.cpu_backend)
+            del self._base
+            self._mmap.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        hp = self.hparams
+        return (f"<diffgemma.Model {self.path.name}: {hp.n_layer} layers, n_embd {hp.n_embd}, "
+                f"{hp.n_expert} experts (top {hp.n_expert_used}), canvas {hp.canvas_length}, on {self.devices}>")
+
+
+def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
+         flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None) -> Model:
+    """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
+
+    n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
+    k = the last k layers. n_ctx: most committed + canvas tokens (default 4096, capped by the file).
+    """
+    return Model(path, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn, verbose=verbose,
+                 n_ctx=n_ctx)
