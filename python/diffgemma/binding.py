@@ -400,6 +400,12 @@ lib.ggml_log_set(_log_cb, NULL)
 lib.llama_log_set(_log_cb, NULL)
 
 
+def ggml_context(mem_size: int, no_alloc: bool = True) -> object:
+    """A new ggml context (caller frees it with lib.ggml_free)."""
+    params = ffi.new("struct ggml_init_params *", {"mem_size": mem_size, "mem_buffer": NULL, "no_alloc": no_alloc})
+    return lib.ggml_init(params[0])  # params stays alive until the call returns: [0] alone would not own it
+
+
 def set_verbose(on: bool) -> None:
     global _verbose
     _verbose = on

@@ -251,8 +251,7 @@ class Writer:
         """Header bytes and (offset, nbytes) of every tensor."""
         n = len(self._specs)
         mem = _lib.ggml_tensor_overhead() * (n + 1) + 1024
-        gctx = _lib.ggml_init(_ffi.new("struct ggml_init_params *", {"mem_size": mem, "mem_buffer": _ffi.NULL,
-                                                                      "no_alloc": True})[0])
+        gctx = B.ggml_context(mem)
         try:
             for name, shape, t in self._specs:
                 ne = list(shape) + [1] * (4 - len(shape))
@@ -266,7 +265,7 @@ class Writer:
         header = bytes(_ffi.buffer(meta))
         base = len(header)
         out = []
-        for i, (name, shape, t) in enumerate(self._specs):
+        for i, (_name, shape, t) in enumerate(self._specs):
             nbytes = _lib.ggml_row_size(t, shape[0]) * int(np.prod(shape[1:], dtype=np.int64))
             out.append((base + _lib.gguf_get_tensor_offset(self.ctx, i), int(nbytes)))
         return header, out
@@ -277,8 +276,9 @@ class Writer:
         return _pad(end, 32)
 
     def write(self, data: Any = None, *, progress: Any = None, sparse: bool = False) -> int:
-        """Write the file. `data(name) -> bytes-like` gives each tensor's bytes in order; with sparse=True no
-        tensor data is written (the file is extended with a hole: same size, nothing stored)."""
+        """Write the file. `data(name) -> bytes-like` (or an iterable of them) gives each tensor's bytes in
+        order; with sparse=True no tensor data is written (the file is extended with a hole: same size,
+        nothing stored)."""
         header, offs = self._layout()
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         try:
@@ -287,11 +287,19 @@ class Writer:
                 for (name, _shape, _t), (off, nbytes) in zip(self._specs, offs, strict=True):
                     if sparse:
                         continue
-                    buf = memoryview(data(name)).cast("B")
-                    if buf.nbytes != nbytes:
-                        raise GGUFError(f"{name}: got {buf.nbytes} bytes of data, expected {nbytes}")
+                    out = data(name)
+                    # a buffer, or an iterable of buffers written in order (lets callers stream a tensor)
+                    pieces = [out] if isinstance(out, bytes | bytearray | memoryview | np.ndarray) else out
                     f.seek(off)
-                    f.write(buf)
+                    got = 0
+                    for piece in pieces:
+                        buf = memoryview(piece).cast("B")
+                        got += buf.nbytes
+                        if got > nbytes:
+                            break
+                        f.write(buf)
+                    if got != nbytes:
+                        raise GGUFError(f"{name}: got {got} bytes of data, expected {nbytes}")
                     if progress is not None:
                         progress(nbytes)
                 end = _pad(offs[-1][0] + offs[-1][1], 32) if offs else len(header)

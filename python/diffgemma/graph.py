@@ -27,8 +27,7 @@ class Ctx:
 
     def __init__(self, n_nodes: int):
         size = _lib.ggml_tensor_overhead() * n_nodes + _lib.ggml_graph_overhead_custom(n_nodes, False)
-        self.ctx = _lib.ggml_init(_ffi.new("struct ggml_init_params *",
-                                           {"mem_size": size, "mem_buffer": _ffi.NULL, "no_alloc": True})[0])
+        self.ctx = B.ggml_context(size)
         self.graph = _lib.ggml_new_graph_custom(self.ctx, n_nodes, False)
 
     def free(self) -> None:

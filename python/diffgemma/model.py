@@ -106,8 +106,7 @@ class Model:
         return il >= self.hparams.n_layer + 1 - self._gpu_layers
 
     def _new_ctx(self, n: int) -> Any:
-        ctx = _lib.ggml_init(_ffi.new("struct ggml_init_params *", {
-            "mem_size": _lib.ggml_tensor_overhead() * (n + 8), "mem_buffer": _ffi.NULL, "no_alloc": True})[0])
+        ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (n + 8))
         self._ctxs.append(ctx)
         return ctx
 
@@ -131,7 +130,8 @@ class Model:
                 _lib.ggml_set_name(t, info.name.encode())
                 self.weights[info.name] = t
             if on_gpu:
-                buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, _lib.ggml_backend_dev_buffer_type(self._gpu_dev))
+                buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev)
+                buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
                 if buf == _ffi.NULL:
                     raise Error("not enough GPU memory for the offloaded layers; lower n_gpu_layers")
                 for info in group:
@@ -408,5 +408,15 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
     k = the last k layers. n_ctx: most committed + canvas tokens (default 4096, capped by the file).
     """
-    return Model(path, n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn, verbose=verbose,
-                 n_ctx=n_ctx)
+    return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
+                 verbose=verbose, n_ctx=n_ctx)
+
+
+EMBEDDED = {"tiny": pathlib.Path(__file__).parent / "data" / "tiny.gguf"}
+
+
+def resolve(path: str | os.PathLike) -> pathlib.Path:
+    """A file path, or the name of a model embedded in the package ("tiny")."""
+    if isinstance(path, str) and path in EMBEDDED and not pathlib.Path(path).exists():
+        return EMBEDDED[path]
+    return pathlib.Path(path)

@@ -136,9 +136,13 @@ def tiny_hparams(**overrides: Any) -> layout.HParams:
 _GGML_TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 
 
-def random_weights(hp: layout.HParams, seed: int = 0) -> dict[str, np.ndarray]:
+def random_weights(hp: layout.HParams, seed: int = 0, calm: bool = False) -> dict[str, np.ndarray]:
     """F32 random weights for every tensor (numpy order, i.e. reversed ggml shape). Norm weights, router scale,
-    per-expert scales and both layer scalars get non-trivial values so that tests notice a swapped one."""
+    per-expert scales and both layer scalars get non-trivial values so that tests notice a swapped one.
+
+    calm=True makes the model well-conditioned (soft attention, decisive routing): random models are otherwise
+    chaotic (attention scale is 1.0 and top-k routing is discontinuous), so tiny weight rounding flips experts
+    and moves logits by O(1), which hides real quantization error bounds."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for spec in layout.tensor_specs(hp):
@@ -152,6 +156,10 @@ def random_weights(hp: layout.HParams, seed: int = 0) -> dict[str, np.ndarray]:
             w = rng.normal(0.0, 1.0 / np.sqrt(fan_in), size=shape)
             if spec.name == "token_embd.weight":
                 w *= 0.05 * np.sqrt(fan_in)  # embeddings are scaled by sqrt(n_embd) at the input
+        if calm and spec.name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):
+            w = w * 0.3
+        if calm and spec.name.endswith("ffn_gate_inp.weight"):
+            w = w * 20
         out[spec.name] = np.asarray(w, dtype=np.float32)
     return out
 
@@ -176,11 +184,13 @@ def _encode(w: np.ndarray, t: int) -> np.ndarray:
 
 def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wtype: str = "f32", seed: int = 0,
                 weights: dict[str, np.ndarray] | None = None, sparse: bool = False, vocab: Vocab | None = None,
-                extra_metadata: dict[str, Any] | None = None) -> pathlib.Path:
+                extra_metadata: dict[str, Any] | None = None, types: dict[str, int] | None = None
+                ) -> pathlib.Path:
     """Write a `diffusion-gemma` GGUF with random weights (or `weights`, F32 numpy arrays in numpy order).
 
-    wtype: f32, f16, bf16 or q8_0 for the matrices. sparse=True writes metadata only and extends the file to its
-    full size without storing data (for layout and size checks of the full 26B-A4B model).
+    wtype: f32, f16, bf16 or q8_0 for the matrices; `types` overrides the GGML type of single tensors.
+    sparse=True writes metadata only and extends the file to its full size without storing data (for layout and
+    size checks of the full 26B-A4B model).
     """
     hp = hp or tiny_hparams()
     if wtype not in _GGML_TYPES:
@@ -198,7 +208,7 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
     w.set_all(vocab.metadata())
     w.set_all(extra_metadata or {})
     specs = layout.tensor_specs(hp)
-    types = {s.name: stored_type(s, wtype) for s in specs}
+    types = {s.name: stored_type(s, wtype) for s in specs} | (types or {})
     for s in specs:
         w.add_tensor(s.name, s.shape, types[s.name])
     if sparse:
@@ -215,3 +225,14 @@ def _placeholder_vocab(n_vocab: int) -> Vocab:
     extra = n_vocab - len(base.tokens)
     tokens = base.tokens + [f"<unused{i}>" for i in range(len(base.tokens), n_vocab)]
     return Vocab(tokens, [float(-i) for i in range(n_vocab)], base.types + [USER_DEFINED] * extra, base.merges)
+
+
+def write_embedded_tiny(path: str | os.PathLike) -> pathlib.Path:
+    """The random-weight model shipped as `dg.load("tiny")` (deterministic: seed 0, F32)."""
+    return write_model(path, tiny_hparams(), wtype="f32", seed=0, weights=random_weights(tiny_hparams(), 0, calm=True))
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_embedded_tiny(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"))

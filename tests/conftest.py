@@ -1,0 +1,15 @@
+import pathlib
+
+import pytest
+from diffgemma import testing
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tiny_dir) -> pathlib.Path:
+    """A tiny random-weight diffusion-gemma file (6 layers, 5 sliding : 1 global), F32 matrices."""
+    return testing.write_model(tiny_dir / "tiny-f32.gguf", testing.tiny_hparams(), wtype="f32")
