@@ -3,9 +3,10 @@
 import subprocess
 import sys
 
-import diffgemma as dg
 import numpy as np
 import pytest
+
+import diffgemma as dg
 from diffgemma import binding as B
 from diffgemma import cli, gguf_file, layout, testing
 from diffgemma.gguf_file import Writer

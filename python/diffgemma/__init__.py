@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from typing import Any
+
 from .errors import Error, GGUFError
+from .generate import Generation, StepEvent
 from .layout import HParams
-from .model import Model, load
+from .model import Model, load, resolve
 
 __version__ = "0.1.0"
+
+_cache: dict[tuple, Model] = {}
+_cache_lock = threading.Lock()
 
 
 def backends() -> list[str]:
@@ -16,4 +24,20 @@ def backends() -> list[str]:
     return [d["name"] for d in binding.devices()]
 
 
-__all__ = ["Error", "GGUFError", "HParams", "Model", "__version__", "backends", "load"]
+def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int = -1, **kw: Any) -> str:
+    """Load `model` (cached across calls) and generate; returns the text. Keywords as for Model.generate."""
+    if isinstance(model, Model):
+        return model.generate(prompt, **kw).text
+    path = resolve(model)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, n_gpu_layers)
+    with _cache_lock:
+        m = _cache.get(key)
+        if m is None:
+            m = load(path, n_gpu_layers=n_gpu_layers)
+            _cache.clear()  # one model at a time: they are large
+            _cache[key] = m
+    return m.generate(prompt, **kw).text
+
+
+__all__ = ["Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "__version__", "backends",
+           "generate", "load"]

@@ -211,14 +211,21 @@ class Graphs:
         soft = rms(g, soft, hp.rms_eps, w["self_cond_pre_norm.weight"])
         return mlp(g, soft, w["self_cond_gate.weight"], w["self_cond_up.weight"], w["self_cond_down.weight"])
 
-    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any) -> dict[str, Any]:
-        """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store.
-        Inputs: ids [L], pos [L], sc_logits [V, L], sc_gate [1] (0 on the first step: contributes exactly 0).
-        Output: logits [V, L] (soft-capped, no temperature)."""
+    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any, sc_state: Any) -> dict[str, Any]:
+        """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store, followed by the
+        sampler statistics of the temperature-scaled logits.
+
+        sc_state [V, L] is a persistent device tensor: the previous step's scaled logits are read from it for
+        self-conditioning and this step's are written back, so they never leave the device.
+        Inputs: ids [L], pos [L], sc_gate [1] (0 on the first step: self-conditioning contributes exactly 0),
+        inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample).
+        Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L]."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
-        sc_logits = g.input("sc_logits", F32, hp.n_vocab, L)
+        sc_logits = sc_state
         sc_gate = g.input("sc_gate", F32, 1)
+        inv_temp = g.input("inv_temp", F32, 1)
+        uniform = g.input("uniform", F32, 1, L)
         hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
         sc = g.mul(self.self_cond(g, sc_logits, embd_t), sc_gate)
         h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
@@ -238,4 +245,23 @@ class Graphs:
         logits = g.mul_mat(w["token_embd.weight"], h)  # tied LM head
         logits = g.scale(g.tanh(g.scale(logits, 1.0 / hp.softcap)), hp.softcap)
         g.output(logits, "logits")
-        return {"ids": ids, "pos": pos, "sc_logits": sc_logits, "sc_gate": sc_gate, "logits": logits}
+        return {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
+                "logits": logits, **self.sample(g, logits, inv_temp, uniform, sc_state)}
+
+    def sample(self, g: Ctx, logits: Any, inv_temp: Any, uniform: Any, sc_state: Any) -> dict[str, Any]:
+        """Per-position argmax, entropy and multinomial sample of softmax(logits / T), on the device.
+
+        The sample is the inverse CDF at u * total mass: the number of vocabulary entries whose running sum is
+        still <= that point, i.e. V minus the count above it (cumsum is monotone)."""
+        V, L = logits.ne[0], logits.ne[1]
+        scaled = g.mul(logits, inv_temp)
+        g.expand(g.cpy(scaled, sc_state))  # self-conditioning input of the next step, kept on the device
+        probs = g.soft_max(scaled)
+        entropy = g.scale(g.sum_rows(g.mul(probs, g.log(g.scale_bias(probs, 1.0, 1e-30)))), -1.0)
+        cdf = g.cumsum(probs)
+        total = g.cont(g.view_2d(cdf, 1, L, cdf.nb[1], (V - 1) * cdf.nb[0]))
+        above = g.sum_rows(g.step(g.sub(cdf, g.mul(uniform, total))))
+        sample = g.scale_bias(above, -1.0, float(V))
+        argmax = g.argmax(logits)
+        return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
+                "sample": g.output(g.reshape_1d(sample, L), "sample")}

@@ -17,6 +17,8 @@ from gguf import quants as gq
 from . import binding as B
 from . import gguf_file, layout
 from .errors import Error
+from .generate import _UNSET, Generation
+from .generate import generate as _generate
 from .graph import F16, F32, Ctx, Graphs, PromptKV
 from .tokenizer import Tokenizer
 
@@ -72,6 +74,7 @@ class Model:
         self._graphs = Graphs(self.weights, hp, self.flash, scale)
         self._alloc_prompt_kv()
         self._embd_t = None
+        self._sc_state: dict[int, Any] = {}
         self._graph: _Graph | None = None
         self.committed: list[int] = []  # token ids whose K/V are in the store
 
@@ -328,24 +331,70 @@ class Model:
                 if not np.isfinite(sc).all():
                     raise Error("self_cond contains non-finite values")
             self._sync_prefix(prefix)
-            gr = self._decoder_graph(L)
-            self._set(gr.io["ids"], canvas)
-            self._set(gr.io["pos"], np.arange(self.prompt_kv.n, self.prompt_kv.n + L, dtype=np.int32))
-            if self_cond is None:
-                self._set(gr.io["sc_logits"], np.zeros((L, V), np.float32))
-                self._set(gr.io["sc_gate"], np.zeros(1, np.float32))
-            else:
-                self._set(gr.io["sc_logits"], sc)
-                self._set(gr.io["sc_gate"], np.ones(1, np.float32))
-            self._compute(gr)
+            if self_cond is not None:
+                self._set(self._self_cond_state(L), sc)
+            gr = self._run_decoder(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
             out = np.empty((L, V), dtype=np.float32)
             _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
             return out
 
-    def _decoder_graph(self, L: int) -> _Graph:
-        kv = self.prompt_kv
-        embd_t = self._embedding_t()
-        return self._use_graph(("dec", kv.n, L), lambda g: self._graphs.decode(g, kv, L, embd_t))
+    def _self_cond_state(self, L: int) -> Any:
+        """The persistent [V, L] tensor holding the previous step's scaled logits (zeros until written)."""
+        if L not in self._sc_state:
+            ctx = self._new_ctx(1)
+            t = _lib.ggml_new_tensor_2d(ctx, F32, self.hparams.n_vocab, L)
+            _lib.ggml_set_name(t, f"self_cond_state.{L}".encode())
+            on_gpu = self._on_gpu("token_embd.weight")
+            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
+            if buf == _ffi.NULL:
+                raise Error("cannot allocate the self-conditioning state")
+            _lib.ggml_backend_buffer_clear(buf, 0)  # finite: the first step multiplies it by a zero gate
+            self._bufs.append(buf)
+            self._sc_state[L] = t
+        return self._sc_state[L]
+
+    def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray) -> _Graph:
+        """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph."""
+        L, kv = len(canvas), self.prompt_kv
+        embd_t, sc_state = self._embedding_t(), self._self_cond_state(L)
+        gr = self._use_graph(("dec", kv.n, L), lambda g: self._graphs.decode(g, kv, L, embd_t, sc_state))
+        self._set(gr.io["ids"], canvas.astype(np.int32))
+        self._set(gr.io["pos"], np.arange(kv.n, kv.n + L, dtype=np.int32))
+        self._set(gr.io["sc_gate"], np.full(1, 1.0 if self_cond else 0.0, np.float32))
+        self._set(gr.io["inv_temp"], np.full(1, inv_temp, np.float32))
+        self._set(gr.io["uniform"], uniform.astype(np.float32))
+        self._compute(gr)
+        return gr
+
+    def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step of the sampler on the device: (argmax, entropy, sample) of softmax(logits / temperature) per
+        canvas position. Self-conditioning reads the previous step's scaled logits from the device when
+        `self_cond`; only O(canvas) numbers cross to the host."""
+        with self._lock:
+            gr = self._run_decoder(canvas, 1.0 / temperature, self_cond, uniform)
+            L = len(canvas)
+            argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
+            for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
+                _lib.ggml_backend_tensor_get(gr.io[name], _ffi.from_buffer(arr), 0, arr.nbytes)
+            return argmax.astype(np.int64), entropy, np.minimum(sample, self.hparams.n_vocab - 1).astype(np.int64)
+
+    def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+                 t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
+                 stability: Any = _UNSET, confidence: Any = _UNSET, chat: bool | None = None,
+                 on_step: Any = None) -> Generation:
+        """Generate text after `prompt` by block diffusion.
+
+        prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids. chat=None applies
+        the file's chat template to str/messages when the file has one. Sampler settings left as None take the
+        file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
+        adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
+        denoising step. Returns a Generation (.text, .tokens, .canvases, .timings, .seed)."""
+        self._check_open()
+        return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
+                         t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
+                         chat=chat, on_step=on_step)
 
     # ---- text ------------------------------------------------------------------------------------------
 

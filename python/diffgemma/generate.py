@@ -1,0 +1,185 @@
+"""Block-diffusion generation: canvases denoised by the entropy-bound sampler, then committed (spec §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import sampler
+from .chat import prompt_ids
+from .errors import Error
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEvent:
+    """What `on_step` receives after every denoising step."""
+
+    canvas_index: int
+    step: int  # 1-based step within this canvas
+    steps: int  # the step budget N
+    temperature: float
+    accepted: int  # positions that kept their sampled token
+    mean_entropy: float
+    argmax: np.ndarray  # the current argmax canvas (token ids)
+    text: str  # the argmax canvas as text (control tokens dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanvasInfo:
+    steps: int  # denoising steps used
+    stopped_early: bool  # stable and confident before the step budget ran out
+    eos: bool  # an end-of-sequence token ended generation in this canvas
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    prefill_ms: float  # encoding the prompt and the committed canvases
+    step_ms: float  # mean wall time of one denoising step (forward + sampling + host rules)
+    tokens_per_s: float  # new tokens / total generation time
+    forward_ms: float  # mean device time of one step (forward pass and on-device sampling statistics)
+    host_ms: float  # mean host time per step (acceptance, re-noising, stopping, callbacks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: list[int]  # new tokens (whole canvases; cut after the first EOS, which is kept)
+    canvases: list[CanvasInfo]
+    timings: Timings
+    seed: int
+    prompt_tokens: int
+
+    @property
+    def steps(self) -> int:
+        return sum(c.steps for c in self.canvases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    stability: int | None
+    confidence: float | None
+
+
+_UNSET = object()
+
+
+def settings(hp: Any, *, steps: Any = None, t_min: Any = None, t_max: Any = None, entropy_bound: Any = None,
+             stability: Any = _UNSET, confidence: Any = _UNSET) -> Settings:
+    """Sampler settings: explicit values, else the file's diffusion.eb_* keys (else the reference defaults).
+    stability/confidence may be passed as None to switch the adaptive stop off."""
+    s = Settings(
+        steps=hp.steps if steps is None else steps,
+        t_min=hp.t_min if t_min is None else t_min,
+        t_max=hp.t_max if t_max is None else t_max,
+        entropy_bound=hp.entropy_bound if entropy_bound is None else entropy_bound,
+        stability=hp.stability if stability is _UNSET else stability,
+        confidence=hp.confidence if confidence is _UNSET else confidence,
+    )
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int | np.integer) or s.steps <= 0:
+        raise Error(f"steps must be a positive int, got {s.steps!r}")
+    for name in ("t_min", "t_max", "entropy_bound"):
+        v = getattr(s, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise Error(f"{name} must be a finite number, got {v!r}")
+    if s.t_min < 0 or s.t_max <= s.t_min:
+        raise Error(f"need 0 <= t_min < t_max, got t_min={s.t_min}, t_max={s.t_max}")
+    if s.entropy_bound <= 0:
+        raise Error(f"entropy_bound must be > 0, got {s.entropy_bound}")
+    if s.stability is not None and (isinstance(s.stability, bool) or not isinstance(s.stability, int)
+                                    or s.stability < 0):
+        raise Error(f"stability must be an int >= 0 or None, got {s.stability!r}")
+    if s.confidence is not None and (not isinstance(s.confidence, int | float) or s.confidence <= 0):
+        raise Error(f"confidence must be a number > 0 or None, got {s.confidence!r}")
+    return s
+
+
+def eos_ids(model: Any) -> frozenset[int]:
+    """End-of-sequence ids: the file's generation-config list if stored, else every end-of-generation token
+    libllama knows for the vocabulary."""
+    stored = model.metadata.get("diffusion.eos_token_ids")
+    if isinstance(stored, list) and stored:
+        return frozenset(int(t) for t in stored)
+    tok = model.tokenizer
+    return frozenset(t for t in range(tok.n_vocab) if tok.is_eog(t))
+
+
+def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
+             seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
+             entropy_bound: float | None = None, stability: Any = _UNSET, confidence: Any = _UNSET,
+             chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None) -> Generation:
+    """Generate canvases after `prompt` (see Model.generate)."""
+    hp = model.hparams
+    cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
+                   confidence=confidence)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    ids = prompt_ids(model, prompt, chat)
+    L, V = hp.canvas_length, hp.n_vocab
+    n_canvas = -(-max_new_tokens // L)
+    if len(ids) + L > model.n_ctx:
+        raise Error(f"the prompt ({len(ids)} tokens) leaves no room for a canvas of {L} in n_ctx={model.n_ctx}")
+    n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise Error(f"seed must be an int or None, got {seed!r}")
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    stop_ids = eos_ids(model)
+
+    committed = list(ids)
+    new: list[int] = []
+    infos: list[CanvasInfo] = []
+    prefill = forward = host = 0.0
+    n_steps = 0
+    t_start = time.perf_counter()
+    with model._lock:
+        for c in range(n_canvas):
+            t0 = time.perf_counter()
+            model._sync_prefix(np.asarray(committed, dtype=np.int32))
+            prefill += time.perf_counter() - t0
+            z = rng.integers(0, V, L)
+            history: list[np.ndarray] = []
+            argmax = z
+            stopped = False
+            n = cfg.steps
+            for step in range(1, cfg.steps + 1):
+                n = cfg.steps - step + 1  # remaining steps, N .. 1
+                temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
+                u = rng.random(L, dtype=np.float32)
+                t0 = time.perf_counter()
+                argmax, entropy, sampled = model.denoise_step(z, temp, step > 1, u)
+                t1 = time.perf_counter()
+                acc = sampler.accept(entropy, cfg.entropy_bound)
+                z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
+                stopped = sampler.should_stop(history, argmax, entropy, cfg.stability, cfg.confidence)
+                history.append(argmax)
+                if on_step is not None:
+                    on_step(StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy.mean()), argmax,
+                                      model.detokenize(argmax)))
+                forward += t1 - t0
+                host += time.perf_counter() - t1
+                n_steps += 1
+                if stopped:
+                    break
+            canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids)
+            infos.append(CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps,
+                                    eos=hit_eos))
+            new.extend(int(t) for t in canvas)
+            committed.extend(int(t) for t in argmax)
+            if hit_eos:
+                break
+    total = time.perf_counter() - t_start
+    timings = Timings(prefill_ms=1e3 * prefill, step_ms=1e3 * (forward + host) / max(n_steps, 1),
+                      tokens_per_s=len(new) / total if total > 0 else 0.0,
+                      forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
+    return Generation(text=model.detokenize(new), tokens=new, canvases=infos, timings=timings, seed=int(seed),
+                      prompt_tokens=len(ids))
