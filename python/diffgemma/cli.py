@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
+import textwrap
+from typing import Any
 
 from .errors import Error
 
@@ -84,6 +88,121 @@ def _cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-m", "--model", default="tiny", help="GGUF file (default: the embedded tiny model)")
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
+
+
+def _sampler_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-n", "--max-new-tokens", type=int, default=256, help="rounded up to whole canvases")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default: from the file)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--t-min", type=float, default=None)
+    s.add_argument("--t-max", type=float, default=None)
+    s.add_argument("--entropy-bound", type=float, default=None)
+    s.add_argument("--stability", type=int, default=None)
+    s.add_argument("--confidence", type=float, default=None)
+
+
+def _sampler_kw(a: argparse.Namespace) -> dict:
+    kw = {k: getattr(a, k) for k in ("max_new_tokens", "steps", "seed", "t_min", "t_max", "entropy_bound")}
+    for k in ("stability", "confidence"):  # None on the command line means "from the file"
+        if getattr(a, k) is not None:
+            kw[k] = getattr(a, k)
+    return kw
+
+
+def _load(a: argparse.Namespace) -> Any:
+    from .model import load
+
+    return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, verbose=a.verbose, n_ctx=a.n_ctx)
+
+
+class _LiveCanvas:
+    """Repaints the current argmax canvas in place (synchronized terminal update) after every step."""
+
+    def __init__(self, out: Any = None):
+        self.out = out or sys.stdout
+        self.lines = 0
+
+    def __call__(self, ev: Any) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns
+        text = ev.text.replace("\n", "\u21b5 ")
+        body = [f"canvas {ev.canvas_index + 1}  step {ev.step}/{ev.steps}  T={ev.temperature:.3f}  "
+                f"accepted {ev.accepted:3d}  mean entropy {ev.mean_entropy:.4f}"]
+        body += textwrap.wrap(text, width - 1) or [""]
+        seq = "\x1b[?2026h" + (f"\x1b[{self.lines}F" if self.lines else "") + "\x1b[J" + "\n".join(body) + "\n"
+        self.out.write(seq + "\x1b[?2026l")
+        self.out.flush()
+        self.lines = len(body)
+
+    def clear(self) -> None:
+        if self.lines:
+            self.out.write(f"\x1b[{self.lines}F\x1b[J")
+            self.out.flush()
+            self.lines = 0
+
+
+def _stats(g: Any) -> str:
+    steps = ", ".join(str(c.steps) for c in g.canvases)
+    t = g.timings
+    return (f"[{len(g.tokens)} tokens in {len(g.canvases)} canvas(es); steps per canvas: {steps}; prefill "
+            f"{t.prefill_ms:.1f} ms; {t.step_ms:.2f} ms/step; {t.tokens_per_s:.1f} tokens/s; seed {g.seed}]")
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    prompt = a.prompt if a.prompt is not None else a.text
+    if prompt is None:
+        raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT)")
+    m = _load(a)
+    live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
+    g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, **_sampler_kw(a))
+    if live:
+        live.clear()
+    if a.json:
+        print(json.dumps({"text": g.text, "tokens": g.tokens, "seed": g.seed,
+                          "canvases": [dataclasses.asdict(c) for c in g.canvases],
+                          "timings": dataclasses.asdict(g.timings)}))
+        return 0
+    print(g.text)
+    if sys.stdout.isatty() or a.stats:
+        print(_stats(g), file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(a: argparse.Namespace) -> int:
+    m = _load(a)
+    messages: list[dict] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("diffgemma chat: /clear forgets the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/clear":
+            messages = messages[:1] if a.system else []
+            print("(cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
+        g = m.generate(messages, on_step=live, **_sampler_kw(a))
+        if live:
+            live.clear()
+        print(g.text.strip())
+        if sys.stdout.isatty():
+            print(_stats(g), file=sys.stderr)
+        messages.append({"role": "assistant", "content": g.text.strip()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma on ggml: generate, quantize, "
                                 "calibrate and inspect block-diffusion models.")
@@ -97,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_info)
+
+    s = sub.add_parser("generate", help="generate text by block diffusion")
+    s.add_argument("text", nargs="?", help="the prompt (or -p)")
+    s.add_argument("-p", "--prompt", default=None)
+    _model_args(s)
+    _sampler_args(s)
+    s.add_argument("--no-chat", action="store_true", help="do not apply the file's chat template")
+    s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
+    s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear, /exit)")
+    _model_args(s)
+    _sampler_args(s)
+    s.add_argument("--system", default=None, help="a system message")
+    s.add_argument("--visual", action="store_true")
+    s.set_defaults(fn=_cmd_chat)
     return p
 
 

@@ -1,0 +1,58 @@
+"""The command line: generate (plain, JSON, visual on a pseudo-terminal) and the chat REPL."""
+
+import json
+import os
+import pty
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "diffgemma.cli"]
+
+
+def test_generate_json_is_reproducible():
+    out = [subprocess.run(CLI + ["generate", "-p", "ROMEO:", "-n", "20", "--seed", "4", "--steps", "5", "--json"],
+                          capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    a, b = (json.loads(o) for o in out)
+    assert a == b or (a["tokens"] == b["tokens"] and a["text"] == b["text"])
+    assert len(a["tokens"]) == 32 and a["seed"] == 4 and len(a["canvases"]) == 2
+    assert {"prefill_ms", "step_ms", "tokens_per_s"} <= set(a["timings"])
+
+
+def test_generate_plain_pipe_prints_only_the_text():
+    r = subprocess.run(CLI + ["generate", "hello", "-n", "16", "--seed", "1", "--steps", "3", "--visual"],
+                       capture_output=True, text=True, check=True)
+    assert "\x1b[" not in r.stdout and "tokens/s" not in r.stdout and r.stderr == ""
+
+
+def test_generate_visual_on_a_terminal():
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(sys.executable, CLI + ["generate", "hello", "-n", "16", "--seed", "1", "--steps", "4", "--visual"])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.waitpid(pid, 0)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert "step 1/4" in out and "step 4/4" in out and "mean entropy" in out
+    assert "\x1b[?2026h" in out  # synchronized repaint in place
+    assert "ms/step" in out and "tokens/s" in out
+
+
+def test_chat_repl():
+    r = subprocess.run(CLI + ["chat", "-n", "16", "--steps", "3", "--seed", "2"], input="hi\n/clear\nhello\n/exit\n",
+                       capture_output=True, text=True, check=True, timeout=120)
+    assert "(cleared)" in r.stderr
+    assert r.stdout.count("> ") >= 3
+
+
+def test_bad_parameters_exit_cleanly():
+    r = subprocess.run(CLI + ["generate", "hello", "--steps", "-3"], capture_output=True, text=True)
+    assert r.returncode == 2 and "steps" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(CLI + ["generate", "-m", "/nope.gguf", "hello"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr
