@@ -1,6 +1,7 @@
 import pathlib
 
 import pytest
+
 from diffgemma import testing
 
 
