@@ -7,9 +7,37 @@ import threading
 from typing import Any
 
 from .errors import Error, GGUFError
-from .generate import Generation, StepEvent
+from .generation import Generation, StepEvent
 from .layout import HParams
 from .model import Model, load, resolve
+
+
+def imatrix(model: Any, calibration: Any, out: str | os.PathLike, **kw: Any) -> Any:
+    """Collect an importance matrix (see diffgemma.calibration.imatrix)."""
+    from .calibration import imatrix as _imatrix
+
+    return _imatrix(model, calibration, out, **kw)
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, **kw: Any) -> Any:
+    """Quantize a diffusion-gemma GGUF (see diffgemma.quantize.quantize)."""
+    from .quantize import quantize as _quantize
+
+    return _quantize(resolve(src), dst, **kw)
+
+
+def recipes() -> dict[str, str]:
+    """Built-in quantization recipes and their descriptions."""
+    from .quantize import recipes as _recipes
+
+    return _recipes()
+
+
+def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> Any:
+    """Convert a Hugging Face DiffusionGemmaForBlockDiffusion checkpoint to GGUF (see diffgemma.convert)."""
+    from .convert import convert as _convert
+
+    return _convert(hf_dir, out, **kw)
 
 __version__ = "0.1.0"
 
@@ -40,4 +68,4 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int
 
 
 __all__ = ["Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "__version__", "backends",
-           "generate", "load"]
+           "convert", "generate", "imatrix", "load", "quantize", "recipes"]

@@ -143,10 +143,10 @@ class Graphs:
         r = g.scale(g.mul(g.rms_norm(h1, eps), w[p + "ffn_gate_inp.scale"]), hp.n_embd ** -0.5)
         probs = g.soft_max(g.mul_mat(w[p + "ffn_gate_inp.weight"], r))  # [E, n]
         k = hp.n_expert_used
-        ids = g.argsort_top_k(probs, k)  # [k, n]
+        ids = g.cont(g.argsort_top_k(probs, k))  # [k, n]; contiguous so the imatrix collector can read it
         wts = g.get_rows(g.reshape_3d(probs, 1, hp.n_expert, n), ids)  # [1, k, n]
         wts = g.div(wts, g.reshape_3d(g.sum_rows(g.reshape_2d(wts, k, n)), 1, 1, n))
-        flat_ids = g.reshape_1d(g.cont(ids), k * n)
+        flat_ids = g.reshape_1d(ids, k * n)
         scale = g.get_rows(g.reshape_2d(w[p + "ffn_down_exps.scale"], 1, hp.n_expert), flat_ids)
         wts = g.mul(wts, g.reshape_3d(scale, 1, k, n))
 

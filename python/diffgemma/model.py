@@ -17,8 +17,8 @@ from gguf import quants as gq
 from . import binding as B
 from . import gguf_file, layout
 from .errors import Error
-from .generate import _UNSET, Generation
-from .generate import generate as _generate
+from .generation import _UNSET, Generation
+from .generation import generate as _generate
 from .graph import F16, F32, Ctx, Graphs, PromptKV
 from .tokenizer import Tokenizer
 

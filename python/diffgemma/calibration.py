@@ -1,0 +1,299 @@
+"""Importance matrix collected through the diffusion graph (llama.cpp-compatible files).
+
+For every matrix multiplied in `blk.*` (attention q/k/v/output, dense ffn, the router, the experts) and the
+self-conditioning MLP when it runs, we accumulate the per-column sum of squared inputs and the number of rows,
+experts attributed per token through the routing ids, by observing the matmul nodes with the backend
+scheduler's eval callback.
+
+Modes:
+- "unified": what llama-imatrix does on this architecture: each chunk is a causal prompt part followed by a
+  *clean* canvas. The denoiser then only ever sees clean text.
+- "denoise" (default): what the denoiser really sees in generation. Prompt = chunk head; canvas = the
+  continuation corrupted with uniform random tokens at a level t ~ U(eps, 1); then a second pass
+  self-conditioned on the first pass's temperature-scaled logits, which also calibrates the self-conditioning
+  MLP (unified never runs it, so those weights would be quantized blind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+
+from . import binding as B
+from . import imatrix_file
+from .errors import Error
+from .graph import Ctx, Graphs, PromptKV
+
+_lib, _ffi = B.lib, B.ffi
+_OBSERVED_PREFIXES = (b"blk.", b"self_cond_")
+EPS = 1e-3  # lowest corruption level in denoise mode
+
+
+def _observed(t: Any) -> tuple[str, bool] | None:
+    """(weight name, is_mul_mat_id) if node t multiplies an observed weight, else None."""
+    op = _ffi.string(_lib.ggml_op_name(t.op))
+    if op not in (b"MUL_MAT", b"MUL_MAT_ID"):
+        return None
+    src0 = t.src[0]
+    name = _ffi.string(src0.name)
+    if b"#" in name:  # the scheduler's copies of weights: "<backend>#<name>#<copy>"
+        name = name.split(b"#")[1]
+    if not name.startswith(_OBSERVED_PREFIXES):
+        return None
+    return name.decode(), op == b"MUL_MAT_ID"
+
+
+def _read(t: Any, dtype: Any = np.float32) -> np.ndarray:
+    """A contiguous tensor's data as a numpy array of its ggml shape (reversed), copied from any backend."""
+    ne = [int(t.ne[i]) for i in range(4)]
+    out = np.empty(ne[::-1], dtype=dtype)
+    isz = out.itemsize
+    if t.type != {np.float32: 0, np.int32: 26}[dtype] or not (
+            t.nb[0] == isz and t.nb[1] == isz * ne[0] and t.nb[2] == t.nb[1] * ne[1] and t.nb[3] == t.nb[2] * ne[2]):
+        raise Error(f"imatrix: cannot read {_ffi.string(t.name).decode()} (type {t.type}, not contiguous?)")
+    _lib.ggml_backend_tensor_get(t, _ffi.from_buffer(out), 0, out.nbytes)
+    return out
+
+
+class Collector:
+    """Accumulates raw sums of squared inputs per weight (per expert for *_exps) from graph evaluations."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, np.ndarray] = {}
+        self.record_self_cond = False
+        self.error: BaseException | None = None
+        self._cb = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", self._on_node)
+
+    def _on_node(self, t: Any, ask: bool, _ud: Any) -> bool:
+        try:
+            hit = _observed(t)
+            if hit is not None and hit[0].startswith("self_cond_") and not self.record_self_cond:
+                hit = None
+            if ask:
+                return hit is not None
+            if hit is not None:
+                self._accumulate(t, *hit)
+        except BaseException as e:  # never let an exception cross into C
+            self.error = e
+            return False
+        return True
+
+    def _accumulate(self, t: Any, name: str, is_id: bool) -> None:
+        x = _read(t.src[1])  # mul_mat: [.., tokens, ne0]; mul_mat_id: [tokens, n_b, ne0]
+        ne0 = x.shape[-1]
+        if not is_id:
+            rows = x.reshape(-1, ne0).astype(np.float64)
+            s = self.sums.setdefault(name, np.zeros((1, ne0)))
+            c = self.counts.setdefault(name, np.zeros(1, np.int64))
+            s[0] += (rows * rows).sum(0)
+            c[0] += rows.shape[0]
+            return
+        ids = _read(t.src[2], np.int32).reshape(int(t.src[2].ne[1]), int(t.src[2].ne[0]))  # [tokens, n_used]
+        n_expert = int(t.src[0].ne[2])
+        s = self.sums.setdefault(name, np.zeros((n_expert, ne0)))
+        c = self.counts.setdefault(name, np.zeros(n_expert, np.int64))
+        n_tok, n_used = ids.shape
+        x = x.reshape(n_tok, -1, ne0)  # [tokens, n_b, ne0]
+        slot = np.arange(n_used) % x.shape[1]  # shared input (gate/up) or one row per slot (down)
+        rows = x[:, slot, :].reshape(n_tok * n_used, ne0).astype(np.float64)
+        e = ids.reshape(-1)
+        np.add.at(s, e, rows * rows)
+        np.add.at(c, e, 1)
+
+    def entries(self) -> dict[str, imatrix_file.Entry]:
+        return {k: imatrix_file.Entry(self.sums[k].copy(), self.counts[k].copy()) for k in sorted(self.sums)}
+
+
+@dataclasses.dataclass
+class ImatrixReport:
+    entries: int
+    chunks: int
+    coverage: dict[str, float]  # expert tensors: fraction of experts that received data
+    least_used: dict[str, list[tuple[int, int]]]  # expert tensors: (expert, tokens) of the least used experts
+    missing: list[str]  # weights that got no data at all
+    tokens: int
+    seconds: float
+    path: pathlib.Path | None
+    mode: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [f"imatrix ({self.mode}): {self.entries} entries from {self.chunks} chunks, {self.tokens} tokens in "
+                 f"{self.seconds:.1f} s ({self.tokens_per_s:.0f} tokens/s)" + (f" -> {self.path}" if self.path else "")]
+        if self.coverage:
+            cov = np.array(list(self.coverage.values()))
+            lines.append(f"  expert coverage: min {cov.min():.1%}, mean {cov.mean():.1%} over {len(cov)} tensors")
+            worst = min(self.coverage, key=self.coverage.get)
+            lines.append(f"  least covered: {worst} ({self.coverage[worst]:.1%}); least used experts there: "
+                         + ", ".join(f"#{e} ({n} tokens)" for e, n in self.least_used[worst]))
+        for name in self.missing:
+            lines.append(f"  warning: no data for {name}")
+        return "\n".join(lines)
+
+
+def expected_weights(graphs: Graphs, kv: PromptKV, canvas: int, embd_t: Any, sc_state: Any) -> list[str]:
+    """Graph-only dry run: the weights an encoder + decoder evaluation would observe (no data needed)."""
+    names: set[str] = set()
+    for build in (lambda g: graphs.encode(g, kv, 4), lambda g: graphs.decode(g, kv, canvas, embd_t, sc_state)):
+        g = Ctx(32768)
+        try:
+            build(g)
+            for i in range(_lib.ggml_graph_n_nodes(g.graph)):
+                hit = _observed(_lib.ggml_graph_node(g.graph, i))
+                if hit:
+                    names.add(hit[0])
+        finally:
+            g.free()
+    return sorted(names)
+
+
+def dry_run_entries(path: str | os.PathLike) -> list[str]:
+    """Entries an imatrix of the file at `path` would hold, from its graphs alone (works on huge files: only
+    the metadata is read, no weight is touched and no buffer is allocated)."""
+    from . import gguf_file
+
+    gf = gguf_file.read(path)
+    hp = gguf_file.validate(gf)
+    ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(gf.tensors) + 2 * hp.n_layer + 8))
+    try:
+        w = {}
+        for info in gf.tensors.values():
+            ne = list(info.shape) + [1] * (4 - len(info.shape))
+            t = _lib.ggml_new_tensor_4d(ctx, info.type, *ne)
+            _lib.ggml_set_name(t, info.name.encode())
+            w[info.name] = t
+        n_ctx = 2 * hp.canvas_length + 8
+        ks = [_lib.ggml_new_tensor_3d(ctx, 0, hp.layer_head_dim(i), hp.n_head_kv[i], n_ctx) for i in range(hp.n_layer)]
+        vs = [_lib.ggml_new_tensor_3d(ctx, 0, hp.layer_head_dim(i), hp.n_head_kv[i], n_ctx) for i in range(hp.n_layer)]
+        kv = PromptKV(ks, vs, n_ctx, n=4)
+        embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
+        sc_state = _lib.ggml_new_tensor_2d(ctx, 0, hp.n_vocab, hp.canvas_length)
+        _lib.ggml_set_name(embd_t, b"token_embd_t")
+        return expected_weights(Graphs(w, hp, False, 1.0), kv, hp.canvas_length, embd_t, sc_state)
+    finally:
+        _lib.ggml_free(ctx)
+
+
+def _is_file(s: str) -> bool:
+    try:
+        return len(s) < 4096 and "\n" not in s and os.path.isfile(s)
+    except (OSError, ValueError):
+        return False
+
+
+def _calibration_tokens(model: Any, calibration: Any) -> tuple[list[int], list[str]]:
+    """Token ids of a text file (a PathLike, or a str naming an existing file), a str of text or a list of str."""
+    if isinstance(calibration, os.PathLike) or (isinstance(calibration, str) and _is_file(calibration)):
+        p = pathlib.Path(calibration)
+        if not p.is_file():
+            raise Error(f"{p}: no such calibration file")
+        return model.tokenize(p.read_text(encoding="utf-8", errors="replace"), add_special=False), [p.name]
+    if isinstance(calibration, str):
+        return model.tokenize(calibration, add_special=False), ["<text>"]
+    if isinstance(calibration, list | tuple) and all(isinstance(s, str) for s in calibration):
+        ids: list[int] = []
+        for s in calibration:
+            ids += model.tokenize(s, add_special=False)
+        return ids, [f"<{len(calibration)} texts>"]
+    raise Error("calibration must be a text file path, a str or a list of str")
+
+
+def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
+            mode: str = "denoise", n_gpu_layers: int = -1, format: str | None = None, progress: bool = True,
+            chunk_size: int | None = None, seed: int = 0, save_every: int = 10) -> ImatrixReport:
+    """Collect an importance matrix for `model` (a path or a loaded Model) on `calibration` text and write it
+    to `out` (llama.cpp's GGUF layout, or legacy .dat by suffix / format="dat").
+
+    chunk_size tokens per chunk (default 2 x canvas): the head is the causal prompt, the last canvas_length
+    tokens the canvas. The file is saved every `save_every` chunks, so an interrupted run keeps what it had."""
+    from .model import Model, load
+
+    if mode not in ("denoise", "unified"):
+        raise Error(f"mode must be 'denoise' or 'unified', got {mode!r}")
+    m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers)
+    hp = m.hparams
+    L = hp.canvas_length
+    size = chunk_size or 2 * L
+    if size <= L:
+        raise Error(f"chunk_size must exceed the canvas length {L}")
+    if size > m.n_ctx:
+        raise Error(f"chunk_size {size} exceeds n_ctx {m.n_ctx}")
+    toks, datasets = _calibration_tokens(m, calibration)
+    bos = m.tokenizer.bos
+    n_avail = len(toks) // (size - 1)
+    if n_avail == 0:
+        raise Error(f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS)")
+    n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
+    if n_chunks <= 0:
+        raise Error(f"chunks must be > 0, got {chunks}")
+    out = pathlib.Path(out)
+    imatrix_file._format_for(out, format)
+    rng = np.random.default_rng(seed)
+    col = Collector()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_chunks * size, unit="tok", unit_scale=True, desc=f"imatrix ({mode})")
+    t0 = time.perf_counter()
+    done = 0
+
+    def save() -> None:
+        imatrix_file.save(out, col.entries(), datasets=datasets, chunk_count=done, chunk_size=size, format=format)
+
+    with m._lock:
+        _lib.ggml_backend_sched_set_eval_callback(m.sched, col._cb, _ffi.NULL)
+        m._graph = None  # the callback takes effect from the next graph allocation
+        try:
+            for c in range(n_chunks):
+                chunk = toks[c * (size - 1):(c + 1) * (size - 1)]
+                prompt = np.asarray(([bos] if bos >= 0 else []) + chunk[: size - 1 - L], dtype=np.int32)
+                target = np.asarray(chunk[size - 1 - L:], dtype=np.int64)
+                m.reset()
+                col.record_self_cond = False
+                m._sync_prefix(prompt)
+                u = rng.random(L, dtype=np.float32)
+                if mode == "unified":
+                    m.denoise_step(target, hp.t_max, False, u)
+                else:
+                    level = rng.uniform(EPS, 1.0)
+                    noisy = np.where(rng.random(L) < level, rng.integers(0, hp.n_vocab, L), target)
+                    temp = hp.t_min + (hp.t_max - hp.t_min) * level  # noisier canvases are denoised hotter
+                    m.denoise_step(noisy, temp, False, u)
+                    col.record_self_cond = True
+                    m.denoise_step(noisy, temp, True, u)
+                if col.error is not None:
+                    raise col.error
+                done += 1
+                if bar is not None:
+                    bar.update(size)
+                if save_every and done % save_every == 0:
+                    save()
+        finally:
+            _lib.ggml_backend_sched_set_eval_callback(m.sched, _ffi.NULL, _ffi.NULL)
+            m._graph = None
+            m.reset()
+            if bar is not None:
+                bar.close()
+    save()
+    ents = col.entries()
+    coverage, least = {}, {}
+    for name, e in ents.items():
+        if e.n_mat > 1:
+            coverage[name] = e.coverage
+            order = np.argsort(e.counts, kind="stable")[:3]
+            least[name] = [(int(i), int(e.counts[i])) for i in order]
+    with m._lock:
+        graph_weights = expected_weights(m._graphs, m.prompt_kv, L, m._embedding_t(), m._self_cond_state(L))
+    missing = sorted(n for n in graph_weights if n not in ents or not (ents[n].counts > 0).any())
+    return ImatrixReport(entries=len(ents), chunks=done, coverage=coverage, least_used=least, missing=missing,
+                         tokens=done * size, seconds=time.perf_counter() - t0, path=out, mode=mode)

@@ -1,0 +1,120 @@
+"""imatrix collection through the diffusion graph: sums against numpy, expert attribution, modes, files."""
+
+import numpy as np
+import pytest
+
+import diffgemma as dg
+from diffgemma import binding as B
+from diffgemma import calibration, imatrix_file, layout, testing
+
+TEXT = ("But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
+        "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief. ") * 8
+
+
+def _rms(x, w=None, eps=1e-6):
+    y = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)
+    return y * w if w is not None else y
+
+
+def test_dense_sums_match_numpy(tmp_path):
+    """blk.0.attn_q sees rms(E[ids] s) * attn_norm in the encoder and rms(rms(E[c] s)) * attn_norm in the
+    decoder (first step: self-conditioning gated to 0): both computable in numpy from the weights."""
+    hp = testing.tiny_hparams()
+    w = testing.random_weights(hp, seed=1, calm=True)
+    path = testing.write_model(tmp_path / "m.gguf", hp, weights=w)
+    with dg.load(path) as m:
+        col = calibration.Collector()
+        B.lib.ggml_backend_sched_set_eval_callback(m.sched, col._cb, B.ffi.NULL)
+        prompt = np.array([2, 40, 41, 42, 43, 44], np.int32)
+        canvas = np.arange(100, 100 + hp.canvas_length)
+        m.logits(prompt, canvas)
+        B.lib.ggml_backend_sched_set_eval_callback(m.sched, B.ffi.NULL, B.ffi.NULL)
+    s = np.sqrt(hp.n_embd)
+    E, wn = w["token_embd.weight"], w["blk.0.attn_norm.weight"]
+    enc = _rms(E[prompt] * s, wn)
+    dec = _rms(_rms(E[canvas] * s), wn)
+    rows = np.concatenate([enc, dec])
+    sums, counts = col.sums["blk.0.attn_q.weight"], col.counts["blk.0.attn_q.weight"]
+    assert counts.tolist() == [len(prompt) + len(canvas)]
+    np.testing.assert_allclose(sums[0], (rows ** 2).sum(0), rtol=1e-4)
+    # K and V (sliding layer) share the input of Q
+    np.testing.assert_allclose(col.sums["blk.0.attn_k.weight"], sums, rtol=1e-6)
+
+
+def test_expert_attribution_hand_built():
+    """A mul_mat_id node with hand-chosen routing ids: each expert's sums come from exactly its tokens."""
+    lib, ffi = B.lib, B.ffi
+    ne0, n_exp, n_used, n_tok = 8, 3, 2, 5
+    ctx = B.ggml_context(1 << 20)
+    be = lib.ggml_backend_dev_init(lib.ggml_backend_dev_by_type(B.DEV_TYPE_CPU), ffi.NULL)
+    try:
+        W = lib.ggml_new_tensor_3d(ctx, 0, ne0, 4, n_exp)
+        lib.ggml_set_name(W, b"blk.0.ffn_gate_up_exps.weight")
+        x = lib.ggml_new_tensor_3d(ctx, 0, ne0, 1, n_tok)
+        ids = lib.ggml_new_tensor_2d(ctx, 26, n_used, n_tok)
+        out = lib.ggml_mul_mat_id(ctx, W, x, ids)
+        g = lib.ggml_new_graph_custom(ctx, 16, False)
+        lib.ggml_build_forward_expand(g, out)
+        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.ggml_backend_cpu_buffer_type())
+        xs = np.arange(n_tok * ne0, dtype=np.float32).reshape(n_tok, ne0) / 10
+        route = np.array([[0, 2], [1, 2], [2, 0], [1, 0], [0, 1]], np.int32)
+        for t, a in ((x, xs), (ids, route), (W, np.ones(ne0 * 4 * n_exp, np.float32))):
+            lib.ggml_backend_tensor_set(t, ffi.from_buffer(a), 0, a.nbytes)
+        col = calibration.Collector()
+        hit = calibration._observed(out)
+        assert hit == ("blk.0.ffn_gate_up_exps.weight", True)
+        assert lib.ggml_backend_graph_compute(be, g) == 0
+        col._accumulate(out, *hit)
+        lib.ggml_backend_buffer_free(buf)
+    finally:
+        lib.ggml_backend_free(be)
+        lib.ggml_free(ctx)
+    want = np.zeros((n_exp, ne0))
+    cnt = np.zeros(n_exp, int)
+    for t in range(n_tok):
+        for e in route[t]:
+            want[e] += xs[t].astype(np.float64) ** 2
+            cnt[e] += 1
+    np.testing.assert_allclose(col.sums["blk.0.ffn_gate_up_exps.weight"], want, rtol=1e-6)
+    assert col.counts["blk.0.ffn_gate_up_exps.weight"].tolist() == cnt.tolist() == [4, 3, 3]
+
+
+@pytest.mark.parametrize("mode,n_entries", [("denoise", 59 + 3), ("unified", 59)])
+def test_modes_files_and_report(tmp_path, mode, n_entries):
+    out = tmp_path / f"im-{mode}.gguf"
+    r = dg.imatrix("tiny", TEXT, out, chunks=4, mode=mode, progress=False)
+    assert r.entries == n_entries and r.chunks == 4 and out.exists()
+    assert set(r.coverage) == {f"blk.{i}.ffn_{t}_exps.weight" for i in range(6) for t in ("gate_up", "down")}
+    assert all(0 < c <= 1 for c in r.coverage.values())
+    if mode == "unified":  # self-conditioning never runs: its weights get no data and a warning
+        assert r.missing == ["self_cond_down.weight", "self_cond_gate.weight", "self_cond_up.weight"]
+    else:
+        assert r.missing == []
+    data = imatrix_file.load(out)
+    assert len(data) == n_entries and data.chunk_count == 4 and data.chunk_size == 32
+    e = data.entries["blk.0.ffn_down_exps.weight"]
+    assert e.sums.shape == (4, 32) and e.counts.sum() > 0
+    # read back by the quantizer (IQ2_S experts need it)
+    rep = dg.quantize("tiny", tmp_path / "q.gguf", type="q4_0", imatrix=out, progress=False)
+    assert rep.census
+
+
+def test_dat_format_and_bad_inputs(tmp_path):
+    r = dg.imatrix("tiny", TEXT, tmp_path / "im.dat", chunks=2, progress=False)
+    data = imatrix_file.load(tmp_path / "im.dat")
+    assert data.format == "dat" and len(data) == r.entries
+    with pytest.raises(dg.Error, match="mode"):
+        dg.imatrix("tiny", TEXT, tmp_path / "x.gguf", mode="causal")
+    with pytest.raises(dg.Error, match="tokens"):
+        dg.imatrix("tiny", "too short", tmp_path / "x.gguf")
+    with pytest.raises(dg.Error):
+        dg.imatrix("tiny", 42, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_full_layout_entry_count(tmp_path):
+    p = testing.write_model(tmp_path / "full.gguf", layout.full_26b_a4b(), wtype="q8_0", sparse=True)
+    names = calibration.dry_run_entries(p)
+    blk = [n for n in names if n.startswith("blk.")]
+    assert len(blk) == 295
+    assert sorted(set(names) - set(blk)) == ["self_cond_down.weight", "self_cond_gate.weight", "self_cond_up.weight"]
