@@ -34,8 +34,8 @@ def recipes() -> dict[str, str]:
 
 
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> Any:
-    """Convert a Hugging Face DiffusionGemmaForBlockDiffusion checkpoint to GGUF (see diffgemma.convert)."""
-    from .convert import convert as _convert
+    """Convert a Hugging Face DiffusionGemmaForBlockDiffusion checkpoint to GGUF (see diffgemma.converter)."""
+    from .converter import convert as _convert
 
     return _convert(hf_dir, out, **kw)
 

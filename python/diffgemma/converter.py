@@ -127,7 +127,8 @@ def _num(d: Mapping[str, Any], key: str, default: Any, kind: type, what: str) ->
     v = d.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+    bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+    if bad or (kind is int and v != int(v)):
         raise Error(f"{what}: {key} must be a number{' (integer)' if kind is int else ''}, got {v!r}")
     return kind(v)
 
@@ -201,19 +202,23 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, float, _RopeInfo]:
         raise Error("config.json: rope_parameters must map sliding_attention/full_attention to parameters")
     full = rp.get("full_attention") or _ROPE_DEFAULTS["full_attention"]
     swa = rp.get("sliding_attention") or _ROPE_DEFAULTS["sliding_attention"]
+    what = "config.json rope_parameters"
+    if not isinstance(full, dict) or not isinstance(swa, dict):
+        raise Error(f"{what}: full_attention / sliding_attention must be objects")
     for lt, p in (("full_attention", full), ("sliding_attention", swa)):
-        if float(p.get("factor", 1.0) or 1.0) != 1.0:
-            raise Error(f"config.json: rope scaling factor on {lt} is not supported")
-    if swa.get("rope_type", "default") != "default" or float(swa.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise Error("config.json: sliding_attention must use plain (default, full-width) RoPE")
+        if _num(p, "factor", 1.0, float, what) != 1.0:
+            raise Error(f"{what}: a scaling factor on {lt} is not supported")
+    swa_partial = _num(swa, "partial_rotary_factor", 1.0, float, what)
+    if swa.get("rope_type", "default") != "default" or swa_partial != 1.0:
+        raise Error(f"{what}: sliding_attention must use plain (default, full-width) RoPE")
     ftype = full.get("rope_type", "default")
-    prf = float(full.get("partial_rotary_factor", 1.0))
+    prf = _num(full, "partial_rotary_factor", 1.0, float, what)
     if ftype not in ("proportional", "default") or (ftype == "default" and prf != 1.0):
-        raise Error(f"config.json: full_attention rope_type {ftype!r} (partial {prf}) is not supported")
+        raise Error(f"{what}: full_attention rope_type {ftype!r} (partial {prf}) is not supported")
     if not 0.0 < prf <= 1.0:
-        raise Error(f"config.json: partial_rotary_factor {prf} out of range")
-    base = _num(full, "rope_theta", _ROPE_DEFAULTS["full_attention"]["rope_theta"], float, "rope_parameters")
-    base_swa = _num(swa, "rope_theta", 10_000.0, float, "rope_parameters")
+        raise Error(f"{what}: partial_rotary_factor {prf} out of range")
+    base = _num(full, "rope_theta", _ROPE_DEFAULTS["full_attention"]["rope_theta"], float, what)
+    base_swa = _num(swa, "rope_theta", _ROPE_DEFAULTS["sliding_attention"]["rope_theta"], float, what)
     return base, base_swa, _RopeInfo(prf)
 
 
@@ -278,10 +283,11 @@ def hparams_from_hf(
     n_head_kv: list[int] = []
     for il, t in enumerate(types):
         o = overrides.get(il, {})
-        if int(o.get("num_attention_heads", n_head)) != n_head:
-            raise Error(f"config.json: layer {il} overrides num_attention_heads (not supported)")
-        dims[t == "sliding_attention"].add(int(o.get("head_dim", head_dim_base)))
-        n_head_kv.append(int(o.get("num_key_value_heads", n_head_kv_base)))
+        where = f"config.json per_layer_config[{il}]"
+        if _num(o, "num_attention_heads", n_head, int, where) != n_head:
+            raise Error(f"{where} overrides num_attention_heads (not supported)")
+        dims[t == "sliding_attention"].add(_num(o, "head_dim", head_dim_base, int, where))
+        n_head_kv.append(_num(o, "num_key_value_heads", n_head_kv_base, int, where))
     for swa, ds in dims.items():
         if len(ds) > 1:
             kind = "sliding" if swa else "full"
@@ -311,7 +317,7 @@ def hparams_from_hf(
         rope_dim_swa=head_dim_swa,
         rms_eps=_num(cfg, "rms_norm_eps", 1e-6, float, what),
         softcap=softcap,
-        canvas_length=_num(config, "canvas_length", 256, int, what),
+        canvas_length=_num(cfg, "canvas_length", 256, int, what),
         context_length=_num(cfg, "max_position_embeddings", 131072, int, what),
         **_sampler_settings(generation_config or {}),
     )
