@@ -203,6 +203,31 @@ def _cmd_chat(a: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": g.text.strip()})
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench
+
+    r = bench(a.model, prompt_tokens=a.prompt_tokens, steps=a.steps, n_gpu_layers=a.n_gpu_layers, threads=a.threads,
+              compare=a.compare, hf_dtype=a.hf_dtype)
+    if a.json:
+        print(json.dumps({"file": r.file, "devices": r.devices, "ours": r.ours, "transformers": r.transformers,
+                          "ratio": r.ratio}, indent=1))
+    else:
+        print(r.table())
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from .bench import validate
+
+    md = validate(a.file, a.against, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                  n_gpu_layers=a.n_gpu_layers)
+    if not a.out:
+        print(md)
+    else:
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma on ggml: generate, quantize, "
                                 "calibrate and inspect block-diffusion models.")
@@ -234,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="a system message")
     s.add_argument("--visual", action="store_true")
     s.set_defaults(fn=_cmd_chat)
+
+    s = sub.add_parser("bench", help="prefill and per-step latency, optionally against transformers")
+    _model_args(s)
+    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--steps", type=int, default=16, help="denoising steps timed (fixed, no early stop)")
+    s.add_argument("--compare", choices=["transformers"], default=None,
+                   help="also time transformers on the same weights, in this process")
+    s.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("validate", help="the five-prompt validation protocol, side by side for two files")
+    s.add_argument("file")
+    s.add_argument("--against", default=None, help="a second file to compare with")
+    s.add_argument("-o", "--out", default=None, help="write the Markdown report here")
+    s.add_argument("-n", "--max-new-tokens", type=int, default=None, help="default: one canvas")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    s.set_defaults(fn=_cmd_validate)
     return p
 
 

@@ -219,6 +219,60 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
     return pathlib.Path(path)
 
 
+def _tile_rows(ggml_type: int, ne0: int, n_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Bytes of n_rows valid rows of `ggml_type`: a few rows really quantized by ggml, repeated (fast)."""
+    from . import binding as B
+
+    k = min(n_rows, 8)
+    src = rng.standard_normal((k, ne0), dtype=np.float32) * 0.02
+    row = B.lib.ggml_row_size(ggml_type, ne0)
+    base = np.empty(k * row, np.uint8)
+    imat = np.ones(ne0, np.float32)  # IQ types: uniform importance
+    got = B.lib.ggml_quantize_chunk(ggml_type, B.ffi.from_buffer("float[]", src), B.ffi.from_buffer(base), 0, k,
+                                    ne0, B.ffi.from_buffer("float[]", imat))
+    assert got == base.nbytes
+    return np.tile(base.reshape(k, row), (-(-n_rows // k), 1))[:n_rows].reshape(-1)
+
+
+def write_synthetic(path: str | os.PathLike, hp: layout.HParams, types: dict[str, int], *, seed: int = 0,
+                    progress: Any = None) -> pathlib.Path:
+    """A full-layout file with the given per-tensor GGML types and random but valid data, written without slow
+    quantization (a few rows per tensor are quantized by ggml and repeated): for speed work on the real shapes.
+    Tensors missing from `types` are F32 (vectors, router)."""
+    from . import binding as B
+
+    rng = np.random.default_rng(seed)
+    w = Writer(path)
+    w.set("general.architecture", layout.ARCH)
+    w.set("general.name", "diffgemma-synthetic")
+    w.set("general.quantization_version", 2)
+    w.set_all(layout.hparams_to_metadata(hp))
+    w.set_all((tiny_vocab(hp.n_vocab) if hp.n_vocab <= 4096 else _placeholder_vocab(hp.n_vocab)).metadata())
+    specs = {s.name: s for s in layout.tensor_specs(hp)}
+    for s in specs.values():
+        w.add_tensor(s.name, s.shape, types.get(s.name, 0))
+    freqs = np.asarray(layout.rope_freq_factors(hp), np.float32)
+
+    def data(name: str) -> np.ndarray:
+        s, t = specs[name], types.get(name, 0)
+        if name == "rope_freqs.weight":
+            return freqs
+        if t == 0 and s.role == layout.VECTOR:
+            return rng.uniform(0.5, 1.5, s.shape[::-1]).astype(np.float32)
+        n_rows = int(np.prod(s.shape[1:]))
+        if t == 0:
+            return (rng.standard_normal((min(n_rows, 64), s.shape[0]), dtype=np.float32) * 0.02)[
+                np.arange(n_rows) % min(n_rows, 64)]
+        if t in (1, 30):
+            f = rng.standard_normal((min(n_rows, 64), s.shape[0]), dtype=np.float32) * 0.02
+            return np.tile(_encode(f, t), (-(-n_rows // len(f)), 1))[:n_rows]
+        return _tile_rows(t, s.shape[0], n_rows, rng)
+
+    w.write(data, progress=progress)
+    del B
+    return pathlib.Path(path)
+
+
 def _placeholder_vocab(n_vocab: int) -> Vocab:
     """A vocabulary of the right size for layout work (not meant for tokenizing)."""
     base = tiny_vocab(512)

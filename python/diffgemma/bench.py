@@ -1,0 +1,255 @@
+"""Benchmarks and the validation harness: `diffgemma bench` and `diffgemma validate`.
+
+Speed is always reported next to a peer measured in the same process (transformers on the same weights) so
+the figures are ratios, not absolute claims. transformers/torch are imported only for the comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import resource
+import time
+from typing import Any
+
+import numpy as np
+
+from . import binding as B
+from .errors import Error
+
+VALIDATION_PROMPTS = {
+    "factual": "What is the capital of France, and on which river does it lie?",
+    "code": "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "explanation": "Explain in three sentences why the sky is blue.",
+    "list": "List five fruits that are rich in vitamin C.",
+    "creative": "Write a four-line poem about the sea at night.",
+}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device_used_mb(m: Any) -> float | None:
+    if m.gpu_backend is None:
+        return None
+    dev = B.lib.ggml_backend_get_device(m.gpu_backend)
+    free, total = B.ffi.new("size_t *"), B.ffi.new("size_t *")
+    B.lib.ggml_backend_dev_memory(dev, free, total)
+    return (total[0] - free[0]) / 2**20
+
+
+def _timed(fn: Any, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1e3 * (time.perf_counter() - t) / n
+
+
+def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, Any]:
+    """Prefill and denoising-step latency of a loaded Model (self-conditioning on, sampling on the device)."""
+    hp = m.hparams
+    L = hp.canvas_length
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(5, hp.n_vocab, prompt_tokens).astype(np.int32)
+    canvas = rng.integers(0, hp.n_vocab, L)
+    u = np.full(L, 0.5, np.float32)
+
+    def prefill() -> None:
+        m.reset()
+        m._sync_prefix(prompt)
+
+    prefill()  # warm-up (graph build and allocation)
+    prefill_ms = _timed(prefill, 3)
+    m.denoise_step(canvas, 0.8, False, u)
+    m.denoise_step(canvas, 0.8, True, u)
+    step_ms = _timed(lambda: m.denoise_step(canvas, 0.7, True, u), steps)
+    return {"prefill_ms": prefill_ms, "step_ms": step_ms, "effective_tokens_per_s": L / (steps * step_ms / 1e3),
+            "canvas": L, "prompt_tokens": prompt_tokens,
+            "steps": steps, "peak_host_mb": _peak_rss_mb(), "device_used_mb": _device_used_mb(m)}
+
+
+# ---- the reference, on the same weights ------------------------------------------------------------------
+
+def hf_model_from_gguf(path: str | os.PathLike, dtype: str = "float32") -> Any:
+    """transformers' DiffusionGemmaForBlockDiffusion holding the (dequantized) weights of a GGUF file."""
+    try:
+        import torch
+        from gguf import GGMLQuantizationType as QT
+        from gguf import quants as gq
+        from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+    except ImportError as e:
+        raise Error("the transformers comparison needs torch and transformers (pip install 'diffgemma[test]')") from e
+    from . import gguf_file
+    from .converter import _DECODER, _ENCODER_TEXT, _GLOBAL_MAP, _LAYER_MAP
+
+    gf = gguf_file.read(path)
+    hp = gguf_file.validate(gf)
+    types = ["sliding_attention" if s else "full_attention" for s in hp.swa_layers]
+    raw = np.memmap(gf.path, dtype=np.uint8, mode="r")
+    freqs = gf.tensors["rope_freqs.weight"]
+    rot = int((raw[freqs.offset:freqs.offset + freqs.nbytes].view(np.float32) == 1.0).sum())
+    tc = DiffusionGemmaTextConfig(
+        vocab_size=hp.n_vocab, hidden_size=hp.n_embd, intermediate_size=hp.n_ff, moe_intermediate_size=hp.n_ff_exp,
+        num_experts=hp.n_expert, top_k_experts=hp.n_expert_used, num_hidden_layers=hp.n_layer, layer_types=types,
+        num_attention_heads=hp.n_head, num_key_value_heads=hp.n_head_kv[types.index("sliding_attention")]
+        if "sliding_attention" in types else hp.n_head_kv[0], head_dim=hp.head_dim_swa,
+        global_head_dim=hp.head_dim, num_global_key_value_heads=hp.n_head_kv[types.index("full_attention")],
+        sliding_window=hp.sliding_window, max_position_embeddings=hp.context_length, rms_norm_eps=hp.rms_eps,
+        use_bidirectional_attention="vision",
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": hp.rope_base_swa},
+                         "full_attention": {"rope_type": "proportional", "rope_theta": hp.rope_base,
+                                            "partial_rotary_factor": 2 * rot / hp.head_dim}})
+    tc.final_logit_softcapping = hp.softcap
+    vc = {"model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
+    torch_dtype = getattr(torch, dtype)
+    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=tc, vision_config=vc,
+                                                                 canvas_length=hp.canvas_length))
+    state: dict[str, Any] = {}
+    for info in gf.tensors.values():
+        data = raw[info.offset:info.offset + info.nbytes]
+        shape = tuple(reversed(info.shape))
+        arr = data.view(np.float32) if info.type == int(QT.F32) else gq.dequantize(data, QT(info.type))
+        arr = np.array(arr, dtype=np.float32).reshape(shape)  # a writable copy for torch
+        if info.name == "rope_freqs.weight":
+            continue
+        if info.name in _GLOBAL_MAP:
+            state[_DECODER + _GLOBAL_MAP[info.name]] = arr
+            continue
+        _, il, suffix = info.name.split(".", 2)
+        if suffix == "enc_layer_output_scale.weight":
+            state[f"{_ENCODER_TEXT}layers.{il}.layer_scalar"] = arr.reshape(1)
+        else:
+            scalar = suffix.startswith("layer_")
+            state[f"{_DECODER}layers.{il}.{_LAYER_MAP[suffix]}"] = arr.reshape(1) if scalar else arr
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    left = [k for k in missing if k.startswith(_DECODER) or k.startswith(_ENCODER_TEXT) and "layer_scalar" in k]
+    if unexpected or left:
+        raise Error(f"GGUF -> transformers: unexpected {unexpected[:3]}, missing {left[:3]}")
+    return model.to(torch_dtype).eval()
+
+
+def transformers_step(model: Any, *, prompt_tokens: int, canvas: int, vocab: int, steps: int,
+                      seed: int = 0) -> dict[str, Any]:
+    """transformers' prefill (encoder over the prompt) and decoder step (with cache and self-conditioning)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(5, vocab, (1, prompt_tokens), generator=g)
+    cv = torch.randint(0, vocab, (1, canvas), generator=g)
+    with torch.no_grad():
+        def prefill() -> Any:
+            return model(input_ids=prompt, decoder_input_ids=cv)
+
+        out = prefill()
+        prefill_ms = _timed(prefill, 3)
+        cache, sc = out.cache, out.logits / 0.8
+
+        def step() -> None:
+            model(cache=cache, decoder_input_ids=cv, self_conditioning_logits=sc)
+
+        step()
+        step_ms = _timed(step, steps)
+    return {"prefill_ms": prefill_ms, "step_ms": step_ms, "effective_tokens_per_s": canvas / (steps * step_ms / 1e3),
+            "torch_threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype)}
+
+
+@dataclasses.dataclass
+class BenchResult:
+    file: str
+    devices: list[str]
+    ours: dict[str, Any]
+    transformers: dict[str, Any] | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """transformers step time / ours (>1: we are faster)."""
+        return None if not self.transformers else self.transformers["step_ms"] / self.ours["step_ms"]
+
+    def table(self) -> str:
+        rows = [("", "diffgemma") + (("transformers", "ratio") if self.transformers else ())]
+        for key, label in (("prefill_ms", "prefill ms"), ("step_ms", "ms / denoising step"),
+                           ("effective_tokens_per_s", "tokens/s at fixed steps")):
+            r = [label, f"{self.ours[key]:.2f}"]
+            if self.transformers:
+                t = self.transformers[key]
+                ratio = t / self.ours[key] if key.endswith("_ms") else self.ours[key] / t
+                r += [f"{t:.2f}", f"{ratio:.2f}x"]
+            rows.append(tuple(r))
+        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+        o = self.ours
+        lines.append(f"[{self.file} on {', '.join(self.devices)}; prompt {o['prompt_tokens']}, canvas {o['canvas']}, "
+                     f"{o['steps']} steps; peak host {o['peak_host_mb']:.0f} MB"
+                     + (f", device {o['device_used_mb']:.0f} MB used" if o["device_used_mb"] is not None else "")
+                     + "]")
+        return "\n".join(lines)
+
+
+def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16, n_gpu_layers: int = -1,
+          threads: int | None = None, compare: str | None = None, hf_dtype: str = "float32") -> BenchResult:
+    """Measure prefill and per-step latency of a file; compare="transformers" also times the reference on the
+    same (dequantized) weights in this process."""
+    from .model import load
+
+    if compare not in (None, "transformers"):
+        raise Error(f"compare must be None or 'transformers', got {compare!r}")
+    if prompt_tokens < 1 or steps < 1:
+        raise Error("prompt_tokens and steps must be >= 1")
+    with load(path, n_gpu_layers=n_gpu_layers, threads=threads,
+              n_ctx=prompt_tokens + 2 * 256 + 64) as m:
+        res = BenchResult(str(path), m.devices, ours(m, prompt_tokens=prompt_tokens, steps=steps))
+        hp = m.hparams
+    if compare == "transformers":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        ref = hf_model_from_gguf(path, hf_dtype)
+        res.transformers = transformers_step(ref, prompt_tokens=prompt_tokens, canvas=hp.canvas_length,
+                                             vocab=hp.n_vocab, steps=steps)
+    return res
+
+
+# ---- validation protocol -----------------------------------------------------------------------------------
+
+def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
+             max_new_tokens: int | None = None, seed: int = 0, n_gpu_layers: int = -1,
+             prompts: dict[str, str] | None = None) -> str:
+    """The published validation protocol: five prompts (factual, code, explanation, list, creative), committed
+    answers, steps per canvas and tokens/s, side by side for two files; returns (and writes) Markdown."""
+    from .model import load, resolve
+
+    prompts = prompts or VALIDATION_PROMPTS
+    files = [resolve(path)] + ([resolve(against)] if against else [])
+    results: dict[str, dict[str, Any]] = {}
+    if len(files) == 2 and files[0].name == files[1].name:
+        raise Error("the two files must have different names (they label the report's columns)")
+    for f in files:
+        with load(f, n_gpu_layers=n_gpu_layers) as m:
+            n = max_new_tokens or m.hparams.canvas_length
+            results[f.name] = {k: m.generate(p, max_new_tokens=n, seed=seed) for k, p in prompts.items()}
+    names = list(results)
+    lines = ["# diffgemma validate", "",
+             f"Files: {', '.join(f'`{n}`' for n in names)}; seed {seed}; prompts through the chat template.", ""]
+    lines += ["| prompt | " + " | ".join(f"{n}: steps/canvas | {n}: tokens/s" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
+    for k in prompts:
+        cells = []
+        for n in names:
+            g = results[n][k]
+            cells += [", ".join(str(c.steps) for c in g.canvases), f"{g.timings.tokens_per_s:.1f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    for k, p in prompts.items():
+        lines += ["", f"## {k}", "", f"> {p}", ""]
+        for n in names:
+            text = results[n][k].text.strip().replace("\n", "\n    ") or "(empty)"
+            lines += [f"**{n}**", "", "    " + text, ""]
+    md = "\n".join(lines) + "\n"
+    if out:
+        tmp = pathlib.Path(str(out) + ".tmp")
+        tmp.write_text(md, encoding="utf-8")
+        os.replace(tmp, out)
+    return md
