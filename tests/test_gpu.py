@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not GPU, reason="no GPU backend in this ggml bui
 @pytest.mark.parametrize("wtype", ["f32", "q8_0"])
 def test_gpu_logits_match_cpu(tmp_path, wtype):
     hp = testing.tiny_hparams()
-    p = testing.write_model(tmp_path / f"m-{wtype}.gguf", hp, wtype=wtype, weights=testing.random_weights(hp, 1, calm=True))
+    w = testing.random_weights(hp, 1, calm=True)
+    p = testing.write_model(tmp_path / f"m-{wtype}.gguf", hp, wtype=wtype, weights=w)
     prompt, canvas = [2] + list(range(10, 30)), list(range(40, 40 + hp.canvas_length))
     with dg.load(p, n_gpu_layers=0) as cpu, dg.load(p, n_gpu_layers=-1) as gpu:
         assert gpu.devices[0] == GPU[0]
