@@ -118,3 +118,25 @@ def test_full_layout_entry_count(tmp_path):
     blk = [n for n in names if n.startswith("blk.")]
     assert len(blk) == 295
     assert sorted(set(names) - set(blk)) == ["self_cond_down.weight", "self_cond_gate.weight", "self_cond_up.weight"]
+
+
+def _llama_quantize():
+    import os
+    import shutil
+
+    return os.environ.get("DIFFGEMMA_LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+
+
+@pytest.mark.skipif(not _llama_quantize(), reason="llama.cpp's llama-quantize is not built here "
+                    "(set DIFFGEMMA_LLAMA_QUANTIZE; see docs/imatrix.md)")
+@pytest.mark.parametrize("suffix", [".gguf", ".dat"])
+def test_llama_quantize_loads_our_files(tmp_path, suffix):
+    """llama.cpp's own tool reads both formats ("loaded N importance matrix entries"); it then refuses the
+    diffusion-gemma architecture, which is expected."""
+    import subprocess
+
+    out = tmp_path / f"im{suffix}"
+    r = dg.imatrix("tiny", TEXT, out, chunks=3, progress=False)
+    p = subprocess.run([_llama_quantize(), "--imatrix", str(out), str(dg.resolve("tiny")), str(tmp_path / "q.gguf"),
+                        "Q4_K_M"], capture_output=True, text=True)
+    assert f"loaded {r.entries} importance matrix entries" in p.stdout + p.stderr
