@@ -1,7 +1,8 @@
 """Load the embedded tiny model, tokenize a prompt and run one denoising forward pass."""
 
-import diffgemma as dg
 import numpy as np
+
+import diffgemma as dg
 
 m = dg.load("tiny")
 print(m)

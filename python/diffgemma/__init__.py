@@ -20,15 +20,15 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, **kw: Any) -> 
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, **kw: Any) -> Any:
-    """Quantize a diffusion-gemma GGUF (see diffgemma.quantize.quantize)."""
-    from .quantize import quantize as _quantize
+    """Quantize a diffusion-gemma GGUF (see diffgemma.quantizer.quantize)."""
+    from .quantizer import quantize as _quantize
 
     return _quantize(resolve(src), dst, **kw)
 
 
 def recipes() -> dict[str, str]:
     """Built-in quantization recipes and their descriptions."""
-    from .quantize import recipes as _recipes
+    from .quantizer import recipes as _recipes
 
     return _recipes()
 

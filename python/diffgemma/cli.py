@@ -228,6 +228,47 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(a: argparse.Namespace) -> int:
+    from . import quantizer as _q
+    from .model import resolve
+
+    if a.list_recipes:
+        for name, desc in _q.recipes().items():
+            print(f"{name}\n    {desc}")
+        return 0
+    if not a.src or not a.dst:
+        raise Error("quantize needs SRC and DST (or --list-recipes)")
+    overrides = []
+    for o in a.override or []:
+        if "=" not in o:
+            raise Error(f"--override takes REGEX=TYPE, got {o!r}")
+        rx, ty = o.rsplit("=", 1)
+        overrides.append((rx, ty))
+    rep = _q.quantize(resolve(a.src), a.dst, recipe=a.recipe, type=a.type, imatrix=a.imatrix,
+                      overrides=overrides or None, allow_requantize=not a.no_requantize, threads=a.threads,
+                      dry_run=a.dry_run, progress=sys.stderr.isatty())
+    print(rep.summary())
+    return 0
+
+
+def _cmd_imatrix(a: argparse.Namespace) -> int:
+    from .calibration import imatrix
+
+    rep = imatrix(a.model, a.file if a.file else a.text, a.out, chunks=a.chunks, mode=a.mode,
+                  n_gpu_layers=a.n_gpu_layers, format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size,
+                  seed=a.seed, save_every=a.save_every)
+    print(rep.summary())
+    return 0
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from .converter import convert
+
+    out = convert(a.hf_dir, a.out, outtype=a.outtype, progress=sys.stderr.isatty())
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma on ggml: generate, quantize, "
                                 "calibrate and inspect block-diffusion models.")
@@ -278,6 +319,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
     s.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("quantize", help="quantize a diffusion-gemma GGUF with a recipe or one type")
+    s.add_argument("src", nargs="?")
+    s.add_argument("dst", nargs="?")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--recipe", default=None, help="a built-in recipe, e.g. asym-2bitexp (see --list-recipes)")
+    g.add_argument("--type", default=None, help="one type for every quantizable tensor, e.g. q8_0")
+    s.add_argument("--imatrix", default=None, help="importance matrix (GGUF or legacy .dat)")
+    s.add_argument("--override", action="append", metavar="REGEX=TYPE", help="a rule that wins (repeatable)")
+    s.add_argument("--no-requantize", action="store_true", help="refuse to requantize already quantized tensors")
+    s.add_argument("--dry-run", action="store_true", help="report types, census and size without writing")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("--list-recipes", action="store_true")
+    s.set_defaults(fn=_cmd_quantize)
+
+    s = sub.add_parser("imatrix", help="collect an importance matrix through the diffusion graph")
+    s.add_argument("-m", "--model", default="tiny")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("-f", "--file", default=None, help="calibration text file")
+    src.add_argument("--text", default=None, help="calibration text")
+    s.add_argument("-o", "--out", required=True, help=".gguf (llama.cpp's current format) or .dat (legacy)")
+    s.add_argument("--mode", choices=["denoise", "unified"], default="denoise")
+    s.add_argument("--chunks", type=int, default=None)
+    s.add_argument("--chunk-size", type=int, default=None)
+    s.add_argument("--format", choices=["gguf", "dat"], default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-every", type=int, default=10)
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    s.set_defaults(fn=_cmd_imatrix)
+
+    s = sub.add_parser("convert", help="Hugging Face DiffusionGemma checkpoint -> GGUF")
+    s.add_argument("hf_dir")
+    s.add_argument("out")
+    s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    s.set_defaults(fn=_cmd_convert)
     return p
 
 
