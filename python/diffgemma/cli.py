@@ -301,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--visual", action="store_true")
     s.set_defaults(fn=_cmd_chat)
 
+    from .server import add_serve_parser
+
+    add_serve_parser(sub)
+
     s = sub.add_parser("bench", help="prefill and per-step latency, optionally against transformers")
     _model_args(s)
     s.add_argument("--prompt-tokens", type=int, default=128)

@@ -1,0 +1,886 @@
+"""`diffgemma serve`: an OpenAI-compatible HTTP server with live canvas streaming and a web view.
+
+One model, one worker thread: requests wait in a bounded FIFO queue and are generated one at a time (the
+model's prompt-KV store is a single slot). Committed text streams per canvas as standard SSE chunks; opt-in
+denoising frames ride along as SSE comment lines, which every SSE client (the `openai` one included) skips.
+
+fastapi and uvicorn are imported lazily so that `diffgemma` (and its CLI) work without them. No
+`from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import importlib.resources
+import json
+import logging
+import math
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import Error
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger("diffgemma.server")
+
+DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens (the library's default)
+POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+CANVAS_STEP_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style body {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+class _Cancelled(Exception):
+    """Raised from on_step to abandon a generation whose client went away (or on shutdown)."""
+
+
+class _StopHit(Exception):
+    """Raised from on_step when committed text reached a stop sequence: no need to denoise further."""
+
+
+# ---- request parsing -----------------------------------------------------------------------------------------
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _opt_int(body: dict, name: str, *, lo: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"'{name}' must be an integer, got {v!r}", name)
+    if lo is not None and v < lo:
+        raise _bad(f"'{name}' must be >= {lo}, got {v}", name)
+    return v
+
+
+def _opt_num(body: dict, name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise _bad(f"'{name}' must be a finite number, got {v!r}", name)
+    return float(v)
+
+
+def _sampler_kw(body: dict, hp: Any) -> dict:
+    """Diffusion settings from extra body fields, validated by the library's own rules (so errors are 400s)."""
+    from .generation import settings
+
+    kw: dict[str, Any] = {"steps": _opt_int(body, "steps", lo=1)}
+    for name in ("t_min", "t_max", "entropy_bound"):
+        kw[name] = _opt_num(body, name)
+    # stability/confidence: absent = the file's value, explicit null = adaptive stop off (library semantics).
+    if "stability" in body:
+        kw["stability"] = _opt_int(body, "stability", lo=0)
+    if "confidence" in body:
+        kw["confidence"] = _opt_num(body, "confidence")
+    try:
+        settings(hp, **kw)
+    except Error as e:
+        raise _bad(str(e)) from e
+    return kw
+
+
+def _stop_list(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("'stop' must be a non-empty string or a list of at most 4 non-empty strings", "stop")
+    return stop
+
+
+def _unsupported(body: dict, names: dict[str, Callable[[Any], bool]]) -> None:
+    """400 for options whose meaning we cannot honour (silently ignoring them would give wrong results)."""
+    for name, ok in names.items():
+        if name in body and not ok(body[name]):
+            raise _bad(f"'{name}'={body[name]!r} is not supported by this server", name, "unsupported_parameter")
+
+
+_COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "n": lambda v: v in (None, 1),
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+}
+
+_CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
+_COMPLETION_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda v: not v,
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+}
+
+
+def _parse_common(body: dict, hp: Any) -> dict:
+    """Fields shared by both endpoints; temperature/top_p/penalties are accepted and ignored (the diffusion
+    sampler has its own temperature schedule, t_max -> t_min)."""
+    _unsupported(body, _COMMON_UNSUPPORTED)
+    max_tokens = _opt_int(body, "max_tokens", lo=1)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_completion_tokens", lo=1)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
+        raise _bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise _bad("'stream_options' must be an object", "stream_options")
+    frames = body.get("diffusion_frames", False)
+    if not isinstance(frames, bool | None):
+        raise _bad("'diffusion_frames' must be a boolean", "diffusion_frames")
+    seed = _opt_int(body, "seed", lo=0)
+    return {
+        "max_tokens": max_tokens or DEFAULT_MAX_TOKENS,
+        "stream": bool(stream),
+        "include_usage": bool(opts and opts.get("include_usage")),
+        "frames": bool(frames) and bool(stream),  # frames only travel in a stream
+        "stop": _stop_list(body),
+        "seed": secrets.randbits(63) if seed is None else seed,  # chosen here so every answer can report it
+        "sampler": _sampler_kw(body, hp),
+    }
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty array of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}] must be an object", "messages")
+        role = ROLES.get(m.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text can be used by a text model
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _bad(f"messages[{i}].content: only text parts are supported", "messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string or an array of text parts", "messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _completion_prompt(body: dict) -> str | list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+        p = p[0]  # a batch of one
+    if isinstance(p, str) and p:
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p
+    raise _bad("'prompt' must be a non-empty string or token-id array (one prompt per request)", "prompt")
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Counters and gauges, exposed as Prometheus text (no client library needed for this few)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.cancelled = 0
+        self.generations = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.canvas_buckets = [0] * len(CANVAS_STEP_BUCKETS)
+        self.canvases = 0
+        self.canvas_steps_sum = 0
+        self.last_step_ms = 0.0
+        self.last_tokens_per_s = 0.0
+        self.last_steps_per_canvas = 0.0
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def count_cancelled(self) -> None:
+        with self._lock:
+            self.cancelled += 1
+
+    def observe(self, canvas_steps: list[int], step_ms: float, prompt_tokens: int, tokens: int,
+                tokens_per_s: float) -> None:
+        with self._lock:
+            self.generations += 1
+            self.prompt_tokens += prompt_tokens
+            self.generated_tokens += tokens
+            n = sum(canvas_steps)
+            self.steps += n
+            self.step_seconds += n * step_ms / 1e3
+            for s in canvas_steps:
+                self.canvases += 1
+                self.canvas_steps_sum += s
+                for i, le in enumerate(CANVAS_STEP_BUCKETS):
+                    if s <= le:
+                        self.canvas_buckets[i] += 1
+            if n:
+                self.last_step_ms = step_ms
+                self.last_steps_per_canvas = n / len(canvas_steps)
+            self.last_tokens_per_s = tokens_per_s
+
+    def render(self, waiting: int, running: int, capacity: int) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value:.10g}" for labels, value in samples)
+
+        with self._lock:
+            metric("diffgemma_requests_total", "counter", "HTTP requests by endpoint and status code.",
+                   [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())])
+            metric("diffgemma_requests_cancelled_total", "counter",
+                   "Generations abandoned because the client disconnected.", [("", self.cancelled)])
+            metric("diffgemma_generations_total", "counter", "Generations completed (not cancelled).",
+                   [("", self.generations)])
+            metric("diffgemma_prompt_tokens_total", "counter", "Prompt tokens of finished generations.",
+                   [("", self.prompt_tokens)])
+            metric("diffgemma_generated_tokens_total", "counter", "Completion tokens returned.",
+                   [("", self.generated_tokens)])
+            metric("diffgemma_denoise_steps_total", "counter", "Denoising steps run.", [("", self.steps)])
+            metric("diffgemma_denoise_seconds_total", "counter", "Wall time spent in denoising steps.",
+                   [("", self.step_seconds)])
+            metric("diffgemma_step_ms", "gauge", "Mean milliseconds per denoising step (last generation).",
+                   [("", self.last_step_ms)])
+            metric("diffgemma_steps_per_canvas", "gauge", "Mean denoising steps per canvas (last generation).",
+                   [("", self.last_steps_per_canvas)])
+            metric("diffgemma_tokens_per_second", "gauge", "New tokens per second (last generation).",
+                   [("", self.last_tokens_per_s)])
+            hist = [(f'_bucket{{le="{le}"}}', n) for le, n in zip(CANVAS_STEP_BUCKETS, self.canvas_buckets,
+                                                                  strict=True)]
+            hist += [('_bucket{le="+Inf"}', self.canvases), ("_sum", self.canvas_steps_sum),
+                     ("_count", self.canvases)]
+            metric("diffgemma_canvas_steps", "histogram", "Denoising steps each committed canvas took.", hist)
+        metric("diffgemma_queue_depth", "gauge", "Requests waiting for the model.", [("", waiting)])
+        metric("diffgemma_queue_capacity", "gauge", "Most requests that may wait (--queue-size).",
+               [("", capacity)])
+        metric("diffgemma_requests_running", "gauge", "Requests being generated (0 or 1).", [("", running)])
+        return "\n".join(out) + "\n"
+
+
+# ---- the worker --------------------------------------------------------------------------------------------
+
+
+class _Job:
+    """One request's generation: parameters in, events out (to the request's asyncio loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], params: dict):
+        self.loop = loop
+        self.ids = ids
+        self.p = params
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.finished = False
+
+    def put(self, kind: str, payload: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
+            self.cancelled.set()
+
+
+class _Text:
+    """Committed tokens -> the text to send, as deltas. Text is decoded from all tokens so far (a canvas can
+    end inside a multi-byte character), trailing U+FFFD is held back until the next canvas completes it, and
+    so is a tail that could still grow into a stop sequence."""
+
+    def __init__(self, model: Any, max_tokens: int, stop: list[str]):
+        self.model, self.max_tokens, self.stop = model, max_tokens, stop
+        self.tokens: list[int] = []
+        self.sent = ""  # what has been streamed
+        self.text = ""  # the whole text so far (the answer of a non-streamed request)
+        self.hit_stop = False
+
+    def update(self, tokens: list[int], final: bool) -> str:
+        """Take the committed tokens so far; returns the text newly safe to send."""
+        self.tokens = tokens[: self.max_tokens]
+        text = self.model.detokenize(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.hit_stop, final = text[:cut], True, True
+        self.text = text
+        if not final:
+            text = text.rstrip("\ufffd")
+            if self.stop:
+                text = text[: max(len(self.sent), len(text) - max(map(len, self.stop)) + 1)]
+            if not text.startswith(self.sent):  # decoding was not prefix-stable here: wait for the end
+                return ""
+        delta = text[len(self.sent):]
+        self.sent += delta
+        return delta
+
+
+class Engine:
+    """The model, a bounded FIFO of jobs and the one thread that runs them."""
+
+    def __init__(self, model: "Model", queue_size: int, metrics: Metrics):
+        self.model = model
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._running: _Job | None = None
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, str] = {}
+
+    # -- queue --
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="diffgemma-generate", daemon=True)
+            self._thread.start()
+
+    def depth(self) -> tuple[int, int]:
+        with self._cv:
+            return len(self._waiting), int(self._running is not None)
+
+    def submit(self, job: _Job) -> None:
+        with self._cv:
+            if self._closing:
+                raise _shutting_down()
+            # Counted with the running job, so a job not yet picked up by the worker does not cost a place.
+            if len(self._waiting) + (self._running is not None) > self.queue_size:
+                raise ApiError(503, f"the request queue is full ({self.queue_size} waiting); retry later",
+                               type="server_error", code="queue_full")
+            self._waiting.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: _Job) -> None:
+        """Forget a job whose client left: drop it from the queue, or stop its generation at the next step."""
+        if job.finished:
+            return
+        job.cancelled.set()
+        with self._cv:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.metrics.count_cancelled()
+
+    def abort(self) -> None:
+        """Stop taking work: waiting jobs and the running one end with a 503 'shutting down' error."""
+        with self._cv:
+            self._closing = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cv.notify_all()
+        for job in waiting:
+            job.put("error", _shutting_down())
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.abort()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                job = self._running = self._waiting.popleft()
+            try:
+                self._run(job)
+            except Exception as e:  # never let one request kill the worker
+                log.exception("generation failed")
+                job.put("error", ApiError(500, f"generation failed: {e}", type="server_error"))
+            finally:
+                job.finished = True
+                with self._cv:
+                    self._running = None
+
+    # -- one generation --
+
+    def _piece(self, t: int) -> str:
+        p = self._pieces.get(t)
+        if p is None:
+            p = self._pieces[t] = self.model.tokenizer.token_text(t)
+        return p
+
+    def _run(self, job: _Job) -> None:
+        p, m = job.p, self.model
+        text = _Text(m, p["max_tokens"], p["stop"])
+        committed: list[int] = []
+        canvas_steps: list[int] = []
+        last: list[Any] = [None]  # the argmax of the latest step: what gets committed when the canvas ends
+        t0 = time.perf_counter()
+
+        def on_step(ev: Any) -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled
+            if ev.canvas_index == len(canvas_steps):  # a new canvas began: the previous one was committed
+                if last[0] is not None:
+                    committed.extend(int(t) for t in last[0])
+                    if p["stream"] or p["stop"]:  # otherwise only the final text matters
+                        delta = text.update(committed, final=False)
+                        if delta and p["stream"]:
+                            job.put("delta", delta)
+                        if text.hit_stop:
+                            raise _StopHit
+                canvas_steps.append(0)
+            canvas_steps[-1] += 1
+            last[0] = ev.argmax
+            if p["frames"]:
+                ids = [int(t) for t in ev.argmax]
+                job.put("frame", {"type": "frame", "canvas": ev.canvas_index, "step": ev.step, "steps": ev.steps,
+                                  "temperature": round(ev.temperature, 5), "accepted": ev.accepted,
+                                  "mean_entropy": round(ev.mean_entropy, 5), "text": ev.text, "tokens": ids,
+                                  "pieces": [self._piece(t) for t in ids],
+                                  "elapsed_ms": round(1e3 * (time.perf_counter() - t0), 2)})
+
+        try:
+            g = m.generate(job.ids, max_new_tokens=p["max_tokens"], seed=p["seed"], on_step=on_step, **p["sampler"])
+        except _Cancelled:
+            if self._closing:  # cancelled by shutdown, not by its client: tell the client why it ends
+                job.put("error", _shutting_down())
+            else:
+                self.metrics.count_cancelled()
+            return
+        except _StopHit:
+            g = None
+        except Error as e:  # requests were validated up front, so what is left is on our side (e.g. memory)
+            job.put("error", ApiError(500, str(e), type="server_error"))
+            return
+        elapsed = time.perf_counter() - t0
+        if g is not None:
+            delta = text.update(g.tokens, final=True)
+            eos = g.canvases[-1].eos and len(g.tokens) <= p["max_tokens"]  # not when max_tokens cut it off
+            canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
+            timings = {k: round(v, 3) for k, v in vars(g.timings).items()}
+            canvas_steps = [c.steps for c in g.canvases]
+        else:  # ended early on a stop sequence: the library's timings are lost with it, so measure our own
+            delta = text.update(committed, final=True)
+            eos = False
+            budget = p["sampler"]["steps"] or m.hparams.steps
+            canvases = [{"steps": s, "stopped_early": s < budget, "eos": False} for s in canvas_steps]
+            timings = {"prefill_ms": None, "step_ms": round(1e3 * elapsed / max(sum(canvas_steps), 1), 3),
+                       "tokens_per_s": round(len(committed) / elapsed, 3) if elapsed > 0 else 0.0,
+                       "forward_ms": None, "host_ms": None}
+        if delta and p["stream"]:
+            job.put("delta", delta)
+        n_out = len(text.tokens)
+        self.metrics.observe(canvas_steps, timings["step_ms"], len(job.ids), n_out, timings["tokens_per_s"])
+        job.put("done", {
+            "text": text.text,
+            "finish_reason": "stop" if (eos or text.hit_stop) else "length",
+            "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
+                      "total_tokens": len(job.ids) + n_out},
+            "diffusion": {"seed": p["seed"], "canvases": canvases, "timings": timings,
+                          "elapsed_ms": round(1e3 * elapsed, 3)},
+        })
+
+
+# ---- the HTTP app ------------------------------------------------------------------------------------------
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _frame(obj: Any) -> str:
+    # An SSE comment line: ignored by every SSE parser (openai's, EventSource), read by the web view.
+    return f": diffusion {json.dumps(obj)}\n\n"
+
+
+class _CountRequests:
+    """ASGI middleware counting responses by endpoint and status (works for streamed responses too)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            self.metrics.count_request(path if path in ENDPOINTS else "other", status[0])
+
+
+def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None = None) -> Any:
+    """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+        from starlette.exceptions import HTTPException
+    except ImportError as e:
+        raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
+    from .chat import prompt_ids
+
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+        raise Error(f"queue_size must be an int >= 0, got {queue_size!r}")
+    hp = model.hparams
+    name = model_name or model.path.stem
+    created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
+    metrics = Metrics()
+    engine = Engine(model, queue_size, metrics)
+    page = importlib.resources.files("diffgemma").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            # By now uvicorn has drained (or given up on) open connections: cancel what is left, stop the thread.
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="diffgemma", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> Any:
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException) -> Any:
+        code = "not_found" if e.status_code == 404 else None
+        return JSONResponse(ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _bad(f"the request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        return body
+
+    async def tokenize(prompt: Any, chat: bool | None, param: str) -> list[int]:
+        try:
+            ids = await asyncio.to_thread(prompt_ids, model, prompt, chat)
+        except Error as e:
+            raise _bad(str(e), param) from e
+        if len(ids) + hp.canvas_length > model.n_ctx:  # checked before queueing: a clear 400, no waiting
+            raise _bad(f"the prompt is {len(ids)} tokens; with a canvas of {hp.canvas_length} that exceeds the "
+                       f"context of {model.n_ctx} tokens (start the server with a larger --n-ctx, up to "
+                       f"{hp.context_length})", param, "context_length_exceeded")
+        return ids
+
+    async def next_event(request: Request, job: _Job) -> tuple[str, Any]:
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise _Cancelled from None
+
+    def chunk(kind: str, rid: str, t: int, delta: str | None, finish: str | None, role: bool = False) -> dict:
+        if kind == "chat":
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if delta is not None:
+                d["content"] = delta
+            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": name, "choices": [choice]}
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": "text_completion", "created": t, "model": name, "choices": [choice]}
+
+    async def stream(request: Request, job: _Job, kind: str, rid: str, t: int) -> AsyncIterator[str]:
+        try:
+            if kind == "chat":
+                yield _sse(chunk(kind, rid, t, None, None, role=True))
+            while True:
+                ev, payload = await next_event(request, job)
+                if ev == "frame":
+                    yield _frame(payload)
+                elif ev == "delta":
+                    yield _sse(chunk(kind, rid, t, payload, None))
+                elif ev == "error":
+                    yield _sse(payload.body())  # the openai client raises APIError on an "error" event
+                    return
+                elif ev == "done":
+                    yield _sse(chunk(kind, rid, t, None, payload["finish_reason"]))
+                    if job.p["include_usage"]:
+                        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+                        yield _sse({"id": rid, "object": obj, "created": t, "model": name, "choices": [],
+                                    "usage": payload["usage"]})
+                    if job.p["frames"]:
+                        yield _frame({"type": "done", **payload["diffusion"], "usage": payload["usage"],
+                                      "finish_reason": payload["finish_reason"]})
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generation stops
+            engine.cancel(job)
+
+    async def run(request: Request, kind: str, ids: list[int], params: dict) -> Any:
+        job = _Job(asyncio.get_running_loop(), ids, params)
+        engine.submit(job)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        t = int(time.time())
+        if params["stream"]:
+            return StreamingResponse(stream(request, job, kind, rid, t), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while True:
+                ev, payload = await next_event(request, job)
+                if ev == "error":
+                    raise payload
+                if ev == "done":
+                    break
+        except _Cancelled:
+            return PlainTextResponse("client disconnected", status_code=499)
+        finally:
+            engine.cancel(job)
+        if kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": payload["text"]},
+                                      "logprobs": None, "finish_reason": payload["finish_reason"]}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": payload["text"], "logprobs": None, "finish_reason": payload["finish_reason"]}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": t, "model": name, "choices": [choice],
+                             "usage": payload["usage"], "diffusion": payload["diffusion"]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await json_body(request)
+        _unsupported(body, _CHAT_UNSUPPORTED)
+        messages = _messages(body)
+        params = _parse_common(body, hp)
+        ids = await tokenize(messages, None, "messages")
+        return await run(request, "chat", ids, params)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await json_body(request)
+        _unsupported(body, _COMPLETION_UNSUPPORTED)
+        prompt = _completion_prompt(body)
+        params = _parse_common(body, hp)
+        ids = await tokenize(prompt, False, "prompt")  # raw text: no chat template on the completions endpoint
+        return await run(request, "completion", ids, params)
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "diffgemma",
+                                            "meta": {"canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
+                                                     "steps": hp.steps, "n_vocab": hp.n_vocab}}]}
+
+    @app.get("/health")
+    async def health() -> Any:
+        waiting, running = engine.depth()
+        return {"status": "ok", "model": name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
+                "steps": hp.steps, "entropy_bound": hp.entropy_bound, "t_min": hp.t_min, "t_max": hp.t_max,
+                "devices": list(getattr(model, "devices", [])),
+                "queue": {"waiting": waiting, "running": running, "capacity": queue_size}}
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        waiting, running = engine.depth()
+        return PlainTextResponse(metrics.render(waiting, running, queue_size),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def index() -> Any:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---- running it --------------------------------------------------------------------------------------------
+
+
+class Server:
+    """uvicorn serving `create_app(model)`: `run()` blocks (Ctrl-C / SIGTERM stop it gracefully); `start()` runs
+    it on a background thread (tests, notebooks) until `stop()`. port=0 picks a free port (see `.port`)."""
+
+    def __init__(self, model: "Model", *, host: str = "127.0.0.1", port: int = 8080, queue_size: int = 16,
+                 model_name: str | None = None, log_level: str = "info", shutdown_timeout: float = 10.0):
+        try:
+            import uvicorn
+        except ImportError as e:
+            raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise Error(f"port must be in 0..65535, got {port!r}")
+        self.app = create_app(model, queue_size=queue_size, model_name=model_name)
+        self.host = host
+        self._sock = self._bind(host, port)
+        self.port = self._sock.getsockname()[1]
+        engine = self.app.state.engine
+
+        class _Uvicorn(uvicorn.Server):
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn waits for open responses; after shutdown_timeout we end them ourselves (a 503 error
+                # event / response), so they close cleanly instead of being cancelled mid-write.
+                asyncio.get_running_loop().call_later(shutdown_timeout, engine.abort)
+                await super().shutdown(sockets)
+
+        # uvicorn's own limit is only a backstop, for responses that ignore the abort.
+        config = uvicorn.Config(self.app, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=shutdown_timeout + 5)
+        self._uv = _Uvicorn(config)
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _bind(host: str, port: int) -> socket.socket:
+        # Bound here, not by uvicorn: port 0 then tells us the real port, and "address in use" is our Error.
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(2048)  # connections made before uvicorn's loop runs wait in the backlog, not refused
+        except OSError as e:
+            raise Error(f"cannot listen on {host}:{port}: {e}") from e
+        sock.set_inheritable(True)
+        return sock
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM, then finish open responses (up to shutdown_timeout) and return."""
+        main = threading.current_thread() is threading.main_thread()
+        # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler for that moment
+        # turns a graceful stop into a normal return instead of a KeyboardInterrupt or a kill.
+        saved = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            self._uv.run(sockets=[self._sock])
+        finally:
+            for s, h in saved.items():
+                signal.signal(s, h)
+            self._sock.close()
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [self._sock]},
+                                        name="diffgemma-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._uv.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise Error("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._uv.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .model import load
+
+    if a.queue_size < 0:
+        raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
+    m = load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
+    try:
+        srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
+                     shutdown_timeout=a.shutdown_timeout)
+        print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
+              file=sys.stderr, flush=True)
+        srv.run()
+    finally:
+        m.close()
+    return 0
+
+
+def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register `diffgemma serve` on the CLI's subparsers (handler: s.set_defaults(fn=...))."""
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
+    s.add_argument("-m", "--model", required=True, help='GGUF file, or "tiny" for the embedded test model')
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
+    s.add_argument("--queue-size", type=int, default=16,
+                   help="most requests waiting behind the running one; more get 503 (default 16)")
+    s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
+    s.set_defaults(fn=_cmd_serve)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m diffgemma.server ...`: the serve subcommand on its own."""
+    p = argparse.ArgumentParser(prog="diffgemma")
+    add_serve_parser(p.add_subparsers(dest="cmd", required=True))
+    a = p.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(a.fn(a) or 0)
+    except Error as e:
+        print(f"diffgemma: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

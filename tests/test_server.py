@@ -1,0 +1,351 @@
+"""`diffgemma serve`: the OpenAI-compatible server on the tiny model, driven by the official `openai` client.
+
+The server runs in this process on a background thread (127.0.0.1, a free port); the last test runs the real
+command line in a subprocess to check graceful shutdown. Generations are kept short (few steps, few canvases).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import diffgemma
+from diffgemma import server as srv
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+QUEUE = 3
+MSGS = [{"role": "user", "content": "Tell me about rivers."}]
+# The adaptive stop off: every canvas takes exactly `steps` steps, so step counts are predictable.
+FAST = {"steps": 2, "stability": None}
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = diffgemma.load("tiny", threads=1)  # one thread: no ggml spin-barrier stalls on a busy 2-core machine
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    s = srv.Server(model, port=0, queue_size=QUEUE, log_level="warning").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def http(server, path, body=None, *, raw=None):
+    """(status, headers, parsed body) of a plain request (no client library in the way)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text = r.read().decode()
+            status, headers = r.status, r.headers
+    except urllib.error.HTTPError as e:
+        text, status, headers = e.read().decode(), e.code, e.headers
+    try:
+        return status, headers, json.loads(text)
+    except ValueError:
+        return status, headers, text
+
+
+def sse_lines(server, path, body):
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return [ln.decode().rstrip("\n") for ln in r if ln.strip()]
+
+
+def expected_text(model, prompt, max_tokens, seed, **kw):
+    """What the server must answer: the library's generation with the same seed, cut at max_tokens."""
+    g = model.generate(prompt, max_new_tokens=max_tokens, seed=seed, **kw)
+    return model.detokenize(g.tokens[:max_tokens]), g
+
+
+def health(server):
+    return http(server, "/health")[2]
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# ---- basics ------------------------------------------------------------------------------------------------
+
+
+def test_health_models_and_web_page(server, client):
+    h = health(server)
+    assert h["status"] == "ok" and h["model"] == "tiny" and h["canvas_length"] == 16
+    assert h["queue"] == {"waiting": 0, "running": 0, "capacity": QUEUE}
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["tiny"]
+    status, headers, page = http(server, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and "diffgemma" in page
+
+
+def test_chat_matches_the_library_and_is_reproducible(model, client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=20, seed=5, temperature=0.3, top_p=0.5, extra_body=FAST)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    text, g = expected_text(model, MSGS, 20, 5, steps=2, stability=None)
+    assert a.choices[0].message.content == b.choices[0].message.content == text
+    assert a.choices[0].message.role == "assistant" and a.object == "chat.completion" and a.model == "tiny"
+    # max_tokens is honoured exactly even though canvases are 16 tokens (two canvases were denoised)
+    assert a.usage.completion_tokens == 20 and a.usage.prompt_tokens == g.prompt_tokens
+    assert a.usage.total_tokens == a.usage.prompt_tokens + 20
+    assert a.choices[0].finish_reason == "length"
+    d = a.model_extra["diffusion"]
+    assert d["seed"] == 5 and [c["steps"] for c in d["canvases"]] == [2, 2] and d["timings"]["step_ms"] > 0
+
+
+def test_chat_stream_is_the_same_text_in_canvas_chunks(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=48, seed=11, extra_body=FAST)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(content) == whole
+    assert 1 <= len(content) <= 3  # one chunk per committed canvas (at most)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 48
+
+
+def test_completions_text_and_token_prompts(model, client):
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, seed=3, extra_body=FAST)
+    text, _ = expected_text(model, model.tokenize("Once upon a time"), 16, 3, steps=2, stability=None)
+    assert r.object == "text_completion" and r.choices[0].text == text
+    streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, seed=3,
+                                         stream=True, extra_body=FAST)
+    assert "".join(c.choices[0].text for c in streamed) == text
+    ids = model.tokenize("Once upon a time")
+    r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=16, seed=3, extra_body=FAST)
+    assert r2.choices[0].text == text and r2.usage.prompt_tokens == len(ids)
+
+
+def test_eos_ends_with_finish_reason_stop(model, client):
+    ids = model.tokenize("The end")
+    for seed in range(200):  # random weights: find a seed whose generation hits an EOS
+        g = model.generate(ids, max_new_tokens=64, seed=seed, steps=1, stability=None)
+        if g.canvases[-1].eos:
+            break
+    else:
+        pytest.skip("no EOS within 200 seeds")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=64, seed=seed,
+                                  extra_body={"steps": 1, "stability": None})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(g.tokens) and r.choices[0].text == g.text
+
+
+def test_stop_sequences(client):
+    kw = dict(model="tiny", prompt="abc", max_tokens=48, seed=8, extra_body=FAST)
+    text = client.completions.create(**kw).choices[0].text
+    stop = text[20:23]
+    want = text[: text.find(stop)]
+    r = client.completions.create(stop=[stop], **kw)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_diffusion_frames_are_sse_comments(model, client, server):
+    body = {"messages": MSGS, "max_tokens": 32, "seed": 2, "stream": True, "diffusion_frames": True, **FAST}
+    lines = sse_lines(server, "/v1/chat/completions", body)
+    frames = [json.loads(ln[len(": diffusion "):]) for ln in lines if ln.startswith(": diffusion ")]
+    steps = [f for f in frames if f["type"] == "frame"]
+    assert [(f["canvas"], f["step"]) for f in steps] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    f = steps[-1]
+    assert f["steps"] == 2 and len(f["tokens"]) == len(f["pieces"]) == 16 and f["text"] == model.detokenize(f["tokens"])
+    assert 0 < f["accepted"] <= 16 and f["mean_entropy"] >= 0 and f["temperature"] > 0
+    done = frames[-1]
+    assert done["type"] == "done" and done["seed"] == 2 and done["usage"]["completion_tokens"] == 32
+    assert lines[-1] == "data: [DONE]"
+    # ... and the openai client does not see them: same chunks, same text as without frames
+    plain = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=32, seed=2, extra_body=FAST)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=32, seed=2, stream=True,
+                                                 extra_body={**FAST, "diffusion_frames": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"extra_body": {"steps": 0}}, "steps"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 2}, "n"),
+    ({"seed": -1}, "seed"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"extra_body": {"t_min": 0.9, "t_max": 0.5}}, None),
+    ({"extra_body": {"entropy_bound": "big"}}, "entropy_bound"),
+    ({"stop": [""]}, "stop"),
+])
+def test_bad_requests_get_400_with_an_openai_error(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(**{"model": "tiny", "messages": MSGS, "max_tokens": 16, **kw})
+    err = ei.value.response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+def test_oversize_prompt_and_malformed_bodies(client, server):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="tiny", prompt="word " * 5000, max_tokens=16)
+    err = ei.value.response.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "4096" in err["message"] and err["param"] == "prompt"
+    status, _, body = http(server, "/v1/chat/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in body["error"]["message"]
+    status, _, body = http(server, "/v1/completions", [1, 2])
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, _, body = http(server, "/v1/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+# ---- queueing, concurrency, disconnects ----------------------------------------------------------------------
+
+
+def test_concurrent_requests_all_complete_correctly(model, client):
+    seeds = [21, 22, 23, 24]  # 1 running + QUEUE waiting
+    want = {s: expected_text(model, MSGS, 32, s, steps=2, stability=None)[0] for s in seeds}
+    got, errors = {}, []
+
+    def one(seed):
+        try:
+            if seed % 2:
+                r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=32, seed=seed,
+                                                   extra_body=FAST)
+                got[seed] = r.choices[0].message.content
+            else:
+                s = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=32, seed=seed,
+                                                   stream=True, extra_body=FAST)
+                got[seed] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        except Exception as e:  # reported below, with the seed
+            errors.append((seed, e))
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and got == want
+
+
+@pytest.fixture
+def no_eos(monkeypatch):
+    """Random weights can emit an EOS at any canvas; for "long" generations make sure none ends early."""
+    monkeypatch.setattr(diffgemma.generation, "eos_ids", lambda model: frozenset())
+
+
+def long_stream(client):
+    # ~250 canvases x 48 steps: minutes of work unless it is cancelled
+    return client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=4000, stream=True,
+                                          extra_body={"steps": 48, "stability": None})
+
+
+def test_disconnect_mid_stream_frees_the_slot(client, server, no_eos):
+    wait_for(lambda: health(server)["queue"]["running"] == 0)
+    s = long_stream(client)
+    it = iter(s)
+    next(it)  # the role chunk
+    assert next(it).choices[0].delta.content is not None  # the first committed canvas
+    _, _, metrics = http(server, "/metrics")
+    cancelled = int(re.search(r"^diffgemma_requests_cancelled_total (\d+)", metrics, re.M).group(1))
+    s.close()  # the client goes away mid-generation
+    t0 = time.monotonic()
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16, seed=1, extra_body=FAST)
+    assert r.choices[0].message.content and time.monotonic() - t0 < 5
+    wait_for(lambda: health(server)["queue"]["running"] == 0)
+    _, _, metrics = http(server, "/metrics")
+    assert f"\ndiffgemma_requests_cancelled_total {cancelled + 1}\n" in metrics
+
+
+def test_queue_full_gives_503(client, server, no_eos):
+    streams = [long_stream(client)]
+    try:
+        wait_for(lambda: health(server)["queue"]["running"] == 1)
+        streams += [long_stream(client) for _ in range(QUEUE)]  # these wait behind the first
+        assert health(server)["queue"] == {"waiting": QUEUE, "running": 1, "capacity": QUEUE}
+        with pytest.raises(openai.APIStatusError) as ei:
+            client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16)
+        assert ei.value.status_code == 503 and ei.value.response.headers["Retry-After"] == "1"
+        assert ei.value.response.json()["error"]["code"] == "queue_full"
+    finally:
+        for s in streams:
+            s.close()
+    # waiting clients that leave give their places back at once; the running one stops within a step
+    wait_for(lambda: health(server)["queue"] == {"waiting": 0, "running": 0, "capacity": QUEUE})
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16, seed=1, extra_body=FAST)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics(client, server):
+    client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16, seed=1, extra_body=FAST)
+    status, headers, text = http(server, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    values = dict(re.findall(r"^(diffgemma_\w+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    assert float(values['diffgemma_requests_total{endpoint="/v1/chat/completions",status="200"}']) >= 1
+    assert float(values['diffgemma_requests_total{endpoint="/v1/chat/completions",status="400"}']) >= 1
+    assert float(values["diffgemma_step_ms"]) > 0 and float(values["diffgemma_tokens_per_second"]) > 0
+    assert float(values["diffgemma_steps_per_canvas"]) == 2
+    assert float(values['diffgemma_canvas_steps_bucket{le="+Inf"}']) == float(values["diffgemma_canvas_steps_count"])
+    assert values["diffgemma_queue_depth"] == "0" and values["diffgemma_queue_capacity"] == str(QUEUE)
+    assert "# TYPE diffgemma_canvas_steps histogram" in text
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def test_serve_parser_wiring():
+    p = argparse.ArgumentParser()
+    srv.add_serve_parser(p.add_subparsers(dest="cmd"))
+    a = p.parse_args(["serve", "-m", "tiny", "--port", "0", "--queue-size", "4", "-c", "512"])
+    assert a.fn is srv._cmd_serve and a.model == "tiny" and a.host == "127.0.0.1"
+    assert (a.port, a.queue_size, a.n_ctx, a.n_gpu_layers, a.threads) == (0, 4, 512, -1, None)
+
+
+def test_cli_serve_finishes_open_streams_on_sigterm_and_exits_0(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(
+        srv.__file__)), os.environ.get("PYTHONPATH", "")] if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffgemma.server", "-m", "tiny", "--port", "0", "--n-ctx", "512",
+                             "-t", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        s = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=160, seed=4, stream=True,
+                                      extra_body={"steps": 6, "stability": None})
+        it = iter(s)
+        next(it)
+        proc.send_signal(signal.SIGTERM)  # graceful: the open stream still runs to the end
+        rest = list(it)
+        assert rest[-1].choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
