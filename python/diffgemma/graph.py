@@ -73,12 +73,12 @@ def rms(g: Ctx, x: Any, eps: float, w: Any = None) -> Any:
 
 
 def gelu_tanh(g: Ctx, x: Any) -> Any:
-    """0.5 x (1 + tanh(c (x + 0.044715 x^3))) = silu(2 c x w) / (2 c w) with w = 1 + 0.044715 x^2 >= 1.
+    """0.5 x (1 + tanh(c (x + 0.044715 x^3))) = silu(x d) / d with d = 2c (1 + 0.044715 x^2) >= 2c.
 
     Exact algebra on fast vectorized ops: the CPU backend's fused gelu reads an fp16 table (errors ~1e-3) and
     its tanh is scalar libm (~16 ns per element)."""
-    w = g.scale_bias(g.sqr(x), 0.044715, 1.0)
-    return g.div(g.silu(g.scale(g.mul(x, w), 2.0 * GELU_C)), g.scale(w, 2.0 * GELU_C))
+    d = g.scale_bias(g.sqr(x), 2.0 * GELU_C * 0.044715, 2.0 * GELU_C)
+    return g.div(g.silu(g.mul(x, d)), d)
 
 
 def softcap(g: Ctx, x: Any, cap: float) -> Any:
@@ -258,17 +258,23 @@ class Graphs:
     def sample(self, g: Ctx, logits: Any, inv_temp: Any, uniform: Any, sc_state: Any) -> dict[str, Any]:
         """Per-position argmax, entropy and multinomial sample of softmax(logits / T), on the device.
 
-        The sample is the inverse CDF at u * total mass: the number of vocabulary entries whose running sum is
-        still <= that point, i.e. V minus the count above it (cumsum is monotone)."""
+        Entropy H = logsumexp(s) - sum(p s), with logsumexp(s) = s[argmax] - log p[argmax] (one log per position
+        instead of one per vocabulary entry). The sample is the inverse CDF at u * total mass: the first entry
+        whose running sum exceeds it, i.e. V minus the number of entries above it (cdf is monotone); a count
+        rather than an argmax over step(), whose tie order is backend-specific."""
         V, L = logits.ne[0], logits.ne[1]
         scaled = g.mul(logits, inv_temp)
         g.expand(g.cpy(scaled, sc_state))  # self-conditioning input of the next step, kept on the device
         probs = g.soft_max(scaled)
-        entropy = g.scale(g.sum_rows(g.mul(probs, g.log(g.scale_bias(probs, 1.0, 1e-30)))), -1.0)
+        argmax = g.argmax(logits)
+        at_max = g.reshape_2d(argmax, 1, L)
+        s_max = g.get_rows(g.reshape_3d(scaled, 1, V, L), at_max)  # [1, 1, L]
+        p_max = g.get_rows(g.reshape_3d(probs, 1, V, L), at_max)
+        lse = g.sub(g.reshape_2d(s_max, 1, L), g.log(g.reshape_2d(p_max, 1, L)))
+        entropy = g.sub(lse, g.sum_rows(g.mul(probs, scaled)))
         cdf = g.cumsum(probs)
         total = g.cont(g.view_2d(cdf, 1, L, cdf.nb[1], (V - 1) * cdf.nb[0]))
         above = g.sum_rows(g.step(g.sub(cdf, g.mul(uniform, total))))
         sample = g.scale_bias(above, -1.0, float(V))
-        argmax = g.argmax(logits)
         return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
                 "sample": g.output(g.reshape_1d(sample, L), "sample")}
