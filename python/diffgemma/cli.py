@@ -159,8 +159,24 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT)")
     m = _load(a)
     live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
-    g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, **_sampler_kw(a))
-    if live:
+    bar = None
+    if live is None and sys.stderr.isatty():  # a terminal without --visual: a progress bar over the steps
+        from tqdm.auto import tqdm
+
+        n_canvas = -(-a.max_new_tokens // m.hparams.canvas_length)
+        bar = tqdm(total=n_canvas, unit="canvas", desc="denoising", leave=False, file=sys.stderr)
+
+        def live(ev: Any) -> None:
+            bar.set_postfix_str(f"canvas {ev.canvas_index + 1} step {ev.step}/{ev.steps} H={ev.mean_entropy:.3f}")
+            bar.n = ev.canvas_index
+            bar.refresh()
+
+    try:
+        g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, **_sampler_kw(a))
+    finally:
+        if bar is not None:
+            bar.close()
+    if isinstance(live, _LiveCanvas):
         live.clear()
     if a.json:
         print(json.dumps({"text": g.text, "tokens": g.tokens, "seed": g.seed,
