@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from .errors import Error, GGUFError
-from .generation import Generation, StepEvent
+from .generation import FROM_FILE, Generation, StepEvent
 from .layout import HParams
 from .model import Model, load, resolve
 
@@ -67,5 +67,5 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int
     return m.generate(prompt, **kw).text
 
 
-__all__ = ["Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "__version__", "backends",
+__all__ = ["FROM_FILE", "Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "__version__", "backends",
            "convert", "generate", "imatrix", "load", "quantize", "recipes"]

@@ -69,11 +69,18 @@ class Settings:
     confidence: float | None
 
 
-_UNSET = object()
+class _FromFile:
+    """The default of stability/confidence: take the file's value (None switches the adaptive stop off)."""
+
+    def __repr__(self) -> str:
+        return "FROM_FILE"
+
+
+FROM_FILE: Any = _FromFile()
 
 
 def settings(hp: Any, *, steps: Any = None, t_min: Any = None, t_max: Any = None, entropy_bound: Any = None,
-             stability: Any = _UNSET, confidence: Any = _UNSET) -> Settings:
+             stability: Any = FROM_FILE, confidence: Any = FROM_FILE) -> Settings:
     """Sampler settings: explicit values, else the file's diffusion.eb_* keys (else the reference defaults).
     stability/confidence may be passed as None to switch the adaptive stop off."""
     s = Settings(
@@ -81,8 +88,8 @@ def settings(hp: Any, *, steps: Any = None, t_min: Any = None, t_max: Any = None
         t_min=hp.t_min if t_min is None else t_min,
         t_max=hp.t_max if t_max is None else t_max,
         entropy_bound=hp.entropy_bound if entropy_bound is None else entropy_bound,
-        stability=hp.stability if stability is _UNSET else stability,
-        confidence=hp.confidence if confidence is _UNSET else confidence,
+        stability=hp.stability if stability is FROM_FILE else stability,
+        confidence=hp.confidence if confidence is FROM_FILE else confidence,
     )
     if isinstance(s.steps, bool) or not isinstance(s.steps, int | np.integer) or s.steps <= 0:
         raise Error(f"steps must be a positive int, got {s.steps!r}")
@@ -114,7 +121,7 @@ def eos_ids(model: Any) -> frozenset[int]:
 
 def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
              seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
-             entropy_bound: float | None = None, stability: Any = _UNSET, confidence: Any = _UNSET,
+             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
              chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None) -> Generation:
     """Generate canvases after `prompt` (see Model.generate)."""
     hp = model.hparams

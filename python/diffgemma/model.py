@@ -17,7 +17,7 @@ from gguf import quants as gq
 from . import binding as B
 from . import gguf_file, layout
 from .errors import Error
-from .generation import _UNSET, Generation
+from .generation import FROM_FILE, Generation
 from .generation import generate as _generate
 from .graph import F16, F32, Ctx, Graphs, PromptKV
 from .tokenizer import Tokenizer
@@ -382,7 +382,7 @@ class Model:
 
     def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
-                 stability: Any = _UNSET, confidence: Any = _UNSET, chat: bool | None = None,
+                 stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                  on_step: Any = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
