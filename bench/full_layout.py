@@ -25,7 +25,7 @@ def recipe_types(hp: layout.HParams, recipe: str, workdir: pathlib.Path) -> dict
     kw = {"type": recipe} if recipe in ("q8_0", "q4_k", "q6_k", "f16", "bf16") else {"recipe": recipe}
     rep = dg.quantize(src, workdir / "unused.gguf", dry_run=True, progress=False, **kw)
     src.unlink()
-    by_name = {binding.type_name(i): i for i in range(64) if binding.type_name(i)}
+    by_name = {binding.type_name(i): i for i in range(binding.GGML_TYPE_COUNT) if binding.type_name(i)}
     return {name: by_name[dst] for name, _shape, _src, dst in rep.tensors}
 
 

@@ -313,6 +313,7 @@ DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
 GGUF_TYPE_UINT8, GGUF_TYPE_INT8, GGUF_TYPE_UINT16, GGUF_TYPE_INT16 = 0, 1, 2, 3
 GGUF_TYPE_UINT32, GGUF_TYPE_INT32, GGUF_TYPE_FLOAT32, GGUF_TYPE_BOOL = 4, 5, 6, 7
 GGUF_TYPE_STRING, GGUF_TYPE_ARRAY, GGUF_TYPE_UINT64, GGUF_TYPE_INT64, GGUF_TYPE_FLOAT64 = 8, 9, 10, 11, 12
+GGML_TYPE_COUNT = 43
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object): offs, size, next, type + padding
 
 ffi = cffi.FFI()
@@ -420,7 +421,8 @@ def cstr(p: object) -> str:
 
 
 def type_name(t: int) -> str:
-    return cstr(lib.ggml_type_name(t))
+    """ggml's name of a type id ("" for ids ggml does not know: it does not bound-check them itself)."""
+    return cstr(lib.ggml_type_name(t)) if 0 <= t < GGML_TYPE_COUNT else ""
 
 
 def set_n_threads(backend: object, n: int) -> None:

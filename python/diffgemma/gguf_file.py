@@ -119,7 +119,7 @@ def _type_ok(role: str, t: TensorInfo) -> str | None:
         return None if t.type == 0 else f"{t.name}: type {t.type_name} not allowed (norms/scales must be f32)"
     if role == layout.ROUTER:
         return None if t.type in _FLOAT_TYPES else f"{t.name}: type {t.type_name} not allowed (router: f32/f16/bf16)"
-    if t.type in _NOT_WEIGHT_TYPES or t.type >= 64:
+    if t.type in _NOT_WEIGHT_TYPES or not t.type_name:
         return f"{t.name}: type {t.type_name or t.type} cannot be a weight"
     blk = _lib.ggml_blck_size(t.type)
     if t.shape[0] % blk:
