@@ -46,6 +46,8 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
                  flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None):
         B.set_verbose(verbose)
+        if flash_attn not in ("auto", "on", "off", True, False):
+            raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
         self.path = pathlib.Path(path)
         self._file = gguf_file.read(self.path)
         self.hparams: layout.HParams = gguf_file.validate(self._file)
@@ -152,8 +154,6 @@ class Model:
             return True
         if flash_attn in (False, "off"):
             return False
-        if flash_attn != "auto":
-            raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
         return self.gpu_backend is not None and self._flash_supported()
 
     def _flash_supported(self) -> bool:
