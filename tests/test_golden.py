@@ -21,6 +21,9 @@ CONFIGS = {
              "n_experts": 6, "top_k": 3, "window": 12, "canvas": 8, "intermediate": 128, "moe_intermediate": 48},
     "mha-6layers": {"heads": 2, "kv_heads": 2, "global_kv_heads": 2, "n_experts": 8, "top_k": 1, "window": 5,
                     "canvas": 12, "layer_types": ("sliding_attention",) * 5 + ("full_attention",)},
+    # a global first layer: the encoder's sliding-window mask must not be derived from layer 0
+    "global-first": {"window": 6, "layer_types": ("full_attention", "sliding_attention", "sliding_attention",
+                                                  "full_attention")},
 }
 
 

@@ -174,8 +174,9 @@ class Graphs:
         return (g.view_3d(k, k.ne[0], k.ne[1], n_prefix, k.nb[1], k.nb[2], off),
                 g.view_3d(v, v.ne[0], v.ne[1], n_prefix, v.nb[1], v.nb[2], off))
 
-    def n_prefix(self, il: int, n_committed: int) -> int:
-        return n_committed if not self.hp.is_swa(il) else min(n_committed, self.hp.sliding_window - 1)
+    def n_prefix(self, swa: bool, n_committed: int) -> int:
+        """Committed keys a layer reads: all of them (global) or the last W-1 (sliding)."""
+        return min(n_committed, self.hp.sliding_window - 1) if swa else n_committed
 
     def encode(self, g: Ctx, kv: PromptKV, n: int) -> dict[str, Any]:
         """Causal pass over n new committed tokens at positions kv.n.. ; writes their K/V into the store.
@@ -184,7 +185,7 @@ class Graphs:
         ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
         masks = {}
         for kind in ("swa", "full"):
-            n_kv = self.n_prefix(0 if kind == "swa" else hp.n_layer - 1, kv.n) + n
+            n_kv = self.n_prefix(kind == "swa", kv.n) + n
             masks[kind] = g.input(f"mask_{kind}", F16 if self.flash else F32, n_kv, n)
         h = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
         for il in range(hp.n_layer):
@@ -198,7 +199,7 @@ class Graphs:
             g.expand(g.cpy(v, g.view_3d(kv.v[il], d, n_kv, n, kv.v[il].nb[1], kv.v[il].nb[2], off)))
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
-            n_pre = self.n_prefix(il, kv.n)
+            n_pre = self.n_prefix(hp.is_swa(il), kv.n)
             if n_pre:
                 pk, pv = self._prefix(g, kv, il, n_pre)
                 k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)
@@ -240,7 +241,7 @@ class Graphs:
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
             q, k, v = self._qkv(g, il, a, pos, L)
-            n_pre = self.n_prefix(il, kv.n)
+            n_pre = self.n_prefix(hp.is_swa(il), kv.n)
             if n_pre:
                 pk, pv = self._prefix(g, kv, il, n_pre)
                 k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)

@@ -286,7 +286,7 @@ class Model:
                 gr = self._use_graph(("enc", kv.n, n), lambda g, n=n: self._graphs.encode(g, kv, n))
                 self._set(gr.io["ids"], chunk)
                 self._set(gr.io["pos"], np.arange(kv.n, kv.n + n, dtype=np.int32))
-                self._set(gr.io["mask_swa"], self._mask(self._graphs.n_prefix(0, kv.n), n, kv.n, hp.sliding_window))
+                self._set(gr.io["mask_swa"], self._mask(self._graphs.n_prefix(True, kv.n), n, kv.n, hp.sliding_window))
                 self._set(gr.io["mask_full"], self._mask(kv.n, n, kv.n, None))
                 self._compute(gr)
                 kv.n += n
