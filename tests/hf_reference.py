@@ -230,33 +230,18 @@ def make_hf_model(
     dirpath: str | os.PathLike[str],
     *,
     seed: int = 0,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    global_kv_heads: int = 1,
-    head_dim: int = 16,
-    global_head_dim: int = 32,
-    n_experts: int = 4,
-    top_k: int = 2,
-    window: int = 8,
-    canvas: int = 16,
-    vocab: int = 512,
-    layer_types: Sequence[str] = DEFAULT_LAYER_TYPES,
-    intermediate: int = 96,
-    moe_intermediate: int = 32,
     dtype: str = "float32",
     max_shard_size: str | int | None = None,
     generation: dict[str, Any] | None = None,
+    **config_kw: Any,
 ) -> DiffusionGemmaForBlockDiffusion:
     """Build, randomise and save a tiny DiffusionGemma checkpoint in `dirpath`; return the model (eval mode,
-    in `dtype`). `max_shard_size` (e.g. "200KB") saves sharded weights; `generation` overrides
-    GENERATION_SETTINGS."""
+    in `dtype`). `config_kw` are tiny_config's keywords (hidden, heads, ..., vocab); `max_shard_size` (e.g.
+    "200KB") saves sharded weights; `generation` overrides GENERATION_SETTINGS."""
     d = Path(dirpath)
     d.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(hidden=hidden, heads=heads, kv_heads=kv_heads, global_kv_heads=global_kv_heads,
-                         head_dim=head_dim, global_head_dim=global_head_dim, n_experts=n_experts, top_k=top_k,
-                         window=window, canvas=canvas, vocab=vocab, layer_types=layer_types,
-                         intermediate=intermediate, moe_intermediate=moe_intermediate)
+    config = tiny_config(**config_kw)
+    vocab = config.text_config.vocab_size
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
