@@ -140,3 +140,45 @@ def test_dg_generate_caches_the_model():
     a = dg.generate("hello", model="tiny", max_new_tokens=16, steps=3, seed=3)
     b = dg.generate("hello", model="tiny", max_new_tokens=16, steps=3, seed=3)
     assert isinstance(a, str) and a == b
+
+
+def test_prompt_kv_reuse_encodes_only_new_tokens(tiny_f32, monkeypatch):
+    """A finished canvas appended to the prefix is encoded alone; a diverging prefix re-encodes from the
+    divergence; both give the logits of a fresh model."""
+    from diffgemma import model as model_mod
+
+    hp = testing.tiny_hparams()
+    prompt = [2] + list(range(20, 40))
+    finished = list(range(100, 100 + hp.canvas_length))
+    canvas = list(range(200, 200 + hp.canvas_length))
+    with dg.load(tiny_f32) as fresh:
+        want = fresh.logits(prompt + finished, canvas)
+        want_other = fresh.logits(prompt[:5] + [7, 8, 9], canvas)
+    encoded = []
+    real = model_mod.Model.encode
+
+    def spy(self, ids):
+        encoded.append(len(ids))
+        return real(self, ids)
+
+    monkeypatch.setattr(model_mod.Model, "encode", spy)
+    with dg.load(tiny_f32) as m:
+        m.logits(prompt, canvas)
+        got = m.logits(prompt + finished, canvas)
+        other = m.logits(prompt[:5] + [7, 8, 9], canvas)
+    assert encoded == [len(prompt), len(finished), 3]
+    np.testing.assert_allclose(got, want, atol=1e-4)  # chunking changes float summation order only
+    np.testing.assert_allclose(other, want_other, atol=1e-4)
+
+
+def test_chunked_prompt_encoding_matches_one_shot(tiny_f32, monkeypatch):
+    from diffgemma import model as model_mod
+
+    prompt = [2] + np.random.default_rng(3).integers(7, 512, 60).tolist()
+    canvas = list(range(300, 316))
+    with dg.load(tiny_f32) as m:
+        want = m.logits(prompt, canvas)
+    monkeypatch.setattr(model_mod, "ENCODE_CHUNK", 7)  # 61 tokens in 9 chunks, window 8
+    with dg.load(tiny_f32) as m:
+        got = m.logits(prompt, canvas)
+    np.testing.assert_allclose(got, want, atol=1e-4)
