@@ -176,7 +176,7 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         vs = [_lib.ggml_new_tensor_3d(ctx, 0, hp.layer_head_dim(i), hp.n_head_kv[i], n_ctx) for i in range(hp.n_layer)]
         kv = PromptKV(ks, vs, n_ctx, n=4)
         embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
-        sc_state = _lib.ggml_new_tensor_2d(ctx, 0, hp.n_vocab, hp.canvas_length)
+        sc_state = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
         return expected_weights(Graphs(w, hp, False, 1.0), kv, hp.canvas_length, embd_t, sc_state)
     finally:

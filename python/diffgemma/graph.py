@@ -209,13 +209,11 @@ class Graphs:
             h = g.mul(g.add(h1, self._ffn(g, il, h1, n)), w[p + "enc_layer_output_scale.weight"])
         return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}}
 
-    def self_cond(self, g: Ctx, sc_logits: Any, embd_t: Any) -> Any:
-        """MLP_sc(pre_norm(softmax(prev scaled logits) . E . s_e)): [V, L] -> [H, L]."""
+    def self_cond(self, g: Ctx, sc_probs: Any, embd_t: Any) -> Any:
+        """MLP_sc(pre_norm(softmax(prev scaled logits) . E . s_e)): [V, L] -> [H, L]. sc_probs holds that
+        softmax already (the previous step's sampling computed it), in E^T's type."""
         w, hp = self.w, self.hp
-        probs = g.soft_max(sc_logits)  # over the full vocabulary
-        if embd_t.type != F32:
-            probs = g.cast(probs, embd_t.type)
-        soft = g.scale(g.mul_mat(embd_t, probs), self.embd_scale)  # embd_t is E^T [V, H]
+        soft = g.scale(g.mul_mat(embd_t, sc_probs), self.embd_scale)  # embd_t is E^T [V, H]
         soft = rms(g, soft, hp.rms_eps, w["self_cond_pre_norm.weight"])
         return mlp(g, soft, w["self_cond_gate.weight"], w["self_cond_up.weight"], w["self_cond_down.weight"])
 
@@ -223,19 +221,19 @@ class Graphs:
         """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store, followed by the
         sampler statistics of the temperature-scaled logits.
 
-        sc_state [V, L] is a persistent device tensor: the previous step's scaled logits are read from it for
-        self-conditioning and this step's are written back, so they never leave the device.
+        sc_state [V, L] is a persistent device tensor (E^T's type): the previous step's softmax(logits / T) is
+        read from it for self-conditioning and this step's is written back, so it never leaves the device and
+        is computed once per step.
         Inputs: ids [L], pos [L], sc_gate [1] (0 on the first step: self-conditioning contributes exactly 0),
         inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample).
         Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L]."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
-        sc_logits = sc_state
         sc_gate = g.input("sc_gate", F32, 1)
         inv_temp = g.input("inv_temp", F32, 1)
         uniform = g.input("uniform", F32, 1, L)
         hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
-        sc = g.mul(self.self_cond(g, sc_logits, embd_t), sc_gate)
+        sc = g.mul(self.self_cond(g, sc_state, embd_t), sc_gate)
         h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
         for il in range(hp.n_layer):
             p = f"blk.{il}."
@@ -265,8 +263,8 @@ class Graphs:
         rather than an argmax over step(), whose tie order is backend-specific."""
         V, L = logits.ne[0], logits.ne[1]
         scaled = g.mul(logits, inv_temp)
-        g.expand(g.cpy(scaled, sc_state))  # self-conditioning input of the next step, kept on the device
         probs = g.soft_max(scaled)
+        g.expand(g.cpy(probs, sc_state))  # self-conditioning input of the next step, kept on the device
         argmax = g.argmax(logits)
         at_max = g.reshape_2d(argmax, 1, L)
         s_max = g.get_rows(g.reshape_3d(scaled, 1, V, L), at_max)  # [1, 1, L]

@@ -331,18 +331,22 @@ class Model:
                 if not np.isfinite(sc).all():
                     raise Error("self_cond contains non-finite values")
             self._sync_prefix(prefix)
-            if self_cond is not None:
-                self._set(self._self_cond_state(L), sc)
+            if self_cond is not None:  # the device state holds softmax(self_cond), in E^T's type
+                e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
+                probs = e / e.sum(axis=1, keepdims=True)
+                state = self._self_cond_state(L)
+                self._set(state, probs.astype(np.float32 if state.type == F32 else np.float16))
             gr = self._run_decoder(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
             out = np.empty((L, V), dtype=np.float32)
             _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
             return out
 
     def _self_cond_state(self, L: int) -> Any:
-        """The persistent [V, L] tensor holding the previous step's scaled logits (zeros until written)."""
+        """The persistent [V, L] tensor holding the previous step's softmax(logits / T) in E^T's type (zeros
+        until written)."""
         if L not in self._sc_state:
             ctx = self._new_ctx(1)
-            t = _lib.ggml_new_tensor_2d(ctx, F32, self.hparams.n_vocab, L)
+            t = _lib.ggml_new_tensor_2d(ctx, self._embedding_t().type, self.hparams.n_vocab, L)
             _lib.ggml_set_name(t, f"self_cond_state.{L}".encode())
             on_gpu = self._on_gpu("token_embd.weight")
             buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
@@ -461,7 +465,8 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
                  verbose=verbose, n_ctx=n_ctx)
 
 
-EMBEDDED = {"tiny": pathlib.Path(__file__).parent / "data" / "tiny.gguf"}
+# "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
+EMBEDDED = {"tiny": pathlib.Path(__file__).parent / "data" / "shakespeare.gguf"}
 
 
 def resolve(path: str | os.PathLike) -> pathlib.Path:
