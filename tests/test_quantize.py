@@ -356,3 +356,14 @@ def test_public_function_survives_the_module_import(work, src):
     r = dg.quantize(src, work / "public.gguf", type="q8_0", progress=True)  # the package attribute may now
     assert r.census["q8_0"] > 0  # be the module: it must still quantize
     assert dg.quantize(src, work / "public.gguf", recipe="q4_k_m", dry_run=True).ftype == 15
+
+
+def test_require_imatrix_false_forces_what_ggml_allows(work, src):
+    out = work / "forced.gguf"
+    r = qz.quantize(src, out, recipe="asym-2bitexp", require_imatrix=False, progress=False)
+    assert r.census["iq2_s"] == 6 and "blk.0.ffn_gate_up_exps.weight" in r.no_imatrix
+    with dg.load(out) as m:  # it loads and runs
+        assert np.isfinite(m.logits([2, 40, 41], np.arange(m.hparams.canvas_length) + 50)).all()
+    with pytest.raises(Error, match="imatrix"):  # ggml itself needs importance data for iq2_xxs: still refused
+        qz.quantize(src, work / "x.gguf", type="iq2_xxs", require_imatrix=False, progress=False)
+    assert not (work / "x.gguf").exists()

@@ -482,7 +482,8 @@ def _n_cpus() -> int:
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Sequence[Any] | None = None,
              type: str | None = None, imatrix: str | os.PathLike | imx.ImatrixData | None = None,
              overrides: Sequence[Any] | Mapping[str, str] | None = None, allow_requantize: bool = True,
-             threads: int | None = None, dry_run: bool = False, progress: bool = True) -> QuantizeReport:
+             require_imatrix: bool = True, threads: int | None = None, dry_run: bool = False,
+             progress: bool = True) -> QuantizeReport:
     r"""Quantize the `diffusion-gemma` GGUF `src` into `dst`.
 
     recipe: a named recipe (see `recipes()`), a type name, or a list of (regex, type) rules / "regex=type"
@@ -490,10 +491,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     r"^blk\.<more_bits>\.attn_v"); type: one type for every quantizable tensor; overrides: rules tried
     before the recipe's. With neither recipe nor type, tensors no override matches keep their source type.
     imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or ImatrixData; IQ1/IQ2/IQ3_XXS targets need
-    one (a dry run only warns). allow_requantize=False refuses to convert an already quantized tensor to
-    another type. threads: worker threads (default: all usable CPUs). dry_run: plan and predict the exact
-    size without writing. progress: a tqdm bar (MB/s of source data) on a terminal. Raises diffgemma.Error
-    on bad input; never leaves a partial file (Ctrl-C included).
+    one (a dry run only warns); require_imatrix=False quantizes the ones ggml can do without (IQ2_S, IQ3_XXS,
+    ...: llama-quantize refuses them, ggml weights by x^2 instead) for experiments. allow_requantize=False
+    refuses to convert an already quantized tensor to another type. threads: worker threads (default: all
+    usable CPUs). dry_run: plan and predict the exact size without writing. progress: a tqdm bar (MB/s of
+    source data) on a terminal. Raises diffgemma.Error on bad input; never leaves a partial file (Ctrl-C
+    included).
     """
     t_start = time.perf_counter()
     src_p, dst_p = pathlib.Path(src), pathlib.Path(dst)
@@ -566,7 +569,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
         elif _imatrix_matters(p.dst):
             no_imatrix.append(p.info.name)
             needs = _lib.ggml_quantize_requires_imatrix(p.dst) or (
-                _tn(p.dst) in _LLAMA_NEEDS_IMATRIX and p.info.name not in _IMATRIX_EXEMPT)
+                require_imatrix and _tn(p.dst) in _LLAMA_NEEDS_IMATRIX and p.info.name not in _IMATRIX_EXEMPT)
             if needs:
                 missing.append(p)
     if imat is not None and imat.entries and not any(p.imat is not None for p in plans):
