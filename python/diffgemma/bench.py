@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import binding as B
+from . import sampler
 from .errors import Error
 
 VALIDATION_PROMPTS = {
@@ -60,11 +61,19 @@ def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, 
         m.reset()
         m._sync_prefix(prompt)
 
+    noise = rng.integers(0, hp.n_vocab, L)
+    history: list[np.ndarray] = []
+
+    def step() -> None:  # a whole denoising step as generate runs it: device pass, then the host rules
+        argmax, entropy, sampled = m.denoise_step(canvas, 0.7, True, u)
+        sampler.renoise(sampler.accept(entropy, hp.entropy_bound), sampled, noise)
+        sampler.should_stop(history, argmax, entropy, 1, hp.confidence)
+
     prefill()  # warm-up (graph build and allocation)
     prefill_ms = _timed(prefill, 3)
     m.denoise_step(canvas, 0.8, False, u)
-    m.denoise_step(canvas, 0.8, True, u)
-    step_ms = _timed(lambda: m.denoise_step(canvas, 0.7, True, u), steps)
+    step()
+    step_ms = _timed(step, steps)
     return {"prefill_ms": prefill_ms, "step_ms": step_ms, "effective_tokens_per_s": L / (steps * step_ms / 1e3),
             "canvas": L, "prompt_tokens": prompt_tokens,
             "steps": steps, "peak_host_mb": _peak_rss_mb(), "device_used_mb": _device_used_mb(m)}
@@ -133,12 +142,19 @@ def hf_model_from_gguf(path: str | os.PathLike, dtype: str = "float32") -> Any:
 
 def transformers_step(model: Any, *, prompt_tokens: int, canvas: int, vocab: int, steps: int,
                       seed: int = 0) -> dict[str, Any]:
-    """transformers' prefill (encoder over the prompt) and decoder step (with cache and self-conditioning)."""
+    """transformers' prefill (encoder over the prompt) and denoising step, timed two ways: `step_ms` is its
+    own `_denoising_step` as its `generate` runs it (decoder with cache and self-conditioning, temperature,
+    softmax, multinomial, argmax, entropy-bound acceptance, re-noising, stopping check); `forward_ms` is the
+    decoder forward alone."""
     import torch
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(5, vocab, (1, prompt_tokens), generator=g)
     cv = torch.randint(0, vocab, (1, canvas), generator=g)
+    gc = DiffusionGemmaGenerationConfig(  # the released checkpoint's sampler settings
+        max_denoising_steps=48, sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+        t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005)
     with torch.no_grad():
         def prefill() -> Any:
             return model(input_ids=prompt, decoder_input_ids=cv)
@@ -147,12 +163,27 @@ def transformers_step(model: Any, *, prompt_tokens: int, canvas: int, vocab: int
         prefill_ms = _timed(prefill, 3)
         cache, sc = out.cache, out.logits / 0.8
 
-        def step() -> None:
+        def forward() -> None:
             model(cache=cache, decoder_input_ids=cv, self_conditioning_logits=sc)
 
+        masks = model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=model.config, inputs_embeds=cv.unsqueeze(-1), cache=cache, decoder_attention_mask=None)
+        parts = {"sampler": model._prepare_sampler(gc), "logits_processor": model._prepare_logits_processor(gc),
+                 "diffusion_stopping_criteria": model._prepare_diffusion_stopping_criteria(gc)}
+        positions = torch.arange(prompt_tokens, prompt_tokens + canvas)[None]
+
+        def step() -> None:
+            model._denoising_step(decoder_forward=model.forward, current_canvas=cv, argmax_canvas=cv,
+                                  input_ids=prompt, decoder_position_ids=positions, self_conditioning_logits=sc,
+                                  mask_mapping=masks, cache=cache, finished_denoising=torch.zeros(1, dtype=torch.bool),
+                                  cur_step=24, **parts)
+
+        forward()
         step()
+        forward_ms = _timed(forward, steps)
         step_ms = _timed(step, steps)
-    return {"prefill_ms": prefill_ms, "step_ms": step_ms, "effective_tokens_per_s": canvas / (steps * step_ms / 1e3),
+    return {"prefill_ms": prefill_ms, "step_ms": step_ms, "forward_ms": forward_ms,
+            "effective_tokens_per_s": canvas / (steps * step_ms / 1e3),
             "torch_threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype)}
 
 
