@@ -167,12 +167,17 @@ class Graphs:
         moe = rms(g, moe, eps, w[p + "post_ffw_norm_2.weight"])
         return rms(g, g.add(dense, moe), eps, w[p + "post_ffw_norm.weight"])
 
-    def _prefix(self, g: Ctx, kv: PromptKV, il: int, n_prefix: int) -> tuple[Any, Any]:
-        """Views of the last n_prefix committed K/V of layer il."""
-        k, v = kv.k[il], kv.v[il]
-        off = (kv.n - n_prefix) * k.nb[2]
-        return (g.view_3d(k, k.ne[0], k.ne[1], n_prefix, k.nb[1], k.nb[2], off),
-                g.view_3d(v, v.ne[0], v.ne[1], n_prefix, v.nb[1], v.nb[2], off))
+    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, n_prefix: int) -> tuple[Any, Any]:
+        """Write the n new K/V of layer il into the store right after the committed tokens, and return views of
+        the last n_prefix committed K/V followed by them: one contiguous range, so nothing is concatenated.
+        (The decoder writes its canvas into slots the next encode overwrites.)"""
+        n = k.ne[2]
+        out = []
+        for new, store in ((k, kv.k[il]), (v, kv.v[il])):
+            d, h, nb1, nb2 = store.ne[0], store.ne[1], store.nb[1], store.nb[2]
+            g.expand(g.cpy(new, g.view_3d(store, d, h, n, nb1, nb2, kv.n * nb2)))
+            out.append(g.view_3d(store, d, h, n_prefix + n, nb1, nb2, (kv.n - n_prefix) * nb2))
+        return out[0], out[1]
 
     def n_prefix(self, swa: bool, n_committed: int) -> int:
         """Committed keys a layer reads: all of them (global) or the last W-1 (sliding)."""
@@ -192,17 +197,9 @@ class Graphs:
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
             q, k, v = self._qkv(g, il, a, pos, n)
-            d, n_kv = k.ne[0], k.ne[1]
-            # Append to the store (the attention below reads the prefix views, not what is written now).
-            off = kv.n * kv.k[il].nb[2]
-            g.expand(g.cpy(k, g.view_3d(kv.k[il], d, n_kv, n, kv.k[il].nb[1], kv.k[il].nb[2], off)))
-            g.expand(g.cpy(v, g.view_3d(kv.v[il], d, n_kv, n, kv.v[il].nb[1], kv.v[il].nb[2], off)))
+            k, v = self._store_and_read(g, kv, il, k, v, self.n_prefix(hp.is_swa(il), kv.n))
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
-            n_pre = self.n_prefix(hp.is_swa(il), kv.n)
-            if n_pre:
-                pk, pv = self._prefix(g, kv, il, n_pre)
-                k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)
             mask = masks["swa" if hp.is_swa(il) else "full"]
             o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
@@ -239,10 +236,7 @@ class Graphs:
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
             q, k, v = self._qkv(g, il, a, pos, L)
-            n_pre = self.n_prefix(hp.is_swa(il), kv.n)
-            if n_pre:
-                pk, pv = self._prefix(g, kv, il, n_pre)
-                k, v = g.concat(pk, k, 2), g.concat(pv, v, 2)
+            k, v = self._store_and_read(g, kv, il, k, v, self.n_prefix(hp.is_swa(il), kv.n))
             # Every canvas query sees the same keys: the chosen prefix plus the whole canvas; no mask needed.
             o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, _ffi.NULL, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))

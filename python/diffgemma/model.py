@@ -361,6 +361,8 @@ class Model:
     def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray) -> _Graph:
         """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph."""
         L, kv = len(canvas), self.prompt_kv
+        if kv.n + L > kv.capacity:  # the canvas K/V go into the store's free slots
+            raise Error(f"{kv.n} committed + canvas {L} tokens exceed n_ctx={kv.capacity}")
         embd_t, sc_state = self._embedding_t(), self._self_cond_state(L)
         gr = self._use_graph(("dec", kv.n, L), lambda g: self._graphs.decode(g, kv, L, embd_t, sc_state))
         self._set(gr.io["ids"], canvas.astype(np.int32))
