@@ -3,14 +3,15 @@
 Every node is observed through the scheduler's eval callback (which synchronises after each node, so the total
 is a little higher than an unobserved step); the split is what matters.
 
-    python bench/profile_step.py [FILE] [--steps 10] [--prompt-tokens 128]
-(default FILE: the mid-size synthetic config of bench/step_latency.py, Q8_0)
+    python bench/profile_step.py [FILE] [--config mid|proportional] [--steps 10] [--prompt-tokens 128]
+(default FILE: a config of bench/step_latency.py, Q8_0). Matrix products are also split by weight, element-wise ops by shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 import pathlib
 import tempfile
 import time
@@ -28,12 +29,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--config", default="mid")
     a = ap.parse_args()
     path = a.file
     if path is None:
-        from step_latency import mid_hparams
+        from step_latency import COMMON, CONFIGS
 
-        path = testing.write_model(pathlib.Path(tempfile.mkdtemp()) / "mid-q8_0.gguf", mid_hparams(), wtype="q8_0")
+        hp = testing.tiny_hparams(**COMMON, **CONFIGS[a.config][0])
+        path = testing.write_model(pathlib.Path(tempfile.mkdtemp()) / f"{a.config}-q8_0.gguf", hp, wtype="q8_0")
     m = dg.load(path, threads=a.threads)
     hp = m.hparams
     L = hp.canvas_length
@@ -66,7 +69,13 @@ def main() -> None:
         now = time.perf_counter()
         dt = now - state["last"]
         state["last"] = now
-        per_op[B.cstr(B.lib.ggml_op_desc(t))] += dt
+        op = B.cstr(B.lib.ggml_op_desc(t))
+        per_op[op] += dt
+        if op in ("MUL_MAT", "MUL_MAT_ID"):
+            w = B.ffi.string(t.src[0].name).decode()
+            per_op[f"  {op} {re.sub(r'^blk[.][0-9]+[.]', '', w) if w else '(activations)'}"] += dt
+        elif op in ("MUL", "ADD", "SUB", "DIV"):
+            per_op[f"  {op} {'x'.join(str(t.ne[i]) for i in range(3))}"] += dt
         phase["sampling" if state["after_logits"] else "forward"] += dt
         if B.ffi.string(t.name) == b"logits":
             state["after_logits"] = True
@@ -89,7 +98,7 @@ def main() -> None:
     print(f"bytes per step: {12 * L + 8} up (ids, positions, uniforms, temperature, gate), {12 * L} down "
           f"(argmax, entropy, sample); the [{hp.n_vocab} x {L}] logits ({4 * hp.n_vocab * L:,} bytes) stay on the "
           "device")
-    for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]:
+    for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:24]:
         print(f"  {k:22s} {1e3 * v / n:8.2f} ms  {100 * v / total:5.1f}%")
 
 

@@ -27,12 +27,14 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=[(c, fa) for c in sorted(CONFIGS) for fa in ("on", "off")],
+                ids=lambda p: f"{p[0]}-flash-{p[1]}")
 def pair(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    model = ref.make_hf_model(d / "hf", seed=11, **CONFIGS[request.param])
+    name, flash = request.param
+    d = tmp_path_factory.mktemp(name)
+    model = ref.make_hf_model(d / "hf", seed=11, **CONFIGS[name])
     path = dg.convert(d / "hf", d / "m-f32.gguf", outtype="f32", progress=False)
-    m = dg.load(path)
+    m = dg.load(path, flash_attn=flash)  # flash attention (the default) and the plain matmul path
     yield model, m
     m.close()
 

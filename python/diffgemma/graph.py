@@ -159,8 +159,10 @@ class Graphs:
         else:
             gate = g.mul_mat_id(w[p + "ffn_gate_exps.weight"], x, ids)
             up = g.mul_mat_id(w[p + "ffn_up_exps.weight"], x, ids)
-        act = g.mul(gelu_tanh(g, g.cont(gate)), up)
-        experts = g.mul(g.mul_mat_id(w[p + "ffn_down_exps.weight"], act, ids), wts)  # [H, k, n]
+        # Routing weights scale the down projection's input (linear, so the same as scaling its output): a
+        # row-broadcast multiply costs per element on the CPU backend, and fe < H elements are fewer.
+        act = g.mul(g.mul(gelu_tanh(g, g.cont(gate)), up), wts)
+        experts = g.mul_mat_id(w[p + "ffn_down_exps.weight"], act, ids)  # [H, k, n]
         moe = g.view_2d(experts, hp.n_embd, n, experts.nb[2], 0)
         for j in range(1, k):
             moe = g.add(moe, g.view_2d(experts, hp.n_embd, n, experts.nb[2], j * experts.nb[1]))
@@ -248,6 +250,13 @@ class Graphs:
         return {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
                 "logits": logits, **self.sample(g, logits, inv_temp, uniform, sc_state)}
 
+    @staticmethod
+    def _row_dots(g: Ctx, a: Any, b: Any) -> Any:
+        """sum_v a[v, j] b[v, j] for every column j of two [V, L] tensors, as L batched 1x1 products: the
+        CPU backend's sum_rows runs on one thread, a matrix product on all of them."""
+        V, L = a.ne[0], a.ne[1]
+        return g.mul_mat(g.reshape_3d(a, V, 1, L), g.reshape_3d(b, V, 1, L))  # [1, 1, L]
+
     def sample(self, g: Ctx, logits: Any, inv_temp: Any, uniform: Any, sc_state: Any) -> dict[str, Any]:
         """Per-position argmax, entropy and multinomial sample of softmax(logits / T), on the device.
 
@@ -256,7 +265,8 @@ class Graphs:
         whose running sum exceeds it, i.e. V minus the number of entries above it (cdf is monotone); a count
         rather than an argmax over step(), whose tie order is backend-specific."""
         V, L = logits.ne[0], logits.ne[1]
-        scaled = g.mul(logits, inv_temp)
+        # 1/T repeated into a row first: multiplying by a [1] tensor costs per element on the CPU backend.
+        scaled = g.mul(logits, g.repeat(inv_temp, g.view_1d(logits, V, 0)))
         probs = g.soft_max(scaled)
         g.expand(g.cpy(probs, sc_state))  # self-conditioning input of the next step, kept on the device
         argmax = g.argmax(logits)
@@ -264,10 +274,10 @@ class Graphs:
         s_max = g.get_rows(g.reshape_3d(scaled, 1, V, L), at_max)  # [1, 1, L]
         p_max = g.get_rows(g.reshape_3d(probs, 1, V, L), at_max)
         lse = g.sub(g.reshape_2d(s_max, 1, L), g.log(g.reshape_2d(p_max, 1, L)))
-        entropy = g.sub(lse, g.sum_rows(g.mul(probs, scaled)))
+        entropy = g.sub(lse, g.reshape_2d(self._row_dots(g, probs, scaled), 1, L))
         cdf = g.cumsum(probs)
         total = g.cont(g.view_2d(cdf, 1, L, cdf.nb[1], (V - 1) * cdf.nb[0]))
-        above = g.sum_rows(g.step(g.sub(cdf, g.mul(uniform, total))))
-        sample = g.scale_bias(above, -1.0, float(V))
+        above = g.step(g.sub(cdf, g.mul(uniform, total)))
+        sample = g.scale_bias(g.reshape_2d(self._row_dots(g, above, above), 1, L), -1.0, float(V))  # 0/1: a.a = sum
         return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
                 "sample": g.output(g.reshape_1d(sample, L), "sample")}
