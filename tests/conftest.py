@@ -14,3 +14,10 @@ def tiny_dir(tmp_path_factory) -> pathlib.Path:
 def tiny_f32(tiny_dir) -> pathlib.Path:
     """A tiny random-weight diffusion-gemma file (6 layers, 5 sliding : 1 global), F32 matrices."""
     return testing.write_model(tiny_dir / "tiny-f32.gguf", testing.tiny_hparams(), wtype="f32")
+
+
+@pytest.fixture(scope="session")
+def random_tiny(tiny_dir) -> pathlib.Path:
+    """The well-conditioned random-weight model (canvas 16, Gemma chat template) the plumbing tests run on:
+    much faster than the trained embedded model ("tiny")."""
+    return testing.write_random_tiny(tiny_dir / "tiny.gguf")

@@ -61,8 +61,8 @@ def test_self_conditioning_stays_on_device(tiny_f32):
     np.testing.assert_array_equal(a2, second.argmax(1))
 
 
-def test_same_seed_same_tokens_and_seed_reported():
-    with dg.load("tiny") as m:
+def test_same_seed_same_tokens_and_seed_reported(random_tiny):
+    with dg.load(random_tiny) as m:
         a = m.generate("The quick brown fox", max_new_tokens=20, seed=7, steps=6)
         b = m.generate("The quick brown fox", max_new_tokens=20, seed=7, steps=6)
         c = m.generate("The quick brown fox", max_new_tokens=20, seed=8, steps=6)
@@ -104,13 +104,13 @@ def test_eos_ends_generation_and_is_trimmed(tmp_path):
     ({"stability": -2}, "stability"), ({"confidence": -1.0}, "confidence"), ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"seed": "x"}, "seed"),
 ])
-def test_bad_parameters(kw, msg):
-    with dg.load("tiny") as m, pytest.raises(dg.Error, match=msg):
+def test_bad_parameters(random_tiny, kw, msg):
+    with dg.load(random_tiny) as m, pytest.raises(dg.Error, match=msg):
         m.generate("hi", **kw)
 
 
-def test_bad_prompts():
-    with dg.load("tiny", n_ctx=64) as m:
+def test_bad_prompts(random_tiny):
+    with dg.load(random_tiny, n_ctx=64) as m:
         with pytest.raises(dg.Error, match="empty"):
             m.generate("")
         with pytest.raises(dg.Error, match="empty"):
@@ -123,8 +123,8 @@ def test_bad_prompts():
             m.generate([{"role": "user"}])
 
 
-def test_chat_template_and_messages():
-    with dg.load("tiny") as m:
+def test_chat_template_and_messages(random_tiny):
+    with dg.load(random_tiny) as m:
         ids = chat.prompt_ids(m, [{"role": "user", "content": "hi there"}], None)
         text = m.detokenize(ids, special=True)
         assert text == "<bos><|turn>user\nhi there<turn|>\n<|turn>model\n"
@@ -136,9 +136,9 @@ def test_chat_template_and_messages():
         assert "<|turn>" not in g.text and "<turn|>" not in g.text
 
 
-def test_dg_generate_caches_the_model():
-    a = dg.generate("hello", model="tiny", max_new_tokens=16, steps=3, seed=3)
-    b = dg.generate("hello", model="tiny", max_new_tokens=16, steps=3, seed=3)
+def test_dg_generate_caches_the_model(random_tiny):
+    a = dg.generate("hello", model=str(random_tiny), max_new_tokens=16, steps=3, seed=3)
+    b = dg.generate("hello", model=str(random_tiny), max_new_tokens=16, steps=3, seed=3)
     assert isinstance(a, str) and a == b
 
 

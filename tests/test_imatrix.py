@@ -80,9 +80,9 @@ def test_expert_attribution_hand_built():
 
 
 @pytest.mark.parametrize("mode,n_entries", [("denoise", 59 + 3), ("unified", 59)])
-def test_modes_files_and_report(tmp_path, mode, n_entries):
+def test_modes_files_and_report(tmp_path, random_tiny, mode, n_entries):
     out = tmp_path / f"im-{mode}.gguf"
-    r = dg.imatrix("tiny", TEXT, out, chunks=4, mode=mode, progress=False)
+    r = dg.imatrix(random_tiny, TEXT, out, chunks=4, mode=mode, progress=False)
     assert r.entries == n_entries and r.chunks == 4 and out.exists()
     assert set(r.coverage) == {f"blk.{i}.ffn_{t}_exps.weight" for i in range(6) for t in ("gate_up", "down")}
     assert all(0 < c <= 1 for c in r.coverage.values())
@@ -95,20 +95,20 @@ def test_modes_files_and_report(tmp_path, mode, n_entries):
     e = data.entries["blk.0.ffn_down_exps.weight"]
     assert e.sums.shape == (4, 32) and e.counts.sum() > 0
     # read back by the quantizer (IQ2_S experts need it)
-    rep = dg.quantize("tiny", tmp_path / "q.gguf", type="q4_0", imatrix=out, progress=False)
+    rep = dg.quantize(random_tiny, tmp_path / "q.gguf", type="q4_0", imatrix=out, progress=False)
     assert rep.census
 
 
-def test_dat_format_and_bad_inputs(tmp_path):
-    r = dg.imatrix("tiny", TEXT, tmp_path / "im.dat", chunks=2, progress=False)
+def test_dat_format_and_bad_inputs(tmp_path, random_tiny):
+    r = dg.imatrix(random_tiny, TEXT, tmp_path / "im.dat", chunks=2, progress=False)
     data = imatrix_file.load(tmp_path / "im.dat")
     assert data.format == "dat" and len(data) == r.entries
     with pytest.raises(dg.Error, match="mode"):
-        dg.imatrix("tiny", TEXT, tmp_path / "x.gguf", mode="causal")
+        dg.imatrix(random_tiny, TEXT, tmp_path / "x.gguf", mode="causal")
     with pytest.raises(dg.Error, match="tokens"):
-        dg.imatrix("tiny", "too short", tmp_path / "x.gguf")
+        dg.imatrix(random_tiny, "too short", tmp_path / "x.gguf")
     with pytest.raises(dg.Error):
-        dg.imatrix("tiny", 42, tmp_path / "x.gguf")
+        dg.imatrix(random_tiny, 42, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -130,13 +130,13 @@ def _llama_quantize():
 @pytest.mark.skipif(not _llama_quantize(), reason="llama.cpp's llama-quantize is not built here "
                     "(set DIFFGEMMA_LLAMA_QUANTIZE; see docs/imatrix.md)")
 @pytest.mark.parametrize("suffix", [".gguf", ".dat"])
-def test_llama_quantize_loads_our_files(tmp_path, suffix):
+def test_llama_quantize_loads_our_files(tmp_path, random_tiny, suffix):
     """llama.cpp's own tool reads both formats ("loaded N importance matrix entries"); it then refuses the
     diffusion-gemma architecture, which is expected."""
     import subprocess
 
     out = tmp_path / f"im{suffix}"
-    r = dg.imatrix("tiny", TEXT, out, chunks=3, progress=False)
-    p = subprocess.run([_llama_quantize(), "--imatrix", str(out), str(dg.resolve("tiny")), str(tmp_path / "q.gguf"),
+    r = dg.imatrix(random_tiny, TEXT, out, chunks=3, progress=False)
+    p = subprocess.run([_llama_quantize(), "--imatrix", str(out), str(random_tiny), str(tmp_path / "q.gguf"),
                         "Q4_K_M"], capture_output=True, text=True)
     assert f"loaded {r.entries} importance matrix entries" in p.stdout + p.stderr

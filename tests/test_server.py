@@ -32,8 +32,8 @@ FAST = {"steps": 2, "stability": None}
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = diffgemma.load("tiny", threads=1)  # one thread: no ggml spin-barrier stalls on a busy 2-core machine
+def model(random_tiny):
+    m = diffgemma.load(random_tiny, threads=1)  # one thread: no ggml spin-barrier stalls on a busy 2-core machine
     yield m
     m.close()
 

@@ -25,8 +25,8 @@ from diffgemma import server as srv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server():
-    m = diffgemma.load("tiny", threads=1)
+def server(random_tiny):
+    m = diffgemma.load(random_tiny, threads=1)
     s = srv.Server(m, port=0, log_level="warning").start()
     yield s
     s.stop()

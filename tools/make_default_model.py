@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "diffgemma-shakespeare-run")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "diffgemma-shakespeare")
     ap.add_argument("--dest", type=Path, default=ROOT / "python" / "diffgemma" / "data" / "shakespeare.gguf")
-    ap.add_argument("--minutes", type=float, default=45.0, help="training wall-time budget")
+    ap.add_argument("--minutes", type=float, default=55.0, help="training wall-time budget")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-training", action="store_true", help="convert WORK/hf from an earlier run")
     ap.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@
 * `denoise`: the canvas corrupted at level t (each position replaced by a uniform random token of the whole
   vocabulary with probability t, as in training and in generation's re-noising) and the first-step
   denoiser logits `Model.logits(prompt, noisy)`; accuracy = argmax vs the clean canvas, over all positions
-  and over the corrupted positions alone.
+  and over the corrupted positions alone. `denoise2` adds a self-conditioned second step.
 * `unigram_baseline`: always predicting the most frequent training token.
 """
 
@@ -56,6 +56,21 @@ def denoise(model: Any, wins: Sequence[Window], level: float, *, seed: int = 0
         logits.append(model.logits(w.prompt, noisy))
         masks.append(mask)
     return logits, masks
+
+
+def denoise2(model: Any, wins: Sequence[Window], level: float, temperature: float, *, seed: int = 0
+             ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """`denoise`, then a second, self-conditioned step on the same noisy canvas fed the first step's logits
+    divided by `temperature` (what generation feeds back). Returns (step-1 logits, step-2 logits, masks)."""
+    rng = np.random.Generator(np.random.PCG64([seed, int(round(level * 1000))]))
+    first, second, masks = [], [], []
+    for w in wins:
+        noisy, mask = corrupt(w.clean, level, model.hparams.n_vocab, rng)
+        lg = model.logits(w.prompt, noisy)
+        first.append(lg)
+        second.append(model.logits(w.prompt, noisy, self_cond=lg / temperature))
+        masks.append(mask)
+    return first, second, masks
 
 
 def accuracy(logits: Sequence[np.ndarray], masks: Sequence[np.ndarray], wins: Sequence[Window]) -> dict[str, float]:

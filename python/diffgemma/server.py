@@ -854,7 +854,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """Register `diffgemma serve` on the CLI's subparsers (handler: s.set_defaults(fn=...))."""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
-    s.add_argument("-m", "--model", required=True, help='GGUF file, or "tiny" for the embedded test model')
+    s.add_argument("-m", "--model", required=True, help='GGUF file, or "tiny" for the embedded Shakespeare model')
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")

@@ -281,12 +281,12 @@ def _placeholder_vocab(n_vocab: int) -> Vocab:
     return Vocab(tokens, [float(-i) for i in range(n_vocab)], base.types + [USER_DEFINED] * extra, base.merges)
 
 
-def write_embedded_tiny(path: str | os.PathLike) -> pathlib.Path:
-    """The random-weight model shipped as `dg.load("tiny")` (deterministic: seed 0, F32)."""
+def write_random_tiny(path: str | os.PathLike) -> pathlib.Path:
+    """A well-conditioned random-weight model with the tiny shapes (deterministic: seed 0, F32)."""
     return write_model(path, tiny_hparams(), wtype="f32", seed=0, weights=random_weights(tiny_hparams(), 0, calm=True))
 
 
 if __name__ == "__main__":
     import sys
 
-    print(write_embedded_tiny(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"))
+    print(write_random_tiny(sys.argv[1] if len(sys.argv) > 1 else "tiny.gguf"))
