@@ -4,15 +4,16 @@ Every node is observed through the scheduler's eval callback (which synchronises
 is a little higher than an unobserved step); the split is what matters.
 
     python bench/profile_step.py [FILE] [--config mid|proportional] [--steps 10] [--prompt-tokens 128]
-(default FILE: a config of bench/step_latency.py, Q8_0). Matrix products are also split by weight, element-wise ops by shape.
+(default FILE: a config of bench/step_latency.py, Q8_0). Matrix products are also split by weight,
+element-wise ops by shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import re
 import pathlib
+import re
 import tempfile
 import time
 

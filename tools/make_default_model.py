@@ -2,7 +2,7 @@
 """Rebuild python/diffgemma/data/shakespeare.gguf from scratch: corpus download -> tokenizer -> training ->
 conversion -> checks.
 
-    nice -n 10 python tools/make_default_model.py                      # the shipped model (45 min of training)
+    nice -n 5 python tools/make_default_model.py                       # the shipped model (55 min of training)
     nice -n 10 python tools/make_default_model.py --minutes 2 --dest /tmp/smoke.gguf   # a smoke test
     nice -n 10 python tools/make_default_model.py --resume             # continue an interrupted run
 

@@ -89,7 +89,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 
 def _model_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("-m", "--model", default="tiny", help="GGUF file (default: \"tiny\", the embedded Shakespeare model)")
+    s.add_argument("-m", "--model", default="tiny",
+                   help="GGUF file (default: \"tiny\", the embedded Shakespeare model)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.add_argument("-t", "--threads", type=int, default=None)
     s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
