@@ -13,7 +13,8 @@ Configs (hidden 512, 6 layers 5 sliding : 1 global, 8 heads, KV 4 / 1, head dim 
   128 experts top-8 (as released: 16 canvas tokens per expert on average), expert width hidden / 4 and dense
   width 3/4 hidden (704 and 2112 for hidden 2816), after 256 prompt tokens.
 
-    python bench/step_latency.py [--config mid|proportional|both] [--threads 2] [--steps 20] [--json out.json]
+    python bench/step_latency.py [--config mid|proportional|both] [--threads 2] [--steps 20] [--repeats 3]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,20 +37,32 @@ CONFIGS = {
 }
 
 
-def run(name: str, threads: int, steps: int) -> dict:
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median step time (its other figures come from the same run)."""
+    return sorted(runs, key=lambda r: r["step_ms"])[len(runs) // 2]
+
+
+def run(name: str, threads: int, steps: int, repeats: int) -> dict:
     extra, prompt = CONFIGS[name]
     hp = testing.tiny_hparams(**COMMON, **extra)
     d = pathlib.Path(tempfile.mkdtemp(prefix="dg-step-"))
     w = testing.random_weights(hp, seed=0)
     files = {wt: testing.write_model(d / f"{name}-{wt}.gguf", hp, wtype=wt, weights=w) for wt in ("f32", "q8_0")}
-    ours = {wt: bench.bench(p, prompt_tokens=prompt, steps=steps, threads=threads).ours for wt, p in files.items()}
     ref = bench.hf_model_from_gguf(files["f32"], "float32")
-    theirs = bench.transformers_step(ref, prompt_tokens=prompt, canvas=hp.canvas_length, vocab=hp.n_vocab,
-                                     steps=steps)
+    runs: dict[str, list[dict]] = {"transformers": [], "f32": [], "q8_0": []}
+    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both engines
+        for wt, p in files.items():
+            runs[wt].append(bench.bench(p, prompt_tokens=prompt, steps=steps, threads=threads).ours)
+        runs["transformers"].append(bench.transformers_step(ref, prompt_tokens=prompt, canvas=hp.canvas_length,
+                                                            vocab=hp.n_vocab, steps=steps))
     for p in files.values():
         p.unlink()
+    theirs = _median_run(runs["transformers"])
+    ours = {wt: _median_run(runs[wt]) for wt in files}
     print(f"\n{name}: {threads} threads, prompt {prompt}, canvas {hp.canvas_length}, {hp.n_expert} experts "
-          f"top-{hp.n_expert_used}, {steps} timed steps (self-conditioning on)")
+          f"top-{hp.n_expert_used}, {steps} timed steps (self-conditioning on), median of {repeats} interleaved runs "
+          "(all step times: " + "; ".join(f"{k} " + "/".join(f"{r['step_ms']:.1f}" for r in v)
+                                          for k, v in runs.items()) + ")")
     print(f"{'engine':34s} {'ms/step':>9s} {'prefill ms':>11s} {'step vs transformers':>21s}")
     print(f"{'transformers FP32 (_denoising_step)':34s} {theirs['step_ms']:9.2f} {theirs['prefill_ms']:11.2f} "
           f"{'1.00x':>21s}")
@@ -57,7 +70,7 @@ def run(name: str, threads: int, steps: int) -> dict:
     for wt, r in ours.items():
         print(f"{'diffgemma ' + wt.upper() + ' weights':34s} {r['step_ms']:9.2f} {r['prefill_ms']:11.2f} "
               f"{theirs['step_ms'] / r['step_ms']:20.2f}x")
-    return {"transformers": theirs, "ours": ours}
+    return {"transformers": theirs, "ours": ours, "runs": runs}
 
 
 def main() -> None:
@@ -65,11 +78,12 @@ def main() -> None:
     ap.add_argument("--config", choices=[*CONFIGS, "both"], default="both")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per engine; the median is reported")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     names = list(CONFIGS) if a.config == "both" else [a.config]
-    res = {n: run(n, a.threads, a.steps) for n in names}
+    res = {n: run(n, a.threads, a.steps, a.repeats) for n in names}
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(res, indent=1))
 
