@@ -258,11 +258,11 @@ def reference_logits(model: Any, prompt: torch.Tensor, noisy: torch.Tensor, sc: 
 def check_block_training(model: Any, b: dict[str, torch.Tensor], vocab: int, window: int) -> float:
     """Largest |difference| between block training's logits and inference's logits for every block of the
     first window (both without self-conditioning): proves the masks and positions reproduce inference."""
-    one = {k: (v[:1] if k == "seq" else v) for k, v in b.items()}
-    blocks = (one["seq"].shape[1] - 1) // one["clean"].shape[1]
-    one.update({k: b[k][:blocks] for k in ("clean", "noisy", "corrupt", "level")}, self_cond=torch.tensor(False))
+    canvas = b["clean"].shape[1]
+    blocks = (b["seq"].shape[1] - 1) // canvas
+    one = {"seq": b["seq"][:1], "self_cond": torch.tensor(False),
+           **{k: b[k][:blocks] for k in ("clean", "noisy", "corrupt", "level")}}
     _, _, logits = forward_loss(model, one, vocab, window, with_ar=False)
-    canvas = one["clean"].shape[1]
     worst = 0.0
     for k in range(blocks):
         ref = reference_logits(model, one["seq"][:, :1 + k * canvas], one["noisy"][k:k + 1])
