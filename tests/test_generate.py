@@ -26,8 +26,11 @@ def _peaked(tmp_path, target, name="peaked.gguf"):
     return testing.write_model(tmp_path / name, hp, weights=w)
 
 
-def test_device_sampling_matches_numpy(tiny_f32):
-    with dg.load(tiny_f32) as m:
+@pytest.mark.parametrize("n_vocab", [512, 520, 515])  # inverse-CDF threshold in blocks of 256, 8 and 1
+def test_device_sampling_matches_numpy(tiny_f32, tmp_path, n_vocab):
+    path = tiny_f32 if n_vocab == 512 else testing.write_model(
+        tmp_path / "v.gguf", testing.tiny_hparams(n_vocab=n_vocab), wtype="f32")
+    with dg.load(path) as m:
         hp = m.hparams
         prompt = m.tokenize("to be or not")
         canvas = np.random.default_rng(0).integers(0, hp.n_vocab, hp.canvas_length)

@@ -178,7 +178,8 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
         sc_state = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
-        return expected_weights(Graphs(w, hp, False, 1.0), kv, hp.canvas_length, embd_t, sc_state)
+        scalars = {n: 1.0 for n in w if n.endswith("layer_output_scale.weight")}
+        return expected_weights(Graphs(w, hp, False, 1.0, scalars), kv, hp.canvas_length, embd_t, sc_state)
     finally:
         _lib.ggml_free(ctx)
 

@@ -110,8 +110,9 @@ def attention(g: Ctx, q: Any, k: Any, v: Any, mask: Any, flash: bool) -> Any:
 class Graphs:
     """Builds the encoder and decoder graphs of one model (weights by GGUF name, hyper-parameters)."""
 
-    def __init__(self, w: dict[str, Any], hp: HParams, flash: bool, embd_scale: float):
-        self.w, self.hp, self.flash, self.embd_scale = w, hp, flash, embd_scale
+    def __init__(self, w: dict[str, Any], hp: HParams, flash: bool, embd_scale: float, scalars: dict[str, float]):
+        """scalars: the per-layer output scalars by weight name, read on the host (graph constants)."""
+        self.w, self.hp, self.flash, self.embd_scale, self.scalars = w, hp, flash, embd_scale, scalars
 
     def _qkv(self, g: Ctx, il: int, a: Any, pos: Any, n: int) -> tuple[Any, Any, Any]:
         """Projected, normed and roped q, k and normed v of one layer: [d, heads, n]."""
@@ -205,7 +206,7 @@ class Graphs:
             mask = masks["swa" if hp.is_swa(il) else "full"]
             o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
-            h = g.mul(g.add(h1, self._ffn(g, il, h1, n)), w[p + "enc_layer_output_scale.weight"])
+            h = g.scale(g.add(h1, self._ffn(g, il, h1, n)), self.scalars[p + "enc_layer_output_scale.weight"])
         return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}}
 
     def self_cond(self, g: Ctx, sc_probs: Any, embd_t: Any) -> Any:
@@ -232,7 +233,8 @@ class Graphs:
         inv_temp = g.input("inv_temp", F32, 1)
         uniform = g.input("uniform", F32, 1, L)
         hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
-        sc = g.mul(self.self_cond(g, sc_state, embd_t), sc_gate)
+        sc = self.self_cond(g, sc_state, embd_t)
+        sc = g.mul(sc, g.repeat(sc_gate, g.view_1d(sc, hp.n_embd, 0)))  # gate as a row: see sample()
         h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
         for il in range(hp.n_layer):
             p = f"blk.{il}."
@@ -242,7 +244,7 @@ class Graphs:
             # Every canvas query sees the same keys: the chosen prefix plus the whole canvas; no mask needed.
             o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, _ffi.NULL, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
-            h = g.mul(g.add(h1, self._ffn(g, il, h1, L)), w[p + "layer_output_scale.weight"])
+            h = g.scale(g.add(h1, self._ffn(g, il, h1, L)), self.scalars[p + "layer_output_scale.weight"])
         h = rms(g, h, hp.rms_eps, w["output_norm.weight"])
         logits = g.mul_mat(w["token_embd.weight"], h)  # tied LM head
         logits = softcap(g, logits, hp.softcap)
@@ -277,7 +279,12 @@ class Graphs:
         entropy = g.sub(lse, g.reshape_2d(self._row_dots(g, probs, scaled), 1, L))
         cdf = g.cumsum(probs)
         total = g.cont(g.view_2d(cdf, 1, L, cdf.nb[1], (V - 1) * cdf.nb[0]))
-        above = g.step(g.sub(cdf, g.mul(uniform, total)))
+        # The threshold is repeated into blocks of b entries, the cdf seen as [b, V/b, L]: subtracting a
+        # one-value-per-column tensor costs per element on the CPU backend, a b-wide row is vectorized.
+        b = math.gcd(V, 256)
+        blocks = g.view_3d(cdf, b, 1, L, cdf.nb[1], cdf.nb[1], 0)  # shape template only
+        thr = g.repeat(g.reshape_3d(g.mul(uniform, total), 1, 1, L), blocks)
+        above = g.reshape_2d(g.step(g.sub(g.reshape_3d(cdf, b, V // b, L), thr)), V, L)
         sample = g.scale_bias(g.reshape_2d(self._row_dots(g, above, above), 1, L), -1.0, float(V))  # 0/1: a.a = sum
         return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
                 "sample": g.output(g.reshape_1d(sample, L), "sample")}

@@ -73,7 +73,11 @@ class Model:
         # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
         if self._file.tensors["token_embd.weight"].type == int(QT.BF16):
             scale = _bf16_round(scale)
-        self._graphs = Graphs(self.weights, hp, self.flash, scale)
+        # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
+        # on the CPU backend, ggml_scale is vectorized.
+        scalars = {n: float(self._host_array(n)[0]) for n in self._file.tensors
+                   if n.endswith("layer_output_scale.weight")}
+        self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
         self._alloc_prompt_kv()
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
@@ -199,16 +203,21 @@ class Model:
             self._bufs.append(buf)
         self.prompt_kv = PromptKV(ks, vs, self.n_ctx)
 
+    def _host_array(self, name: str) -> np.ndarray:
+        """A weight read from the mapped file as float32 (dequantized if need be), rows of ne0."""
+        info = self._file.tensors[name]
+        raw = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        if info.type == int(QT.F32):
+            return raw.view(np.float32)
+        rows = math.prod(info.shape[1:])
+        return gq.dequantize(raw.reshape(rows, -1), QT(info.type)).reshape(-1)
+
     def _embedding_t(self) -> Any:
         """E^T [V, H] for the self-conditioning product, built once on the embedding's device."""
         if self._embd_t is None:
             info = self._file.tensors["token_embd.weight"]
-            raw = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
             hp = self.hparams
-            if info.type == int(QT.F32):
-                e = raw.view(np.float32).reshape(hp.n_vocab, hp.n_embd)
-            else:
-                e = gq.dequantize(raw.reshape(hp.n_vocab, -1), QT(info.type)).reshape(hp.n_vocab, hp.n_embd)
+            e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
             ttype = F32 if info.type == int(QT.F32) else F16
             et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
             on_gpu = self._on_gpu("token_embd.weight")
