@@ -70,6 +70,11 @@ def run(name: str, threads: int, steps: int, repeats: int) -> dict:
     for wt, r in ours.items():
         print(f"{'diffgemma ' + wt.upper() + ' weights':34s} {r['step_ms']:9.2f} {r['prefill_ms']:11.2f} "
               f"{theirs['step_ms'] / r['step_ms']:20.2f}x")
+    # The ratio within each interleaved repeat: both engines measured in the same spell of the machine.
+    for wt in files:
+        ratios = sorted(t["step_ms"] / o["step_ms"] for t, o in zip(runs["transformers"], runs[wt], strict=True))
+        print(f"{wt.upper()} ratio per repeat: " + " ".join(f"{x:.2f}x" for x in ratios)
+              + f" (median {ratios[len(ratios) // 2]:.2f}x)")
     return {"transformers": theirs, "ours": ours, "runs": runs}
 
 
