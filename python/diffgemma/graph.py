@@ -86,6 +86,12 @@ def softcap(g: Ctx, x: Any, cap: float) -> Any:
     return g.scale_bias(g.sigmoid(g.scale(x, 2.0 / cap)), 2.0 * cap, -cap)
 
 
+def mul_scalar(g: Ctx, x: Any, s: Any) -> Any:
+    """x times the one-element tensor s, repeated into a row first: the CPU backend multiplies by a tensor of
+    one value per row element by element, by a full row vectorized."""
+    return g.mul(x, g.repeat(s, g.view_1d(x, x.ne[0], 0)))
+
+
 def mlp(g: Ctx, x: Any, gate: Any, up: Any, down: Any) -> Any:
     return g.mul_mat(down, g.mul(gelu_tanh(g, g.mul_mat(gate, x)), g.mul_mat(up, x)))
 
@@ -233,8 +239,7 @@ class Graphs:
         inv_temp = g.input("inv_temp", F32, 1)
         uniform = g.input("uniform", F32, 1, L)
         hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
-        sc = self.self_cond(g, sc_state, embd_t)
-        sc = g.mul(sc, g.repeat(sc_gate, g.view_1d(sc, hp.n_embd, 0)))  # gate as a row: see sample()
+        sc = mul_scalar(g, self.self_cond(g, sc_state, embd_t), sc_gate)
         h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
         for il in range(hp.n_layer):
             p = f"blk.{il}."
@@ -267,8 +272,7 @@ class Graphs:
         whose running sum exceeds it, i.e. V minus the number of entries above it (cdf is monotone); a count
         rather than an argmax over step(), whose tie order is backend-specific."""
         V, L = logits.ne[0], logits.ne[1]
-        # 1/T repeated into a row first: multiplying by a [1] tensor costs per element on the CPU backend.
-        scaled = g.mul(logits, g.repeat(inv_temp, g.view_1d(logits, V, 0)))
+        scaled = mul_scalar(g, logits, inv_temp)
         probs = g.soft_max(scaled)
         g.expand(g.cpy(probs, sc_state))  # self-conditioning input of the next step, kept on the device
         argmax = g.argmax(logits)
