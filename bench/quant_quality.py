@@ -48,7 +48,7 @@ import shakespeare_data as sd  # noqa: E402
 import shakespeare_eval as se  # noqa: E402
 
 import diffgemma as dg  # noqa: E402
-from diffgemma import gguf_file  # noqa: E402
+from diffgemma import gguf_file, sampler  # noqa: E402
 
 LEVELS = (0.25, 0.5, 0.75, 1.0)
 ASYM = "asym-2bitexp"
@@ -137,11 +137,6 @@ def nll(logits: list[np.ndarray], wins: list[se.Window]) -> tuple[float, int]:
     return tot, n
 
 
-def temperature(level: float, hp: Any) -> float:
-    """The temperature generation uses at a step as noisy as `level` (as calibration.py's denoise mode)."""
-    return hp.t_min + (hp.t_max - hp.t_min) * level
-
-
 def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[str, Any] | None,
             threads: int | None) -> tuple[Result, dict[str, Any]]:
     m = dg.load(v.path, n_gpu_layers=0, threads=threads)
@@ -150,7 +145,7 @@ def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[str
         kl = {1: [0.0, 0], 2: [0.0, 0]}
         nll_sum = nll_n = 0.0
         for t in LEVELS:
-            first, second, masks = se.denoise2(m, wins, t, temperature(t, m.hparams))
+            first, second, masks = se.denoise2(m, wins, t, sampler.temperature_at(t, m.hparams.t_min, m.hparams.t_max))
             acc[t] = se.accuracy(first, masks, wins)
             acc2[t] = se.accuracy(second, masks, wins)
             s, n = nll(first, wins)

@@ -13,6 +13,10 @@ def test_temperature_schedule():
     assert temps[-1] == pytest.approx(0.4 + 0.4 / 48)  # last possible step: 0.40833, never t_min
     assert temps[-1] == pytest.approx(0.408333, abs=1e-6)
     assert all(a > b for a, b in zip(temps, temps[1:], strict=False))
+    # by noise level (calibration, quality bench): t_min when clean, t_max when all noise
+    assert sampler.temperature_at(0.0, lo, hi) == pytest.approx(0.4)
+    assert sampler.temperature_at(1.0, lo, hi) == pytest.approx(0.8)
+    assert sampler.temperature_at(0.5, lo, hi) == pytest.approx(sampler.temperature(24, N, lo, hi))
 
 
 def _accept_reference(entropy, bound):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import binding as B
-from . import imatrix_file
+from . import imatrix_file, sampler
 from .errors import Error
 from .graph import Ctx, Graphs, PromptKV
 
@@ -268,7 +268,7 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
                 else:
                     level = rng.uniform(EPS, 1.0)
                     noisy = np.where(rng.random(L) < level, rng.integers(0, hp.n_vocab, L), target)
-                    temp = hp.t_min + (hp.t_max - hp.t_min) * level  # noisier canvases are denoised hotter
+                    temp = sampler.temperature_at(level, hp.t_min, hp.t_max)
                     m.denoise_step(noisy, temp, False, u)
                     col.record_self_cond = True
                     m.denoise_step(noisy, temp, True, u)

@@ -11,7 +11,12 @@ import numpy as np
 
 def temperature(n: int, steps: int, t_min: float, t_max: float) -> float:
     """Temperature of the step with n steps remaining (n = steps .. 1): t_max first, never reaching t_min."""
-    return t_min + (t_max - t_min) * n / steps
+    return temperature_at(n / steps, t_min, t_max)
+
+
+def temperature_at(level: float, t_min: float, t_max: float) -> float:
+    """The linear schedule at noise level `level` in [0, 1]: noisier canvases are denoised hotter."""
+    return t_min + (t_max - t_min) * level
 
 
 def accept(entropy: np.ndarray, bound: float) -> np.ndarray:
