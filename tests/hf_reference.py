@@ -155,6 +155,10 @@ def write_tokenizer_files(dirpath: str | os.PathLike[str], vocab: int) -> None:
 DEFAULT_LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
 
 
+# (boi, image placeholder, eoi) ids of the tiny models: inside the tiny vocabulary
+IMAGE_TOKEN_IDS = (61, 60, 62)
+
+
 def tiny_config(
     *,
     hidden: int = 64,
@@ -171,6 +175,8 @@ def tiny_config(
     layer_types: Sequence[str] = DEFAULT_LAYER_TYPES,
     intermediate: int = 96,
     moe_intermediate: int = 32,
+    vision: dict[str, Any] | None = None,
+    image_token_ids: tuple[int, int, int] = IMAGE_TOKEN_IDS,
 ) -> DiffusionGemmaConfig:
     text = DiffusionGemmaTextConfig(
         vocab_size=vocab,
@@ -196,8 +202,34 @@ def tiny_config(
     )
     # A vision tower is always built; keep it tiny (text-only tests never run it).
     vision = {"model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16}
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas)
+              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
+              **(vision or {})}
+    boi, image, eoi = image_token_ids
+    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas, boi_token_id=boi,
+                                image_token_id=image, eoi_token_id=eoi)
+
+
+def randomize_vision(model: DiffusionGemmaForBlockDiffusion, gen: torch.Generator) -> None:
+    """Vision norms, position tables, standardize buffers, projections and ClippableLinear bounds <- values
+    that make each of them matter (the library init leaves norms at 1, tables at 1 and bounds infinite)."""
+    enc = model.model.encoder
+    with torch.no_grad():
+        for name, t in [*enc.vision_tower.named_parameters(), *enc.vision_tower.named_buffers(),
+                        *enc.embed_vision.named_parameters()]:
+            if "rotary_emb" in name:
+                continue
+            if name.endswith(("input_min", "output_min")):
+                t.fill_(-2.0 if "input" in name else -2.5)
+            elif name.endswith(("input_max", "output_max")):
+                t.fill_(2.0 if "input" in name else 2.5)
+            elif name.endswith("std_bias"):
+                t.copy_(torch.randn(t.shape, generator=gen))
+            elif t.ndim == 1:  # norm weights, std_scale
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif name.endswith("position_embedding_table"):
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.5)
+            else:  # projections: unit-ish outputs, so that the bounds clamp some values
+                t.copy_(torch.randn(t.shape, generator=gen) * 1.5 / t.shape[-1] ** 0.5)
 
 
 def _randomize_scales(model: DiffusionGemmaForBlockDiffusion, gen: torch.Generator) -> None:
@@ -245,6 +277,8 @@ def make_hf_model(
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     _randomize_scales(model, torch.Generator().manual_seed(seed + 1))
+    if config_kw.get("vision") is not None:
+        randomize_vision(model, torch.Generator().manual_seed(seed + 2))
     model.to(getattr(torch, dtype))
 
     settings = {**GENERATION_SETTINGS, **(generation or {})}

@@ -12,7 +12,8 @@ HF checkpoint → GGUF, in short (see `layout.tensor_specs` for the order and gg
 * ggml shapes are the numpy shapes reversed, so the bytes are copied without any transposition; the fused
   expert tensor `experts.gate_up_proj` [E, 2·I, H] (gate rows first) stays fused;
 * `rope_freqs.weight` is generated (proportional RoPE of the full-attention layers);
-* the vision tower and everything else under `model.encoder.*` is dropped.
+* the vision tower and everything else under `model.encoder.*` is left out of the text file; `mmproj=` writes
+  the tower to its own file (diffgemma.mmproj).
 """
 
 from __future__ import annotations
@@ -882,12 +883,14 @@ def convert(
     *,
     outtype: str = "bf16",
     progress: bool = True,
+    mmproj: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint directory into one `diffusion-gemma` GGUF file.
 
     outtype: "f32", "f16", "bf16" or "q8_0" for the matrices (norms, scales, rope_freqs and the router stay
     F32; a q8_0 matrix whose rows are not a multiple of 32 is stored F16). `out` may be a directory, in which
-    case the file is named after the checkpoint. Returns the path written.
+    case the file is named after the checkpoint. mmproj: also write the vision tower there, in llama.cpp's
+    `gemma4v` mmproj layout (see diffgemma.mmproj.convert). Returns the path of the text file.
     """
     if outtype not in OUTTYPES:
         raise Error(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -905,7 +908,15 @@ def convert(
     plans = plan_tensors(hp, read_checkpoint_index(d), outtype, prf)
     out_path = _resolve_out(d, Path(out), outtype)
     metadata = build_metadata(hp, tok, name=d.resolve().name, outtype=outtype)
+    if mmproj is not None:
+        from . import mmproj as vision_file
+
+        if Path(mmproj).resolve() == out_path.resolve():
+            raise Error("mmproj and the text output are the same file")
+        vision_file.hparams_from_hf(config)  # a checkpoint without a usable tower fails before anything is written
     _write(out_path, metadata, plans, progress)
+    if mmproj is not None:
+        vision_file.convert(d, mmproj, outtype=outtype)
     return out_path
 
 

@@ -16,7 +16,7 @@ from gguf import quants as gq
 
 from . import binding as B
 from . import gguf_file, layout
-from .errors import Error
+from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation
 from .generation import generate as _generate
 from .graph import F16, F32, Ctx, Graphs, PromptKV
@@ -44,7 +44,8 @@ class Model:
     """A DiffusionGemma model loaded from a `diffusion-gemma` GGUF file (see `diffgemma.load`)."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
-                 flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None):
+                 flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
+                 mmproj: str | os.PathLike | None = None):
         B.set_verbose(verbose)
         if flash_attn not in ("auto", "on", "off", True, False):
             raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
@@ -79,6 +80,7 @@ class Model:
                    if n.endswith("layer_output_scale.weight")}
         self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
         self._alloc_prompt_kv()
+        self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
         self._graph: _Graph | None = None
@@ -152,6 +154,31 @@ class Model:
                         raise Error(f"cannot place {info.name} in the mapped file")
             _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
             self._bufs.append(buf)
+
+    def _load_vision(self, path: str | os.PathLike) -> Any:
+        """The image tower of an mmproj file, on the same devices as the text weights."""
+        from .mmproj import Tower
+
+        backends = [b for b in (self.gpu_backend, self.cpu_backend) if b is not None]
+        tower = Tower(path, backends=backends, gpu_dev=self._gpu_dev)
+        if tower.hparams.n_proj != self.hparams.n_embd:
+            tower.close()
+            raise GGUFError(f"{path}: the vision tower projects to width {tower.hparams.n_proj}, but this text model "
+                            f"has n_embd {self.hparams.n_embd} (an mmproj for another model?)")
+        return tower
+
+    def image_embeddings(self, image: Any, *, image_budget: int = 280) -> np.ndarray:
+        """The projected embeddings [n_tokens, n_embd] of one image (a path, bytes, a PIL image or a uint8
+        array), as they replace the image's placeholder tokens in a prompt."""
+        from . import images
+
+        with self._lock:
+            self._check_open()
+            if self.vision is None:
+                raise Error("this model was loaded without a vision tower: dg.load(model, mmproj=...)")
+            hp = self.vision.hparams
+            p = images.preprocess(image, image_budget, hp.patch_size, hp.pool)
+            return self.vision.encode(p.pixels, p.cols, p.rows)
 
     def _want_flash(self, flash_attn: str | bool) -> bool:
         if flash_attn in (True, "on"):
@@ -437,6 +464,8 @@ class Model:
             if self._graph is not None:
                 self._graph.ctx.free()
                 self._graph = None
+            if getattr(self, "vision", None) is not None:
+                self.vision.close()
             _lib.ggml_backend_sched_free(self.sched)
             for buf in self._bufs:
                 _lib.ggml_backend_buffer_free(buf)
@@ -467,14 +496,16 @@ class Model:
 
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
-         flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None) -> Model:
+         flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
+         mmproj: str | os.PathLike | None = None) -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
     k = the last k layers. n_ctx: most committed + canvas tokens (default 4096, capped by the file).
+    mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     """
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                 verbose=verbose, n_ctx=n_ctx)
+                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
