@@ -116,6 +116,11 @@ _KEYS: list[tuple[str, str, bool]] = [
     ("confidence", "diffusion.eb_confidence_threshold", False),
 ]
 
+def metadata_key(field: str) -> str:
+    """The GGUF key that stores HParams field `field`, e.g. 'n_layer' -> 'diffusion-gemma.block_count'."""
+    return next(k for f, k, _ in _KEYS if f == field)
+
+
 # Keys whose value must equal another's (the loader of the reference fork throws otherwise).
 _EQUAL_KEYS = [
     (_k("attention.value_length"), _k("attention.key_length")),

@@ -4,12 +4,13 @@
                                          imatrix="model.imatrix.gguf")
     print(report.summary())
 
-A recipe is an ordered list of (regex, type) rules: the first rule whose regex matches a tensor name
-(`re.search`, i.e. anywhere in the name) decides its type; `overrides` are rules tried before the recipe's; a
-tensor no rule matches keeps its source type. 1-D tensors (norms, scales, rope_freqs) and the MoE router are
-never quantized: they are always written as F32. When a type's block does not divide a tensor's row length,
-the type falls back as llama-quantize does (Q5_K->Q5_1, Q4_K->Q5_0, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0,
-IQ*->IQ4_NL, then F16) and the report records it.
+A recipe is one of llama-quantize's file types (Q4_K_M, IQ2_S, ...: `ftypes` reproduces llama.cpp's choice
+for every tensor), `asym-2bitexp` (Q5_K_S with the published quant's overrides), or an ordered list of
+(regex, type) rules: the first rule whose regex matches a tensor name (`re.search`) decides its type and a
+tensor no rule matches keeps its source type. `overrides` (llama-quantize's --tensor-type) are tried before
+either. Norms, scales, rope_freqs and the MoE router are never quantized (kept as stored, F32 in published
+files). When a type's block does not divide a tensor's row length, the type falls back as llama-quantize
+does (Q5_K->Q5_1, Q4_K->Q5_0, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0, IQ*->IQ4_NL, then F16) and the report records it.
 
 The source is read through a memory map one chunk of whole rows at a time, converted to f32 (ggml's
 `to_float` for quantized sources), quantized by a thread pool calling `ggml_quantize_chunk` (the GIL is
@@ -36,7 +37,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from . import binding as B
-from . import gguf_file, layout
+from . import ftypes, gguf_file, layout
 from . import imatrix_file as imx
 from .errors import Error
 
@@ -46,7 +47,8 @@ F32, F16, BF16 = 0, 1, 30
 
 # Target types: every ggml type with a quantizer that the CPU backend can use as a weight.
 TYPE_NAMES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
-              "q6_K", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m")
+              "q6_K", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m",
+              "tq1_0", "tq2_0", "mxfp4")
 
 
 def _type_ids() -> dict[str, int]:
@@ -61,15 +63,6 @@ def _type_ids() -> dict[str, int]:
 
 _TYPE_ID = _type_ids()
 _TYPE_BY_LOWER = {n.lower(): t for n, t in _TYPE_ID.items()}
-
-# llama-quantize's shape fallbacks when ne0 is not a multiple of the block (types with blocks <= 32 keep).
-_FALLBACK = {**dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"),
-                              "iq4_nl"),
-             "q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
-
-# Types llama-quantize refuses to make without importance data (ggml itself aborts for iq2_xxs/iq2_xs/iq1_s).
-_LLAMA_NEEDS_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq1_s", "iq1_m"}
-_IMATRIX_EXEMPT = {"token_embd.weight"}  # never observed by a matmul, so llama-quantize does not ask for it
 
 # Keys an earlier imatrix-quantization may have left in the source; stale once we requantize without one.
 _IMATRIX_KEYS = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
@@ -91,7 +84,7 @@ def type_id(name: str | int) -> int:
     key = str(name).strip().lower()
     if key in _TYPE_BY_LOWER:
         return _TYPE_BY_LOWER[key]
-    if key in RECIPES:
+    if _recipe(key) is not None:
         raise Error(f"{name!r} is a recipe, not a ggml type: pass recipe={key!r}")
     raise Error(f"unknown quantization type {name!r}; known types: {', '.join(TYPE_NAMES)}")
 
@@ -100,62 +93,49 @@ def _tn(t: int) -> str:
     return B.type_name(t)
 
 
-def _more_bits_layers(n_layer: int) -> list[int]:
-    e = n_layer // 8
-    return [i for i in range(n_layer) if i < e or i >= 7 * n_layer // 8 or (i - e) % 3 == 2]
-
-
 # ---- recipes --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A named, ordered list of (regex, type) rules; `ftype` is the general.file_type to record (None: the
-    llama file type of the type holding most weights)."""
+    """A named recipe: a llama.cpp file type (its mixture rules, see `ftypes`) with optional --tensor-type
+    overrides and token embedding type, as `llama-quantize --tensor-type ... FTYPE` would make it."""
 
     name: str
     description: str
-    rules: tuple[tuple[str, str], ...]
-    ftype: int | None = None
+    file_type: ftypes.FileType
+    overrides: tuple[tuple[str, str], ...] = ()
+    token_embedding_type: str | None = None
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe(
-        "asym-2bitexp",
-        "Asymmetric 2-bit-expert mix (hyperspaceai's published recipe, ~10.98 GB for 26B-A4B): expert "
-        "gate/up (ffn_gate_up_exps) IQ2_S, which needs an imatrix; expert down (ffn_down_exps) IQ4_NL; "
-        "attention q/k/v/output and the dense ffn gate/up/down Q5_K (the 2112-column ffn_down falls back to "
-        "Q5_1); token_embd (also the tied output head) Q6_K; self-conditioning MLP Q4_K (its down falls back "
-        "to Q5_0); norms, scales, rope_freqs and the router F32.",
-        (
-            (r"ffn_gate_up_exps\.weight$", "iq2_s"),
-            (r"ffn_(gate|up)_exps\.weight$", "iq2_s"),  # unfused layout
-            (r"ffn_down_exps\.weight$", "iq4_nl"),
-            (r"attn_(q|k|v|output)\.weight$", "q5_K"),
-            (r"ffn_(gate|up|down)\.weight$", "q5_K"),
-            (r"^token_embd\.weight$", "q6_K"),
-            (r"^self_cond_(gate|up|down)\.weight$", "q4_K"),
-        ),
-    ),
-    Recipe(
-        "q4_k_m",
-        "Q4_K_M-like mix after llama-quantize's Q4_K_M: Q4_K by default; token_embd (the tied output head) "
-        "Q6_K; attn_v and ffn_down/ffn_down_exps Q6_K in the first and last eighth of the layers and every third "
-        "layer between, Q4_K elsewhere. The 704- and 2112-column down projections cannot hold 256-blocks and "
-        "fall back as llama-quantize does (Q6_K->Q8_0, Q4_K->Q5_0). No imatrix needed (used when given); "
-        "norms, scales, rope_freqs and the router F32.",
-        (
-            (r"^token_embd\.weight$", "q6_K"),
-            (rf"^blk\.{MORE_BITS}\.attn_v\.weight$", "q6_K"),
-            (rf"^blk\.{MORE_BITS}\.ffn_down(_exps)?\.weight$", "q6_K"),
-            (r".", "q4_K"),
-        ),
-        ftype=int(FT.MOSTLY_Q4_K_M),
-    ),
-]}
+ASYM_2BITEXP = Recipe(
+    "asym-2bitexp",
+    "Asymmetric 2-bit-expert mix (hyperspaceai's published recipe, ~10.98 GB for 26B-A4B): Q5_K_S with "
+    "--tensor-type ffn_gate_up_exps=iq2_s (needs an imatrix), ffn_down_exps=iq4_nl, self_cond=q4_K and "
+    "--token-embedding-type q6_K. Attention and the dense ffn Q5_K (the 2112-column ffn_down falls back to "
+    "Q5_1, self_cond_down to Q5_0); norms, scales, rope_freqs and the router unchanged (F32).",
+    ftypes.FILE_TYPES["q5_k_s"],
+    overrides=((r"ffn_(gate_up|gate|up)_exps", "iq2_s"),  # gate|up: the unfused layout
+               ("ffn_down_exps", "iq4_nl"), ("self_cond", "q4_K")),
+    token_embedding_type="q6_K",
+)
+
+RECIPES: dict[str, Recipe] = {ASYM_2BITEXP.name: ASYM_2BITEXP} | {
+    ft.name: Recipe(ft.name, f"llama-quantize's {ft.name} file type, with llama.cpp's per-tensor choices: "
+                            f"{ft.summary}.", ft) for ft in ftypes.FILE_TYPES.values()}
+
+
+def _recipe(name: str) -> Recipe | None:
+    """The named recipe (case-insensitive; llama-quantize's aliases Q3_K/Q4_K/Q5_K included), or None."""
+    key = str(name).strip().lower()
+    if key == ASYM_2BITEXP.name:
+        return ASYM_2BITEXP
+    ft = ftypes.file_type(key)
+    return RECIPES[ft.name] if ft is not None else None
 
 
 def recipes() -> dict[str, str]:
-    """Named recipes and what they do. Any single type name (see TYPE_NAMES) is also accepted as `type=`."""
+    """Named recipes and what they do: llama-quantize's file types (Q4_K_M, IQ2_S, ...; case-insensitive)
+    and asym-2bitexp. Any single type name (see TYPE_NAMES) is also accepted as `type=`."""
     return {name: r.description for name, r in RECIPES.items()}
 
 
@@ -164,7 +144,7 @@ class _Rule:
     pattern: str
     regex: re.Pattern
     type: int
-    origin: str  # "recipe" or "override"
+    origin: str  # "recipe", "override" or "type"
 
 
 def _parse_rules(rules: Any, origin: str, n_layer: int) -> list[_Rule]:
@@ -174,7 +154,7 @@ def _parse_rules(rules: Any, origin: str, n_layer: int) -> list[_Rule]:
     if isinstance(rules, str | bytes):
         raise Error(f"{origin}: expected a list of (regex, type) rules, got the string {rules!r}")
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-    alt = "(?:" + "|".join(str(i) for i in _more_bits_layers(n_layer)) + ")"
+    alt = "(?:" + "|".join(str(i) for i in range(n_layer) if ftypes.more_bits(i, n_layer)) + ")"
     out = []
     for it in items:
         if isinstance(it, str):
@@ -196,33 +176,43 @@ def _parse_rules(rules: Any, origin: str, n_layer: int) -> list[_Rule]:
     return out
 
 
-def _resolve_recipe(recipe: Any, type: Any, n_layer: int) -> tuple[list[_Rule], dict[str, Any], int | None]:
-    """Rules, a JSON-able description and the recipe's own ftype (or None)."""
+@dataclasses.dataclass
+class _Spec:
+    """What decides the types: a llama file type (mixture + overrides) or plain first-match rules."""
+
+    desc: dict[str, Any]
+    file_type: ftypes.FileType | None = None
+    rules: list[_Rule] = dataclasses.field(default_factory=list)  # recipe's overrides or regex rules
+    token_embedding_type: int | None = None
+
+
+def _resolve_recipe(recipe: Any, type: Any, n_layer: int) -> _Spec:
     if recipe is not None and type is not None:
         raise Error("give either recipe= or type=, not both")
     if type is not None:
         t = type_id(type)
-        return [_Rule(".", re.compile("."), t, "type")], {"type": _tn(t)}, None
+        return _Spec({"type": _tn(t)}, rules=[_Rule(".", re.compile("."), t, "type")])
     if recipe is None:
-        return [], {}, None
+        return _Spec({})
     if isinstance(recipe, str):
-        key = recipe.strip().lower()
-        if key in RECIPES:
-            r = RECIPES[key]
-            return _parse_rules(r.rules, "recipe", n_layer), {"recipe": r.name}, r.ftype
-        if key in _TYPE_BY_LOWER:  # a bare type name works as a uniform recipe
-            return _resolve_recipe(None, key, n_layer)
+        r = _recipe(recipe)
+        if r is not None:
+            return _Spec({"recipe": r.name}, r.file_type, _parse_rules(r.overrides, "recipe", n_layer),
+                         type_id(r.token_embedding_type) if r.token_embedding_type else None)
+        if recipe.strip().lower() in _TYPE_BY_LOWER:  # a bare type name works as a uniform recipe
+            return _resolve_recipe(None, recipe, n_layer)
         raise Error(f"unknown recipe {recipe!r}; named recipes: {', '.join(RECIPES)} "
                     f"(or a list of (regex, type) rules, or type=one of {', '.join(TYPE_NAMES)})")
     rules = _parse_rules(recipe, "recipe", n_layer)
-    return rules, {"rules": [[r.pattern, _tn(r.type)] for r in rules]}, None
+    return _Spec({"rules": [[r.pattern, _tn(r.type)] for r in rules]}, rules=rules)
 
 
 # ---- planning --------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Plan:
-    info: gguf_file.TensorInfo
+    info: gguf_file.TensorInfo  # the source tensor
+    name: str  # in the output (differs from the source's when --prune-layers renumbers blocks)
     role: str
     wanted: int
     dst: int
@@ -260,15 +250,10 @@ class _Plan:
 
 def _shape_fallback(t: int, ne0: int) -> tuple[int, str | None]:
     """The type usable for rows of `ne0` values, and why it differs from `t` (None if it does not)."""
-    blk = _lib.ggml_blck_size(t)
-    if ne0 % blk == 0:
+    new = _TYPE_ID[ftypes.shape_fallback(_tn(t), ne0)]
+    if new == t:
         return t, None
-    why = f"row length {ne0} is not a multiple of the {_tn(t)} block ({blk})"
-    name = _tn(t)
-    new = _TYPE_ID[_FALLBACK[name]] if name in _FALLBACK else t
-    if ne0 % _lib.ggml_blck_size(new):
-        new = F16
-    return new, why
+    return new, f"row length {ne0} is not a multiple of the {_tn(t)} block ({_lib.ggml_blck_size(t)})"
 
 
 def _ftype_for(plans: list[_Plan]) -> int:
@@ -280,13 +265,198 @@ def _ftype_for(plans: list[_Plan]) -> int:
     if not weight:
         return int(FT.ALL_F32)
     top = _tn(max(weight.items(), key=lambda kv: kv[1])[0])
-    special = {"f32": "ALL_F32", "q3_K": "MOSTLY_Q3_K_S", "q4_K": "MOSTLY_Q4_K_S", "q5_K": "MOSTLY_Q5_K_S"}
+    special = {"f32": "ALL_F32", "q3_K": "MOSTLY_Q3_K_S", "q4_K": "MOSTLY_Q4_K_S", "q5_K": "MOSTLY_Q5_K_S",
+               "mxfp4": "MOSTLY_MXFP4_MOE"}
     return int(FT[special.get(top, "MOSTLY_" + top.upper())])
 
 
 def _imatrix_matters(t: int) -> bool:
     """Whether ggml's quantizer for `t` uses importance weights at all (q8_0 and float types ignore them)."""
     return bool(_lib.ggml_is_quantized(t)) and _tn(t) != "q8_0"
+
+
+def _pruned_names(names: Sequence[str], hp: layout.HParams, prune_layers: Sequence[int] | None
+                  ) -> tuple[dict[str, str], layout.HParams]:
+    """Output name of every kept tensor ({} entries dropped) and the output's hparams: like llama-quantize's
+    --prune-layers, the remaining blocks are renumbered in order; the per-layer arrays lose the pruned
+    entries too (llama-quantize only rewrites block_count, which leaves a file that does not load)."""
+    if not prune_layers:
+        return {n: n for n in names}, hp
+    drop = sorted(set(prune_layers))
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < hp.n_layer for i in drop):
+        raise Error(f"prune_layers: layer ids must be in 0..{hp.n_layer - 1}, got {list(prune_layers)}")
+    keep = [i for i in range(hp.n_layer) if i not in drop]
+    if not keep:
+        raise Error("prune_layers would remove every layer")
+    new_id = {old: new for new, old in enumerate(keep)}
+    out = {}
+    for n in names:
+        il = layout.layer_of(n)
+        if il is None:
+            out[n] = n
+        elif il in new_id:
+            out[n] = f"blk.{new_id[il]}." + n.split(".", 2)[2]
+    hp_out = dataclasses.replace(hp, n_layer=len(keep), n_head_kv=tuple(hp.n_head_kv[i] for i in keep),
+                                 swa_layers=tuple(hp.swa_layers[i] for i in keep))
+    problems = layout.check_hparams(hp_out)
+    if problems:
+        raise Error(f"prune_layers={drop} leaves a model that cannot run: {'; '.join(problems)}")
+    return out, hp_out
+
+
+def _choose(gf: gguf_file.GGUFFile, hp: layout.HParams, out_names: dict[str, str], spec: _Spec,
+            ovr: list[_Rule], token_embedding_type: int | None, output_tensor_type: int | None, pure: bool,
+            has_imatrix: bool) -> list[_Plan]:
+    """Each kept tensor's output type: norms, scales and the router keep theirs (llama.cpp never quantizes
+    them); matrices follow the file type's mixture or the first matching rule."""
+    fused = "blk.0.ffn_gate_exps.weight" not in gf.tensors
+    roles = {s.name: s.role for s in layout.tensor_specs(hp, fused_gate_up=fused)}
+    kept = [info for info in gf.tensors.values() if info.name in out_names]
+    matrices = [info for info in kept if roles[info.name] in (layout.MATRIX, layout.EMBED)]
+    tok = token_embedding_type if token_embedding_type is not None else spec.token_embedding_type
+    chosen: dict[str, tuple[int, int, str | None]] = {}  # source name -> (wanted, dst, rule)
+    if spec.file_type is not None:
+        names = [out_names[i.name] for i in matrices]
+        model = ftypes.Model(n_layer=hp.n_layer, n_expert=hp.n_expert, n_gqa=hp.n_head // hp.n_head_kv[0],
+                             n_attn_v=sum(ftypes.category(n) == ftypes.ATTN_V for n in names),
+                             has_imatrix=has_imatrix)
+        choice = ftypes.choose_types(
+            spec.file_type, model, [(out_names[i.name], i.shape[0], i.shape[2] if len(i.shape) > 2 else 1)
+                                    for i in matrices],
+            overrides=[(r.regex, _tn(r.type)) for r in ovr + spec.rules],
+            token_embedding_type=_tn(tok) if tok is not None else None,
+            output_tensor_type=_tn(output_tensor_type) if output_tensor_type is not None else None, pure=pure)
+        for info in matrices:
+            c = choice[out_names[info.name]]
+            chosen[info.name] = (_TYPE_ID[c.wanted], _TYPE_ID[c.type], c.why)
+    else:
+        if pure or output_tensor_type is not None:
+            raise Error("pure= and output_tensor_type= change a llama file type's mixture: give a file type "
+                        "recipe such as recipe='Q4_K_M'")
+        for info in matrices:
+            wanted, rule = info.type, None
+            if tok is not None and info.name == "token_embd.weight":
+                wanted, rule = tok, "token embedding type"
+            else:
+                for r in ovr + spec.rules:
+                    if r.regex.search(out_names[info.name]):
+                        wanted, rule = r.type, f"{r.origin} {r.pattern}"
+                        break
+            chosen[info.name] = (wanted, _shape_fallback(wanted, info.shape[0])[0], rule)
+    plans = []
+    for info in kept:
+        wanted, dst, rule = chosen.get(info.name, (info.type, info.type, roles[info.name]))
+        plans.append(_Plan(info, out_names[info.name], roles[info.name], wanted, dst, rule))
+    return plans
+
+
+def _filter_imatrix(imat: imx.ImatrixData | None, include: Sequence[str] | None,
+                    exclude: Sequence[str] | None) -> imx.ImatrixData | None:
+    """llama-quantize's --include-weights / --exclude-weights: keep / drop entries whose name contains one of
+    the strings; an imatrix left without entries counts as none (no imatrix keys, no imatrix rules)."""
+    if include and exclude:
+        raise Error("include_weights and exclude_weights cannot be used together (as in llama-quantize)")
+    for arg, v in (("include_weights", include), ("exclude_weights", exclude)):
+        if isinstance(v, str | bytes):
+            raise Error(f"{arg} takes a list of name substrings, got the string {v!r}")
+    if imat is None or not (include or exclude):
+        return imat
+    if include:
+        entries = {k: e for k, e in imat.entries.items() if any(s in k for s in include)}
+    else:
+        entries = {k: e for k, e in imat.entries.items() if not any(s in k for s in exclude or ())}
+    return dataclasses.replace(imat, entries=entries) if entries else None
+
+
+def parse_kv_override(item: str) -> tuple[str, bool | int | float | str]:
+    """llama-quantize's --override-kv KEY=TYPE:VALUE (TYPE int, float, bool or str) -> (key, value)."""
+    key, sep, rest = str(item).partition("=")
+    kind, colon, val = rest.partition(":")
+    if not sep or not key or len(key) >= 128 or not colon:
+        raise Error(f"override_kv: {item!r} is not KEY=TYPE:VALUE (TYPE int, float, bool or str)")
+    try:
+        if kind == "int":
+            return key, abs(int(val))  # llama-quantize stores ints as u32 of the magnitude
+        if kind == "float":
+            return key, float(val)
+    except ValueError:
+        raise Error(f"override_kv: {item!r}: {val!r} is not a {kind}") from None
+    if kind == "bool" and val in ("true", "false"):
+        return key, val == "true"
+    if kind == "str" and len(val) <= 127:
+        return key, val
+    raise Error(f"override_kv: {item!r}: type must be int, float, bool (true/false) or str (<= 127 chars)")
+
+
+def _kv_overrides(override_kv: Any) -> dict[str, Any]:
+    if override_kv is None:
+        return {}
+    if isinstance(override_kv, Mapping):
+        return dict(override_kv)
+    if isinstance(override_kv, str | bytes):
+        raise Error(f"override_kv takes a list of KEY=TYPE:VALUE strings or a mapping, got {override_kv!r}")
+    return dict(parse_kv_override(o) for o in override_kv)
+
+
+def _output_metadata(gf: gguf_file.GGUFFile, hp_out: layout.HParams, pruned: bool,
+                     kv: dict[str, Any]) -> dict[str, Any]:
+    """Keys the output sets beyond the source's (pruned layer arrays, --override-kv), checked to load."""
+    md: dict[str, Any] = {}
+    if pruned:
+        full = layout.hparams_to_metadata(hp_out)
+        for field in ("n_layer", "n_head_kv", "swa_layers"):
+            md[layout.metadata_key(field)] = full[layout.metadata_key(field)]
+    md.update(kv)
+    _, problems = layout.hparams_from_metadata({**gf.metadata, **md})
+    if problems:
+        raise Error("the output metadata would not load: " + "; ".join(problems))
+    return md
+
+
+def _attach_imatrix(plans: list[_Plan], imat: imx.ImatrixData | None, file_type: ftypes.FileType | None,
+                    require_imatrix: bool, dry_run: bool, notes: list[str]
+                    ) -> tuple[list[str], dict[str, float]]:
+    """Give each quantized tensor its importance weights; refuse (warn in a dry run) where a type needs
+    them and there are none. Returns the tensors without data and the partial expert coverage."""
+    no_imatrix: list[str] = []
+    partial: dict[str, float] = {}
+    missing: list[_Plan] = []
+    for p in plans:
+        if p.copy or not _lib.ggml_is_quantized(p.dst):
+            continue
+        e = None
+        if imat is not None:
+            try:
+                e = imat.entry(p.info.name, p.ne0, p.n_mat)
+            except Error:
+                if p.info.name != "token_embd.weight":  # llama-quantize ignores it there, as here
+                    raise
+                notes.append(f"imatrix entry for {p.info.name} does not fit its shape: ignored")
+        if e is not None:
+            p.imat = np.ascontiguousarray(e.weights())
+            if not np.isfinite(p.imat).all() or (p.imat < 0).any():  # llama-quantize rejects these too
+                raise Error(f"imatrix entry {p.info.name} holds negative or non-finite values")
+            if e.coverage < 1:
+                partial[p.name] = e.coverage
+        elif _imatrix_matters(p.dst):
+            no_imatrix.append(p.name)
+            if _lib.ggml_quantize_requires_imatrix(p.dst) or (
+                    require_imatrix and ftypes.requires_imatrix(p.name, _tn(p.dst), file_type)):
+                missing.append(p)
+    if imat is not None and imat.entries and not any(p.imat is not None for p in plans):
+        notes.append("the imatrix has no entry for any tensor quantized here (made for another model?)")
+    if missing:
+        types = sorted({_tn(p.dst) for p in missing})
+        names = ", ".join(p.name for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        msg = (f"{len(missing)} tensor(s) need importance data for {'/'.join(types)} "
+               f"({'the imatrix has no entry for' if imat is not None else 'no imatrix given for'} {names}): "
+               "pass imatrix=, or give them another type with overrides, e.g. "
+               "overrides=[(r'ffn_gate_up_exps', 'q2_K')]")
+        if not dry_run:
+            raise Error(msg)
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+    return no_imatrix, partial
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -422,7 +592,7 @@ class _Pipeline:
 
     def _iter_jobs(self, plans: list[_Plan]) -> Iterator[tuple[str, Any, int]]:
         for p in plans:
-            off, nbytes, name = p.info.offset, p.info.nbytes, p.info.name
+            off, nbytes, name = p.info.offset, p.info.nbytes, p.name
             if p.copy:
                 for a in range(0, nbytes, COPY_PIECE):
                     b = min(nbytes, a + COPY_PIECE)
@@ -481,15 +651,29 @@ def _n_cpus() -> int:
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Sequence[Any] | None = None,
              type: str | None = None, imatrix: str | os.PathLike | imx.ImatrixData | None = None,
-             overrides: Sequence[Any] | Mapping[str, str] | None = None, allow_requantize: bool = True,
-             require_imatrix: bool = True, threads: int | None = None, dry_run: bool = False,
-             progress: bool = True) -> QuantizeReport:
+             overrides: Sequence[Any] | Mapping[str, str] | None = None, token_embedding_type: str | None = None,
+             output_tensor_type: str | None = None, pure: bool = False, leave_output_tensor: bool = False,
+             include_weights: Sequence[str] | None = None, exclude_weights: Sequence[str] | None = None,
+             prune_layers: Sequence[int] | None = None, override_kv: Sequence[str] | Mapping[str, Any] | None = None,
+             allow_requantize: bool = True, require_imatrix: bool = True, threads: int | None = None,
+             dry_run: bool = False, progress: bool = True) -> QuantizeReport:
     r"""Quantize the `diffusion-gemma` GGUF `src` into `dst`.
 
-    recipe: a named recipe (see `recipes()`), a type name, or a list of (regex, type) rules / "regex=type"
-    strings (a regex may use `<more_bits>` for the layers llama-quantize gives more bits, e.g.
-    r"^blk\.<more_bits>\.attn_v"); type: one type for every quantizable tensor; overrides: rules tried
-    before the recipe's. With neither recipe nor type, tensors no override matches keep their source type.
+    recipe: a llama-quantize file type ('Q4_K_M', 'IQ2_S', ... case-insensitive: llama.cpp's per-tensor
+    choices, see `recipes()`), 'asym-2bitexp', a type name, or a list of (regex, type) rules / "regex=type"
+    strings (first match wins; a regex may use `<more_bits>` for the layers llama-quantize gives more bits,
+    e.g. r"^blk\.<more_bits>\.attn_v"); type: one type for every quantizable tensor. With neither, tensors
+    no override matches keep their source type.
+
+    llama-quantize's flags, same meaning: overrides = --tensor-type PATTERN=TYPE (searched in the tensor name
+    in order, before the recipe; with a file type a match skips its mixture rules, not the shape fallback);
+    token_embedding_type = --token-embedding-type; output_tensor_type = --output-tensor-type (the head is
+    token_embd, tied); pure = --pure (no mixture); leave_output_tensor = --leave-output-tensor (changes
+    nothing: there is no separate output.weight); include_weights / exclude_weights = --include-weights /
+    --exclude-weights (imatrix entries whose name contains one of the strings); prune_layers =
+    --prune-layers (blocks removed and the rest renumbered); override_kv = --override-kv KEY=TYPE:VALUE
+    strings or a {key: value} mapping.
+
     imatrix: a llama.cpp imatrix file (GGUF or legacy .dat) or ImatrixData; IQ1/IQ2/IQ3_XXS targets need
     one (a dry run only warns); require_imatrix=False quantizes the ones ggml can do without (IQ2_S, IQ3_XXS,
     ...: llama-quantize refuses them, ggml weights by x^2 instead) for experiments. allow_requantize=False
@@ -504,12 +688,14 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
         raise Error(f"threads must be a positive int, got {threads!r}")
     gf = gguf_file.read(src_p)
     hp = gguf_file.validate(gf)
-    rules, desc, recipe_ftype = _resolve_recipe(recipe, type, hp.n_layer)
+    spec = _resolve_recipe(recipe, type, hp.n_layer)
     ovr = _parse_rules(overrides, "overrides", hp.n_layer)
-    if not rules and not ovr:
+    tok = type_id(token_embedding_type) if token_embedding_type is not None else None
+    out_t = type_id(output_tensor_type) if output_tensor_type is not None else None
+    if spec.file_type is None and not spec.rules and not ovr and tok is None:
         raise Error("nothing to do: give recipe=, type= or overrides=")
     if ovr:
-        desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
+        spec.desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
     if not dry_run:
         if not dst_p.parent.is_dir():
             raise Error(f"{dst_p.parent}: no such directory for the output")
@@ -518,25 +704,13 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
         if dst_p.exists() and dst_p.resolve() == src_p.resolve():
             raise Error(f"{dst_p}: the output would replace the source it is read from")
     imat, imat_name = _load_imatrix(imatrix)
+    imat = _filter_imatrix(imat, include_weights, exclude_weights)
+    out_names, hp_out = _pruned_names(list(gf.tensors), hp, prune_layers)
+    extra_md = _output_metadata(gf, hp_out, bool(prune_layers), _kv_overrides(override_kv))
 
-    fused = "blk.0.ffn_gate_exps.weight" not in gf.tensors
-    roles = {s.name: s.role for s in layout.tensor_specs(hp, fused_gate_up=fused)}
-    plans: list[_Plan] = []
-    fallbacks: list[tuple[str, str, str, str]] = []
-    for info in gf.tensors.values():
-        role = roles[info.name]
-        if role in (layout.VECTOR, layout.ROUTER):
-            plans.append(_Plan(info, role, F32, F32, role))  # never quantized
-            continue
-        wanted, rule = info.type, None
-        for r in ovr + rules:
-            if r.regex.search(info.name):
-                wanted, rule = r.type, f"{r.origin} {r.pattern}"
-                break
-        dst_t, why = _shape_fallback(wanted, info.shape[0])
-        if why:
-            fallbacks.append((info.name, _tn(wanted), _tn(dst_t), why))
-        plans.append(_Plan(info, role, wanted, dst_t, rule))
+    plans = _choose(gf, hp, out_names, spec, ovr, tok, out_t, pure, has_imatrix=imat is not None)
+    fallbacks = [(p.name, _tn(p.wanted), _tn(p.dst), _shape_fallback(p.wanted, p.ne0)[1] or "")
+                 for p in plans if p.wanted != p.dst]
 
     refused = [p for p in plans if not p.copy and _lib.ggml_is_quantized(p.info.type)
                and (not allow_requantize or _lib.ggml_get_type_traits(p.info.type).to_float == _ffi.NULL)]
@@ -546,53 +720,22 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
                     f"{ex}; pass allow_requantize=True (quality suffers) or start from an f16/bf16/f32 file")
 
     notes: list[str] = []
-    no_imatrix: list[str] = []
-    partial: dict[str, float] = {}
-    missing: list[_Plan] = []
-    for p in plans:
-        if p.copy or not _lib.ggml_is_quantized(p.dst):
-            continue
-        e = None
-        if imat is not None:
-            try:
-                e = imat.entry(p.info.name, p.ne0, p.n_mat)
-            except Error:
-                if p.info.name not in _IMATRIX_EXEMPT:
-                    raise
-                notes.append(f"imatrix entry for {p.info.name} does not fit its shape: ignored")
-        if e is not None:
-            p.imat = np.ascontiguousarray(e.weights())
-            if not np.isfinite(p.imat).all() or (p.imat < 0).any():  # llama-quantize rejects these too
-                raise Error(f"imatrix entry {p.info.name} holds negative or non-finite values")
-            if e.coverage < 1:
-                partial[p.info.name] = e.coverage
-        elif _imatrix_matters(p.dst):
-            no_imatrix.append(p.info.name)
-            needs = _lib.ggml_quantize_requires_imatrix(p.dst) or (
-                require_imatrix and _tn(p.dst) in _LLAMA_NEEDS_IMATRIX and p.info.name not in _IMATRIX_EXEMPT)
-            if needs:
-                missing.append(p)
-    if imat is not None and imat.entries and not any(p.imat is not None for p in plans):
-        notes.append("the imatrix has no entry for any tensor quantized here (made for another model?)")
-    if missing:
-        types = sorted({_tn(p.dst) for p in missing})
-        names = ", ".join(p.info.name for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        msg = (f"{len(missing)} tensor(s) need importance data for {'/'.join(types)} "
-               f"({'the imatrix has no entry for' if imat is not None else 'no imatrix given for'} {names}): "
-               "pass imatrix=, or give them another type with overrides, e.g. "
-               "overrides=[(r'ffn_gate_up_exps', 'q2_K')]")
-        if not dry_run:
-            raise Error(msg)
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
+    if leave_output_tensor:
+        notes.append("leave_output_tensor changes nothing here: the output head is token_embd (tied), as in "
+                     "llama-quantize; use token_embedding_type to keep it")
+    if spec.file_type is not None and spec.file_type.default in ("f32", "f16", "bf16") and ovr:
+        notes.append(f"overrides are ignored by the {spec.file_type.name} file type, as in llama-quantize")
+    no_imatrix, partial = _attach_imatrix(plans, imat, spec.file_type, require_imatrix, dry_run, notes)
 
-    ftype = recipe_ftype if recipe_ftype is not None else _ftype_for(plans)
+    ftype = spec.file_type.ftype if spec.file_type is not None else _ftype_for(plans)
     w = gguf_file.Writer(dst_p, copy_kv_from=src_p)
     for k in ("split.no", "split.count", "split.tensors.count", *_IMATRIX_KEYS):
         _lib.gguf_remove_key(w.ctx, k.encode())
     w.set("general.quantization_version", 2)
     w.set("general.file_type", ftype)
-    w.set(RECIPE_KEY, json.dumps(desc))
+    w.set(RECIPE_KEY, json.dumps(spec.desc))
+    for k, v in extra_md.items():  # pruned layer arrays, then --override-kv (after file_type, as llama-quantize)
+        w.set(k, v)
     if imat is not None:
         w.set("quantize.imatrix.file", (imat_name or "")[:127])  # llama-quantize keeps at most 127 chars
         if imat.datasets:
@@ -601,14 +744,14 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
         if imat.chunk_count > 0:
             w.set("quantize.imatrix.chunks_count", imat.chunk_count)
     for p in plans:
-        w.add_tensor(p.info.name, p.info.shape, p.dst)
+        w.add_tensor(p.name, p.info.shape, p.dst)
 
     def report(size: int, seconds: float) -> QuantizeReport:
         names = [_tn(p.dst) for p in plans]
         census = dict(sorted({n: names.count(n) for n in set(names)}.items(), key=lambda kv: (-kv[1], kv[0])))
         return QuantizeReport(
-            src=src_p, dst=dst_p, recipe=json.dumps(desc), census=census,
-            tensors=[(p.info.name, p.info.shape, p.info.type_name, _tn(p.dst)) for p in plans],
+            src=src_p, dst=dst_p, recipe=json.dumps(spec.desc), census=census,
+            tensors=[(p.name, p.info.shape, p.info.type_name, _tn(p.dst)) for p in plans],
             size_bytes=size, fallbacks=fallbacks, no_imatrix=no_imatrix, imatrix_partial=partial,
             warnings=notes, ftype=ftype, dry_run=dry_run, imatrix=imat_name,
             src_bytes=sum(p.info.nbytes for p in plans), seconds=seconds)
