@@ -160,9 +160,9 @@ def test_prompt_kv_reuse_encodes_only_new_tokens(tiny_f32, monkeypatch):
     encoded = []
     real = model_mod.Model.encode
 
-    def spy(self, ids):
+    def spy(self, ids, **kw):
         encoded.append(len(ids))
-        return real(self, ids)
+        return real(self, ids, **kw)
 
     monkeypatch.setattr(model_mod.Model, "encode", spy)
     with dg.load(tiny_f32) as m:
@@ -174,14 +174,12 @@ def test_prompt_kv_reuse_encodes_only_new_tokens(tiny_f32, monkeypatch):
     np.testing.assert_allclose(other, want_other, atol=1e-4)
 
 
-def test_chunked_prompt_encoding_matches_one_shot(tiny_f32, monkeypatch):
-    from diffgemma import model as model_mod
-
+@pytest.mark.parametrize("n_batch", [1, 7, 64])
+def test_chunked_prompt_encoding_matches_one_shot(tiny_f32, n_batch):
     prompt = [2] + np.random.default_rng(3).integers(7, 512, 60).tolist()
     canvas = list(range(300, 316))
-    with dg.load(tiny_f32) as m:
+    with dg.load(tiny_f32, kv_type="f32", n_batch=61) as m:  # the whole prompt in one graph
         want = m.logits(prompt, canvas)
-    monkeypatch.setattr(model_mod, "ENCODE_CHUNK", 7)  # 61 tokens in 9 chunks, window 8
-    with dg.load(tiny_f32) as m:
+    with dg.load(tiny_f32, kv_type="f32", n_batch=n_batch) as m:  # window 8: chunks of 1 and 7 wrap the ring
         got = m.logits(prompt, canvas)
     np.testing.assert_allclose(got, want, atol=1e-4)

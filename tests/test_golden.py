@@ -34,7 +34,8 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(name)
     model = ref.make_hf_model(d / "hf", seed=11, **CONFIGS[name])
     path = dg.convert(d / "hf", d / "m-f32.gguf", outtype="f32", progress=False)
-    m = dg.load(path, flash_attn=flash)  # flash attention (the default) and the plain matmul path
+    # flash attention (the default) and the plain matmul path; the F32 store keeps exactness provable
+    m = dg.load(path, flash_attn=flash, kv_type="f32")
     yield model, m
     m.close()
 
@@ -75,34 +76,39 @@ def test_generate_lock_step(pair):
     """Our loop and transformers' generate, fed the same draws (initial canvas, one uniform per position for the
     multinomial, re-noise tokens), commit the same tokens."""
     hf, m = pair
-    hp = m.hparams
-    V = hp.n_vocab
-    prompt = [2] + _ids(5, 7, V, 9)
-    settings = {"steps": 6, "t_min": 0.4, "t_max": 0.8, "entropy_bound": 0.1, "stability": 1, "confidence": 0.005}
+    prompt = [2] + _ids(5, 7, m.hparams.n_vocab, 9)
     for seed in (1, 2, 3):
-        ours = m.generate(prompt, max_new_tokens=2 * hp.canvas_length, seed=seed, **settings)
-        rng = np.random.Generator(np.random.PCG64(seed))  # replays the draws in the order our loop made them
+        lock_step(hf, m, prompt, 2 * m.hparams.canvas_length, seed)
 
-        def randint(low, high=None, size=None, rng=rng, **kw):
-            if high is None:
-                low, high = 0, low
-            assert (low, high) == (0, V)
-            n = int(np.prod(size))
-            return torch.from_numpy(rng.integers(0, V, n)).reshape(size).to(kw.get("device", "cpu"))
 
-        def multinomial(probs, num_samples, rng=rng, **kw):
-            u = rng.random(probs.shape[0], dtype=np.float32)
-            cdf = torch.cumsum(probs.double(), -1)
-            idx = (cdf < torch.from_numpy(u).double()[:, None] * cdf[:, -1:]).sum(-1)
-            return idx.clamp(max=probs.shape[-1] - 1)[:, None]
+def lock_step(hf, m, prompt, max_new_tokens, seed, steps=6):
+    """Generate with both engines on the same random draws; assert the same tokens; return ours."""
+    V = m.hparams.n_vocab
+    settings = {"steps": steps, "t_min": 0.4, "t_max": 0.8, "entropy_bound": 0.1, "stability": 1,
+                "confidence": 0.005}
+    ours = m.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **settings)
+    rng = np.random.Generator(np.random.PCG64(seed))  # replays the draws in the order our loop made them
 
-        with mock.patch.object(torch, "randint", randint), mock.patch.object(torch, "multinomial", multinomial):
-            theirs = ref.hf_generate(hf, prompt, seed=seed, max_new_tokens=2 * hp.canvas_length,
-                                     steps=settings["steps"], eos=[1, 6], pad=0, t_min=0.4, t_max=0.8,
-                                     stability_threshold=1, confidence_threshold=0.005)
-        n = len(ours.tokens)
-        assert theirs[:n] == ours.tokens, f"seed {seed}"
-        assert all(t == 0 for t in theirs[n:])  # after an EOS transformers pads
+    def randint(low, high=None, size=None, rng=rng, **kw):
+        if high is None:
+            low, high = 0, low
+        assert (low, high) == (0, V)
+        n = int(np.prod(size))
+        return torch.from_numpy(rng.integers(0, V, n)).reshape(size).to(kw.get("device", "cpu"))
+
+    def multinomial(probs, num_samples, rng=rng, **kw):
+        u = rng.random(probs.shape[0], dtype=np.float32)
+        cdf = torch.cumsum(probs.double(), -1)
+        idx = (cdf < torch.from_numpy(u).double()[:, None] * cdf[:, -1:]).sum(-1)
+        return idx.clamp(max=probs.shape[-1] - 1)[:, None]
+
+    with mock.patch.object(torch, "randint", randint), mock.patch.object(torch, "multinomial", multinomial):
+        theirs = ref.hf_generate(hf, prompt, seed=seed, max_new_tokens=max_new_tokens, steps=steps, eos=[1, 6],
+                                 pad=0, t_min=0.4, t_max=0.8, stability_threshold=1, confidence_threshold=0.005)
+    n = len(ours.tokens)
+    assert theirs[:n] == ours.tokens, f"seed {seed}"
+    assert all(t == 0 for t in theirs[n:])  # after an EOS transformers pads
+    return ours
 
 
 @pytest.mark.parametrize("seed", [5, 6])
@@ -120,10 +126,54 @@ def test_q8_0_close_to_reference(tmp_path, seed):
                 p.mul_(20)
     model.save_pretrained(tmp_path / "hf")
     path = dg.convert(tmp_path / "hf", tmp_path / "m-q8_0.gguf", outtype="q8_0", progress=False)
-    with dg.load(path) as m:
+    with dg.load(path, kv_type="f32") as m:
         prompt = [2] + _ids(11, 7, 512, 4)
         canvas = _ids(16, 0, 512, 5)
         want = ref.hf_logits(model, prompt, canvas)
         got = m.logits(prompt, canvas)
     err = np.abs(got - want)
     assert err.mean() < 0.02 and err.max() < 0.4
+
+
+# ---- long context: the sliding layers' ring and chunked prefill, far past the window ----------------------
+
+LONG = {"hidden": 96, "heads": 6, "kv_heads": 3, "global_kv_heads": 2, "head_dim": 32, "global_head_dim": 64,
+        "n_experts": 6, "top_k": 3, "window": 12, "canvas": 8, "intermediate": 128, "moe_intermediate": 48}
+
+
+@pytest.fixture(scope="module")
+def long_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    model = ref.make_hf_model(d / "hf", seed=13, **LONG)
+    return model, dg.convert(d / "hf", d / "m-f32.gguf", outtype="f32", progress=False)
+
+
+@pytest.mark.parametrize("flash", ["on", "off"])
+def test_prompt_far_past_the_window(long_pair, flash):
+    """Window 12, prompt 300: with n_batch 16 the ring holds 11 + 16 slots and wraps 11 times while the prompt
+    is encoded; the logits equal transformers' and a store that never wraps (one 300-token chunk)."""
+    hf, path = long_pair
+    prompt = [2] + _ids(299, 7, 512, 21)
+    canvas = _ids(8, 0, 512, 22)
+    want = ref.hf_logits(hf, prompt, canvas)
+    with dg.load(path, kv_type="f32", n_batch=16, flash_attn=flash) as m:
+        assert m.prompt_kv.ring == 11 + 16
+        got = m.logits(prompt, canvas)
+        sc = want / 0.7
+        got_sc = m.logits(prompt, canvas, self_cond=sc)
+    with dg.load(path, kv_type="f32", n_batch=300, flash_attn=flash) as whole:
+        assert whole.prompt_kv.ring >= 300 + 8
+        unwrapped = whole.logits(prompt, canvas)
+    assert np.abs(got - want).max() < 1e-3
+    assert np.abs(got_sc - ref.hf_logits(hf, prompt, canvas, self_cond=sc)).max() < 1e-3
+    assert np.abs(got - unwrapped).max() < 1e-4
+
+
+def test_multi_canvas_generation_far_past_the_window(long_pair):
+    """Five canvases of 8 after a 5-token prompt, each finished canvas encoded into a ring of 11 + 8 slots: the
+    committed length passes the window (12) three times, in lock-step with transformers."""
+    hf, path = long_pair
+    with dg.load(path, kv_type="f32", n_batch=8) as m:
+        assert m.prompt_kv.ring == 11 + 8
+        ours = lock_step(hf, m, [2] + _ids(4, 7, 512, 7), 40, seed=7)
+    assert len(ours.tokens) == 40  # no EOS on the way: the last canvas sees committed tokens 24..36

@@ -27,7 +27,8 @@ import numpy as np
 from . import binding as B
 from . import imatrix_file, sampler
 from .errors import Error
-from .graph import Ctx, Graphs, PromptKV
+from .graph import Ctx, Graphs
+from .kv import F16, PromptKV
 
 _lib, _ffi = B.lib, B.ffi
 _OBSERVED_PREFIXES = (b"blk.", b"self_cond_")
@@ -163,7 +164,8 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
 
     gf = gguf_file.read(path)
     hp = gguf_file.validate(gf)
-    ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(gf.tensors) + 2 * hp.n_layer + 8))
+    ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(gf.tensors) + 8))
+    kv = PromptKV(hp, n_ctx=2 * hp.canvas_length + 8, room=hp.canvas_length, ttype=F16, buffer_type=None)
     try:
         w = {}
         for info in gf.tensors.values():
@@ -171,16 +173,14 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
             t = _lib.ggml_new_tensor_4d(ctx, info.type, *ne)
             _lib.ggml_set_name(t, info.name.encode())
             w[info.name] = t
-        n_ctx = 2 * hp.canvas_length + 8
-        ks = [_lib.ggml_new_tensor_3d(ctx, 0, hp.layer_head_dim(i), hp.n_head_kv[i], n_ctx) for i in range(hp.n_layer)]
-        vs = [_lib.ggml_new_tensor_3d(ctx, 0, hp.layer_head_dim(i), hp.n_head_kv[i], n_ctx) for i in range(hp.n_layer)]
-        kv = PromptKV(ks, vs, n_ctx, n=4)
+        kv.n = 4
         embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
         sc_state = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
         scalars = {n: 1.0 for n in w if n.endswith("layer_output_scale.weight")}
         return expected_weights(Graphs(w, hp, False, 1.0, scalars), kv, hp.canvas_length, embd_t, sc_state)
     finally:
+        kv.free()
         _lib.ggml_free(ctx)
 
 

@@ -52,11 +52,26 @@ def info_text(path: str) -> str:
         f"  experts {hp.n_expert} (top {hp.n_expert_used}, width {hp.n_ff_exp})   dense/self-cond MLP {hp.n_ff}",
         f"  rope base sliding/global {hp.rope_base_swa:g}/{hp.rope_base:g}   softcap {hp.softcap:g}   "
         f"rms eps {hp.rms_eps:g}   context {hp.context_length}",
+        *_kv_lines(hp, data),
         "sampler defaults (diffusion.*)",
         f"  canvas {hp.canvas_length}   steps {hp.steps}   t {hp.t_max:g} -> {hp.t_min:g}   entropy bound "
         f"{hp.entropy_bound:g}   stability {hp.stability}   confidence {hp.confidence:g}",
     ]
     return "\n".join(lines)
+
+
+def _kv_lines(hp: Any, weight_bytes: int) -> list[str]:
+    """The prompt-KV store (F16, CPU) of this file and the longest context that fits next to its weights in the
+    memory free now."""
+    from . import kv
+    from .model import N_BATCH
+
+    room = max(N_BATCH, hp.canvas_length)
+    budget = kv.host_available() - weight_bytes - kv.RESERVE_BYTES
+    n = kv.max_context(hp, kv.F16, room, budget)
+    return [f"prompt-KV     {kv.bytes_per_token(hp, kv.F16):,} bytes per committed token (f16) + "
+            f"{_fmt_bytes(kv.ring_bytes(hp, kv.F16, room))} sliding-window ring; max context on this machine "
+            f"{n:,} tokens ({_fmt_bytes(kv.store_bytes(hp, kv.F16, n, room))} store, CPU)"]
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
@@ -93,7 +108,10 @@ def _model_args(s: argparse.ArgumentParser) -> None:
                    help="GGUF file (default: \"tiny\", the embedded Shakespeare model)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.add_argument("-t", "--threads", type=int, default=None)
-    s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
+    s.add_argument("-c", "--n-ctx", type=int, default=None,
+                   help="most prompt + generated tokens (default: the file's context length, as memory allows)")
+    s.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens encoded per graph (default 512)")
+    s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
 
 
@@ -119,7 +137,31 @@ def _sampler_kw(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace) -> Any:
     from .model import load
 
-    return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, verbose=a.verbose, n_ctx=a.n_ctx)
+    return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, verbose=a.verbose, n_ctx=a.n_ctx,
+                n_batch=a.n_batch, kv_type=a.kv_type)
+
+
+class _PrefillBar:
+    """A progress bar over the prompt's encoding, on a terminal and only for prompts of several chunks."""
+
+    def __init__(self, n_batch: int):
+        self.n_batch, self.bar = n_batch, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None and total > self.n_batch and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="prefill", leave=False, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.refresh()
+            if done >= total:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class _LiveCanvas:
@@ -172,9 +214,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             bar.n = ev.canvas_index
             bar.refresh()
 
+    prefill = _PrefillBar(m.n_batch)
     try:
-        g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, **_sampler_kw(a))
+        g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, on_prefill=prefill,
+                       **_sampler_kw(a))
     finally:
+        prefill.close()
         if bar is not None:
             bar.close()
     if isinstance(live, _LiveCanvas):
@@ -211,7 +256,11 @@ def _cmd_chat(a: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
-        g = m.generate(messages, on_step=live, **_sampler_kw(a))
+        prefill = _PrefillBar(m.n_batch)
+        try:
+            g = m.generate(messages, on_step=live, on_prefill=prefill, **_sampler_kw(a))
+        finally:
+            prefill.close()
         if live:
             live.clear()
         print(g.text.strip())

@@ -122,7 +122,8 @@ def eos_ids(model: Any) -> frozenset[int]:
 def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
              seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
              entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
-             chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None) -> Generation:
+             chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None,
+             on_prefill: Callable[[int, int], Any] | None = None) -> Generation:
     """Generate canvases after `prompt` (see Model.generate)."""
     hp = model.hparams
     cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
@@ -151,7 +152,7 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
     with model._lock:
         for c in range(n_canvas):
             t0 = time.perf_counter()
-            model._sync_prefix(np.asarray(committed, dtype=np.int32))
+            model._sync_prefix(np.asarray(committed, dtype=np.int32), on_progress=on_prefill)
             prefill += time.perf_counter() - t0
             z = rng.integers(0, V, L)
             history: list[np.ndarray] = []

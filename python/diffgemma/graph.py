@@ -10,11 +10,11 @@ Shapes are in ggml order: activations are [features, tokens].
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 from . import binding as B
+from .kv import PromptKV
 from .layout import HParams
 
 _lib, _ffi = B.lib, B.ffi
@@ -54,16 +54,6 @@ class Ctx:
         fn = getattr(_lib, "ggml_" + op)
         ctx = self.ctx
         return lambda *args: fn(ctx, *args)
-
-
-@dataclasses.dataclass
-class PromptKV:
-    """Per-layer K/V of every committed token, on the weights' device: k[il], v[il] are [d, n_kv_head, capacity]."""
-
-    k: list[Any]
-    v: list[Any]
-    capacity: int
-    n: int = 0  # committed tokens stored
 
 
 def rms(g: Ctx, x: Any, eps: float, w: Any = None) -> Any:
@@ -176,37 +166,38 @@ class Graphs:
         moe = rms(g, moe, eps, w[p + "post_ffw_norm_2.weight"])
         return rms(g, g.add(dense, moe), eps, w[p + "post_ffw_norm.weight"])
 
-    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, n_prefix: int) -> tuple[Any, Any]:
-        """Write the n new K/V of layer il into the store right after the committed tokens, and return views of
-        the last n_prefix committed K/V followed by them: one contiguous range, so nothing is concatenated.
-        (The decoder writes its canvas into slots the next encode overwrites.)"""
-        n = k.ne[2]
+    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any) -> tuple[Any, Any]:
+        """Write the n new K/V of layer il into the store's slots after the committed tokens (a ring write may
+        wrap), and return views of the slots the new queries read (PromptKV.read_range): one contiguous range,
+        so nothing is concatenated. (The decoder writes its canvas into slots the next encode overwrites.)"""
+        n, swa = k.ne[2], self.hp.is_swa(il)
+        first, count = kv.read_range(swa, n)
         out = []
         for new, store in ((k, kv.k[il]), (v, kv.v[il])):
             d, h, nb1, nb2 = store.ne[0], store.ne[1], store.nb[1], store.nb[2]
-            g.expand(g.cpy(new, g.view_3d(store, d, h, n, nb1, nb2, kv.n * nb2)))
-            out.append(g.view_3d(store, d, h, n_prefix + n, nb1, nb2, (kv.n - n_prefix) * nb2))
+            for slot, src, cnt in kv.write_pieces(swa, n):
+                piece = g.view_3d(new, d, h, cnt, new.nb[1], new.nb[2], src * new.nb[2])
+                g.expand(g.cpy(piece, g.view_3d(store, d, h, cnt, nb1, nb2, slot * nb2)))
+            out.append(g.view_3d(store, d, h, count, nb1, nb2, first * nb2))
         return out[0], out[1]
 
-    def n_prefix(self, swa: bool, n_committed: int) -> int:
-        """Committed keys a layer reads: all of them (global) or the last W-1 (sliding)."""
-        return min(n_committed, self.hp.sliding_window - 1) if swa else n_committed
+    def _mask_input(self, g: Ctx, kind: str, kv: PromptKV, n: int) -> Any:
+        """The [keys read, n queries] mask input of one layer kind ("swa" or "full")."""
+        _, count = kv.read_range(kind == "swa", n)
+        return g.input(f"mask_{kind}", F16 if self.flash else F32, count, n)
 
     def encode(self, g: Ctx, kv: PromptKV, n: int) -> dict[str, Any]:
         """Causal pass over n new committed tokens at positions kv.n.. ; writes their K/V into the store.
-        Inputs: ids [n], pos [n], mask_swa / mask_full [n_kv, n] (0 or -inf)."""
+        Inputs: ids [n], pos [n], mask_swa / mask_full [keys read, n] (0 or -inf; see kv.attention_mask)."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
-        masks = {}
-        for kind in ("swa", "full"):
-            n_kv = self.n_prefix(kind == "swa", kv.n) + n
-            masks[kind] = g.input(f"mask_{kind}", F16 if self.flash else F32, n_kv, n)
+        masks = {kind: self._mask_input(g, kind, kv, n) for kind in ("swa", "full")}
         h = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
         for il in range(hp.n_layer):
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
             q, k, v = self._qkv(g, il, a, pos, n)
-            k, v = self._store_and_read(g, kv, il, k, v, self.n_prefix(hp.is_swa(il), kv.n))
+            k, v = self._store_and_read(g, kv, il, k, v)
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
             mask = masks["swa" if hp.is_swa(il) else "full"]
@@ -231,13 +222,14 @@ class Graphs:
         read from it for self-conditioning and this step's is written back, so it never leaves the device and
         is computed once per step.
         Inputs: ids [L], pos [L], sc_gate [1] (0 on the first step: self-conditioning contributes exactly 0),
-        inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample).
+        inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample), mask_swa [keys read, L].
         Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L]."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
         sc_gate = g.input("sc_gate", F32, 1)
         inv_temp = g.input("inv_temp", F32, 1)
         uniform = g.input("uniform", F32, 1, L)
+        mask_swa = self._mask_input(g, "swa", kv, L)
         hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
         sc = mul_scalar(g, self.self_cond(g, sc_state, embd_t), sc_gate)
         h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
@@ -245,9 +237,11 @@ class Graphs:
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
             q, k, v = self._qkv(g, il, a, pos, L)
-            k, v = self._store_and_read(g, kv, il, k, v, self.n_prefix(hp.is_swa(il), kv.n))
-            # Every canvas query sees the same keys: the chosen prefix plus the whole canvas; no mask needed.
-            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, _ffi.NULL, self.flash))
+            k, v = self._store_and_read(g, kv, il, k, v)
+            # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
+            # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
+            mask = mask_swa if hp.is_swa(il) else _ffi.NULL
+            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
             h = g.scale(g.add(h1, self._ffn(g, il, h1, L)), self.scalars[p + "layer_output_scale.weight"])
         h = rms(g, h, hp.rms_eps, w["output_norm.weight"])
@@ -255,7 +249,7 @@ class Graphs:
         logits = softcap(g, logits, hp.softcap)
         g.output(logits, "logits")
         return {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
-                "logits": logits, **self.sample(g, logits, inv_temp, uniform, sc_state)}
+                "mask_swa": mask_swa, "logits": logits, **self.sample(g, logits, inv_temp, uniform, sc_state)}
 
     @staticmethod
     def _row_dots(g: Ctx, a: Any, b: Any) -> Any:

@@ -15,16 +15,16 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from . import binding as B
-from . import gguf_file, layout
+from . import gguf_file, kv, layout
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation
 from .generation import generate as _generate
-from .graph import F16, F32, Ctx, Graphs, PromptKV
+from .graph import F16, F32, Ctx, Graphs
 from .tokenizer import Tokenizer
 
 _lib, _ffi = B.lib, B.ffi
 GRAPH_NODES = 32768
-ENCODE_CHUNK = 512  # committed tokens encoded per graph (bounds the compute buffer)
+N_BATCH = 512  # default committed tokens encoded per graph (bounds the compute buffer)
 
 
 def _bf16_round(x: float) -> float:
@@ -45,7 +45,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
                  flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-                 mmproj: str | os.PathLike | None = None):
+                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16"):
         B.set_verbose(verbose)
         if flash_attn not in ("auto", "on", "off", True, False):
             raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
@@ -59,9 +59,13 @@ class Model:
             raise Error(f"threads must be >= 1, got {threads}")
         if not isinstance(n_gpu_layers, int):
             raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
-        self.n_ctx = min(n_ctx or 4096, hp.context_length)
-        if self.n_ctx < hp.canvas_length + 1:
-            raise Error(f"n_ctx={self.n_ctx} cannot hold a prompt and a canvas of {hp.canvas_length}")
+        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
+            raise Error(f"n_batch must be an int >= 1, got {n_batch!r}")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise Error(f"n_ctx must be a positive int or None, got {n_ctx!r}")
+        self.kv_type = kv_type
+        self._kv_ttype = kv.kv_type_of(kv_type)
+        self.n_batch = n_batch
         self.threads = threads or len(os.sched_getaffinity(0))
         self._lock = threading.RLock()
         self._closed = False
@@ -79,7 +83,7 @@ class Model:
         scalars = {n: float(self._host_array(n)[0]) for n in self._file.tensors
                    if n.endswith("layer_output_scale.weight")}
         self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
-        self._alloc_prompt_kv()
+        self._alloc_prompt_kv(n_ctx)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
@@ -193,9 +197,9 @@ class Model:
         g = Ctx(64)
         try:
             ok = True
-            for d, kv in {(self.hparams.head_dim, 1), (self.hparams.head_dim_swa, 1)}:
+            for d, n_kv in {(self.hparams.head_dim, 1), (self.hparams.head_dim_swa, 1)}:
                 q = _lib.ggml_new_tensor_3d(g.ctx, F32, d, 4, self.hparams.n_head)
-                k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, kv)
+                k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, n_kv)
                 m = _lib.ggml_new_tensor_2d(g.ctx, F16, 16, 4)
                 fa = g.flash_attn_ext(q, k, k, m, 1.0, 0.0, 0.0)
                 ok = ok and bool(_lib.ggml_backend_supports_op(self.gpu_backend, fa))
@@ -203,32 +207,64 @@ class Model:
         finally:
             g.free()
 
-    def _alloc_prompt_kv(self) -> None:
+    def _alloc_prompt_kv(self, n_ctx: int | None) -> None:
+        """The compact prompt-KV store (kv.py). n_ctx=None: the file's context length, or less where the store
+        would not fit next to the weights in the memory free now; an n_ctx whose store does not fit is an
+        Error naming the bytes."""
         hp = self.hparams
-        ks, vs = [], []
-        per_dev: dict[bool, list[Any]] = {False: [], True: []}
-        ctx = {dev: self._new_ctx(2 * hp.n_layer) for dev in (False, True)}
-        for il in range(hp.n_layer):
-            dev = self._on_gpu(f"blk.{il}.")
-            d, n_kv = hp.layer_head_dim(il), hp.n_head_kv[il]
-            # Sliding layers never need more than the last W-1 keys beyond a chunk, but the store keeps
-            # every committed token so the views stay simple; capacity is n_ctx.
-            k = _lib.ggml_new_tensor_3d(ctx[dev], F32, d, n_kv, self.n_ctx)
-            v = _lib.ggml_new_tensor_3d(ctx[dev], F32, d, n_kv, self.n_ctx)
-            _lib.ggml_set_name(k, f"prompt_k.{il}".encode())
-            _lib.ggml_set_name(v, f"prompt_v.{il}".encode())
-            ks.append(k)
-            vs.append(v)
-            per_dev[dev] += [k, v]
-        for dev, ts in per_dev.items():
-            if not ts:
-                continue
-            buft = (_lib.ggml_backend_dev_buffer_type(self._gpu_dev) if dev else _lib.ggml_backend_cpu_buffer_type())
-            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx[dev], buft)
-            if buf == _ffi.NULL:
-                raise Error(f"cannot allocate the prompt-KV store for n_ctx={self.n_ctx}")
-            self._bufs.append(buf)
-        self.prompt_kv = PromptKV(ks, vs, self.n_ctx)
+        room = max(self.n_batch, hp.canvas_length)  # a prefill chunk or a canvas after the last W-1 keys
+        groups = {dev: [il for il in range(hp.n_layer) if self._on_gpu(f"blk.{il}.") == dev] for dev in (False, True)}
+        if n_ctx is None:
+            self.n_ctx = min(kv.max_context(hp, self._kv_ttype, room, self._kv_budget(dev), layers)
+                             for dev, layers in groups.items() if layers)
+            if self.n_ctx < hp.canvas_length + 1:
+                raise Error(f"not enough free memory for a prompt-KV store next to the weights "
+                            f"({kv.store_bytes(hp, self._kv_ttype, hp.canvas_length + 1, room):,} bytes for one "
+                            "canvas); close other programs or offload fewer layers")
+        else:
+            self.n_ctx = min(n_ctx, hp.context_length)
+            for dev, layers in groups.items():
+                if not layers:
+                    continue
+                need = kv.store_bytes(hp, self._kv_ttype, self.n_ctx, room, layers)
+                free = self._free_bytes(dev) - kv.RESERVE_BYTES
+                if need > free:
+                    raise Error(f"n_ctx={self.n_ctx}: the prompt-KV store would need {need:,} bytes of "
+                                f"{'GPU' if dev else 'host'} memory ({kv.bytes_per_token(hp, self._kv_ttype):,} "
+                                f"per token in {self.kv_type}) but only {max(free, 0):,} are free; use a smaller n_ctx")
+        if self.n_ctx < hp.canvas_length + 1:
+            raise Error(f"n_ctx={self.n_ctx} cannot hold a prompt and a canvas of {hp.canvas_length}")
+
+        def buffer_type(il: int) -> Any:
+            on_gpu = self._on_gpu(f"blk.{il}.")
+            return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+
+        self.prompt_kv = kv.PromptKV(hp, n_ctx=self.n_ctx, room=room, ttype=self._kv_ttype, buffer_type=buffer_type,
+                                     device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+
+    def _free_bytes(self, on_gpu: bool) -> int:
+        """Memory free now on the GPU, or on the host (MemAvailable)."""
+        if not on_gpu:
+            return kv.host_available()
+        free, total = _ffi.new("size_t *"), _ffi.new("size_t *")
+        _lib.ggml_backend_dev_memory(self._gpu_dev, free, total)
+        return int(free[0])
+
+    def _kv_budget(self, on_gpu: bool) -> int:
+        """Bytes the store may take on a device by default: its free memory less a reserve and, on the host,
+        less the CPU weights (their mapped pages must stay resident to run at speed)."""
+        weights = 0 if on_gpu else sum(i.nbytes for i in self._file.tensors.values() if not self._on_gpu(i.name))
+        return self._free_bytes(on_gpu) - weights - kv.RESERVE_BYTES
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Prompt-KV store bytes each committed token adds (K and V of the global layers, in kv_type)."""
+        return kv.bytes_per_token(self.hparams, self._kv_ttype)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Prompt-KV store bytes allocated now (the sliding layers' rings and the global layers' stores)."""
+        return self.prompt_kv.nbytes
 
     def _host_array(self, name: str) -> np.ndarray:
         """A weight read from the mapped file as float32 (dequantized if need be), rows of ne0."""
@@ -299,43 +335,40 @@ class Model:
             raise Error(f"{what}: token ids must be in [0, {self.hparams.n_vocab})")
         return arr.astype(np.int32)
 
-    def _mask(self, n_pre: int, n: int, start: int, window: int | None) -> np.ndarray:
-        """Causal (+ window) mask for n queries at start.. over [n_pre prefix keys | n new keys]."""
-        kpos = np.arange(start - n_pre, start + n)[None, :]
-        qpos = np.arange(start, start + n)[:, None]
-        ok = kpos <= qpos
-        if window is not None:
-            ok &= kpos > qpos - window
-        m = np.where(ok, 0.0, -np.inf).astype(np.float16 if self.flash else np.float32)
-        return m
-
-    def encode(self, ids: Any) -> None:
-        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store, causally."""
+    def encode(self, ids: Any, *, on_progress: Any = None) -> None:
+        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store, causally, in chunks of
+        n_batch tokens. on_progress(done, total) is called after each chunk."""
         with self._lock:
             arr = self._check_ids(ids, "committed tokens")
-            kv, hp = self.prompt_kv, self.hparams
-            if kv.n + len(arr) > self.n_ctx:
-                raise Error(f"context full: {kv.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
+            store = self.prompt_kv
+            if store.n + len(arr) > self.n_ctx:
+                raise Error(f"context full: {store.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
                             "n_ctx)")
-            for s in range(0, len(arr), ENCODE_CHUNK):
-                chunk = arr[s:s + ENCODE_CHUNK]
+            dtype = np.float16 if self.flash else np.float32
+            for s in range(0, len(arr), self.n_batch):
+                chunk = arr[s:s + self.n_batch]
                 n = len(chunk)
-                gr = self._use_graph(("enc", kv.n, n), lambda g, n=n: self._graphs.encode(g, kv, n))
+                store.reserve(store.n + n)
+                gr = self._use_graph(("enc", store.n, n, store.capacity),
+                                     lambda g, n=n: self._graphs.encode(g, store, n))
+                store.mark(n)
                 self._set(gr.io["ids"], chunk)
-                self._set(gr.io["pos"], np.arange(kv.n, kv.n + n, dtype=np.int32))
-                self._set(gr.io["mask_swa"], self._mask(self._graphs.n_prefix(True, kv.n), n, kv.n, hp.sliding_window))
-                self._set(gr.io["mask_full"], self._mask(kv.n, n, kv.n, None))
+                self._set(gr.io["pos"], np.arange(store.n, store.n + n, dtype=np.int32))
+                for kind, mask in store.masks(n, causal=True, dtype=dtype).items():
+                    self._set(gr.io[f"mask_{kind}"], mask)
                 self._compute(gr)
-                kv.n += n
+                store.n += n
                 self.committed.extend(int(t) for t in chunk)
+                if on_progress is not None:
+                    on_progress(s + n, len(arr))
 
     def reset(self) -> None:
-        """Forget every committed token (the store is rewritten by the next encode)."""
+        """Forget every committed token; the store's allocation is kept for the next prompt."""
         with self._lock:
-            self.prompt_kv.n = 0
+            self.prompt_kv.reset()
             self.committed = []
 
-    def _sync_prefix(self, prefix: np.ndarray) -> None:
+    def _sync_prefix(self, prefix: np.ndarray, on_progress: Any = None) -> None:
         """Make the store hold exactly `prefix`, encoding only what is new (prompt-KV reuse)."""
         n = 0
         have = self.committed
@@ -343,10 +376,12 @@ class Model:
         while n < lim and have[n] == prefix[n]:
             n += 1
         if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
-            self.prompt_kv.n = n
+            if not self.prompt_kv.truncate(n):  # the ring lost the window before n: encode from the start
+                self.prompt_kv.reset()
+                n = 0
             self.committed = have[:n]
         if n < len(prefix):
-            self.encode(prefix[n:])
+            self.encode(prefix[n:], on_progress=on_progress)
 
     def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None) -> np.ndarray:
         """Denoiser logits (soft-capped, no temperature) for a canvas placed right after the committed prefix
@@ -397,13 +432,20 @@ class Model:
 
     def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray) -> _Graph:
         """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph."""
-        L, kv = len(canvas), self.prompt_kv
-        if kv.n + L > kv.capacity:  # the canvas K/V go into the store's free slots
-            raise Error(f"{kv.n} committed + canvas {L} tokens exceed n_ctx={kv.capacity}")
+        L, store = len(canvas), self.prompt_kv
+        if store.n + L > self.n_ctx:  # the canvas K/V go into the store's slots after the committed tokens
+            raise Error(f"{store.n} committed + canvas {L} tokens exceed n_ctx={self.n_ctx}")
+        if L > store.room:
+            raise Error(f"a canvas of {L} tokens exceeds the store's room of {store.room} (raise n_batch)")
+        store.reserve(store.n + L)
         embd_t, sc_state = self._embedding_t(), self._self_cond_state(L)
-        gr = self._use_graph(("dec", kv.n, L), lambda g: self._graphs.decode(g, kv, L, embd_t, sc_state))
+        gr = self._use_graph(("dec", store.n, L, store.capacity),
+                             lambda g: self._graphs.decode(g, store, L, embd_t, sc_state))
+        store.mark(L)
+        self._set(gr.io["mask_swa"], store.masks(L, causal=False, kinds=("swa",),
+                                                 dtype=np.float16 if self.flash else np.float32)["swa"])
         self._set(gr.io["ids"], canvas.astype(np.int32))
-        self._set(gr.io["pos"], np.arange(kv.n, kv.n + L, dtype=np.int32))
+        self._set(gr.io["pos"], np.arange(store.n, store.n + L, dtype=np.int32))
         self._set(gr.io["sc_gate"], np.full(1, 1.0 if self_cond else 0.0, np.float32))
         self._set(gr.io["inv_temp"], np.full(1, inv_temp, np.float32))
         self._set(gr.io["uniform"], uniform.astype(np.float32))
@@ -426,18 +468,19 @@ class Model:
     def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
-                 on_step: Any = None) -> Generation:
+                 on_step: Any = None, on_prefill: Any = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids. chat=None applies
         the file's chat template to str/messages when the file has one. Sampler settings left as None take the
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
         adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
-        denoising step. Returns a Generation (.text, .tokens, .canvases, .timings, .seed)."""
+        denoising step, on_prefill(done, total) after every chunk of n_batch tokens encoded (the prompt, then
+        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed)."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
-                         chat=chat, on_step=on_step)
+                         chat=chat, on_step=on_step, on_prefill=on_prefill)
 
     # ---- text ------------------------------------------------------------------------------------------
 
@@ -467,6 +510,8 @@ class Model:
             if getattr(self, "vision", None) is not None:
                 self.vision.close()
             _lib.ggml_backend_sched_free(self.sched)
+            if hasattr(self, "prompt_kv"):
+                self.prompt_kv.free()
             for buf in self._bufs:
                 _lib.ggml_backend_buffer_free(buf)
             for ctx in self._ctxs:
@@ -497,15 +542,18 @@ class Model:
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
          flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-         mmproj: str | os.PathLike | None = None) -> Model:
+         mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16") -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
-    k = the last k layers. n_ctx: most committed + canvas tokens (default 4096, capped by the file).
-    mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
+    k = the last k layers. n_ctx: most committed + canvas tokens (default: the file's context length, or less
+    where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
+    context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
+    n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
+    "f16" (default) or "f32".
     """
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj)
+                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj, n_batch=n_batch, kv_type=kv_type)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
