@@ -49,6 +49,8 @@ def test_global_store_grows_and_reset_keeps_it(tiny_f32, monkeypatch):
     with dg.load(tiny_f32, n_ctx=1024, n_batch=24, kv_type="f32") as m:
         assert m.prompt_kv.capacity == 32 and m.n_ctx == 1024
         small = m.kv_bytes
+        hp = m.hparams
+        assert small == kv.ring_bytes(hp, kv.F32, 24) + 32 * m.kv_bytes_per_token
         got = m.logits(prompt, canvas)
         assert m.prompt_kv.capacity == 256 and m.kv_bytes > small  # 32 -> 64 -> 128 -> 256 while encoding
         grown = m.kv_bytes

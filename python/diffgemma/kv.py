@@ -138,7 +138,8 @@ class PromptKV:
     @property
     def nbytes(self) -> int:
         """Bytes allocated now."""
-        return sum(_lib.ggml_backend_buffer_get_size(buf) for _, buf in self._owned.values() if buf is not None)
+        bufs = {id(buf): buf for _, buf in self._owned.values() if buf is not None}  # layers share a buffer
+        return sum(_lib.ggml_backend_buffer_get_size(buf) for buf in bufs.values())
 
     # ---- memory ------------------------------------------------------------------------------------------
 
