@@ -95,17 +95,24 @@ def attention_mask(kpos: np.ndarray, qpos: np.ndarray, *, causal: bool, window: 
     causal (encoder): a key is visible at or before its query, and with `window` only within the query's last
     `window` positions (p - W < k <= p). Not causal (decoder): the queries are one bidirectional block that sees
     itself and, with `window`, the W-1 positions before it (every query the same keys)."""
-    k, q = np.asarray(kpos)[None, :], np.asarray(qpos)[:, None]
-    if causal:
-        ok = (k >= 0) & (k <= q)
+    k, q = np.asarray(kpos), np.asarray(qpos)
+    lo = -1 if window is None else q.min() - window  # keys at or below lo are out of every query's window
+    if not causal:
+        ok = (k >= 0) & (k > lo) & (k <= q.max())
+        return np.broadcast_to(np.where(ok, 0.0, -np.inf).astype(dtype), (len(q), len(k))).copy()
+    # Only keys some queries see and others do not need a per-query test: a long prefix is visible to all.
+    always = (k >= 0) & (k <= q.min()) & (k > (-1 if window is None else q.max() - window))
+    never = (k < 0) | (k > q.max()) | (k <= lo)
+    m = np.zeros((len(q), len(k)), dtype)
+    m[:, never] = -np.inf
+    some = np.flatnonzero(~always & ~never)
+    if some.size:
+        ks, qs = k[some][None, :], q[:, None]
+        ok = ks <= qs
         if window is not None:
-            ok &= k > q - window
-    else:
-        ok = (k >= 0) & (k <= q.max())
-        if window is not None:
-            ok &= k > q.min() - window
-        ok = np.broadcast_to(ok, (q.shape[0], k.shape[1]))
-    return np.where(ok, 0.0, -np.inf).astype(dtype)
+            ok &= ks > qs - window
+        m[:, some] = np.where(ok, 0.0, -np.inf)
+    return m
 
 
 class PromptKV:
