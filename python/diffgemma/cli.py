@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import shutil
 import sys
 import textwrap
@@ -294,6 +295,70 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _tensor_type_arg(v: str) -> list[tuple[str, str]]:
+    """--tensor-type PATTERN=TYPE as llama-quantize reads it: split at the first '=', pattern lowercased."""
+    pat, sep, ty = v.partition("=")
+    if not sep or not pat or not ty:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=TYPE, got {v!r}")
+    return [(pat.lower(), ty)]
+
+
+def _tensor_type_file_arg(path: str) -> list[tuple[str, str]]:
+    """--tensor-type-file: PATTERN=TYPE entries separated by spaces or newlines."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    return [x for tok in text.split() for x in _tensor_type_arg(tok)]
+
+
+def _override_arg(v: str) -> list[tuple[str, str]]:
+    rx, sep, ty = v.rpartition("=")
+    if not sep or not rx:
+        raise argparse.ArgumentTypeError(f"expected REGEX=TYPE, got {v!r}")
+    return [(rx, ty)]
+
+
+def _prune_arg(v: str) -> list[int]:
+    try:
+        ids = [int(x) for x in v.split(",")]
+    except ValueError:
+        ids = [-1]
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {v!r}")
+    return sorted(set(ids))
+
+
+def _quantize_positionals(a: argparse.Namespace) -> tuple[str, pathlib.Path, str | None, int | None]:
+    """SRC DST, SRC DST TYPE [NTHREADS] or SRC TYPE [NTHREADS]: llama-quantize's orders (with only TYPE the
+    output is ggml-model-TYPE.gguf next to SRC, as llama-quantize names it)."""
+    from .quantizer import find_recipe
+
+    if not a.args:
+        raise Error("quantize needs SRC and DST (or --list-recipes)")
+    src, rest = a.args[0], list(a.args[1:])
+    dst = recipe = threads = None
+    if rest and find_recipe(rest[0]) is not None:
+        recipe = rest.pop(0)
+    elif rest:
+        dst = rest.pop(0)
+        if rest and not ((a.recipe or a.type) and rest[0].isdigit()):  # with --recipe a number is NTHREADS
+            recipe = rest.pop(0)
+            if find_recipe(recipe) is None:
+                raise Error(f"unknown file type {recipe!r}; see `diffgemma quantize --list-recipes`")
+    if rest:
+        if len(rest) > 1 or not rest[0].isdigit() or int(rest[0]) < 1:
+            raise Error(f"unexpected {' '.join(rest)!r}: the order is SRC [DST] TYPE [NTHREADS]")
+        threads = int(rest[0])
+    if recipe is not None and (a.recipe or a.type):
+        raise Error(f"the file type is given twice: {recipe!r} and --recipe/--type")
+    if dst is None:
+        if recipe is None:
+            raise Error("quantize needs SRC and DST (or SRC TYPE)")
+        dst = pathlib.Path(src).parent / f"ggml-model-{find_recipe(recipe).name}.gguf"
+    return src, pathlib.Path(dst), recipe, threads
+
+
 def _cmd_quantize(a: argparse.Namespace) -> int:
     from . import quantizer as _q
     from .model import resolve
@@ -302,17 +367,16 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
         for name, desc in _q.recipes().items():
             print(f"{name}\n    {desc}")
         return 0
-    if not a.src or not a.dst:
-        raise Error("quantize needs SRC and DST (or --list-recipes)")
-    overrides = []
-    for o in a.override or []:
-        if "=" not in o:
-            raise Error(f"--override takes REGEX=TYPE, got {o!r}")
-        rx, ty = o.rsplit("=", 1)
-        overrides.append((rx, ty))
-    rep = _q.quantize(resolve(a.src), a.dst, recipe=a.recipe, type=a.type, imatrix=a.imatrix,
-                      overrides=overrides or None, allow_requantize=not a.no_requantize, threads=a.threads,
-                      dry_run=a.dry_run, progress=sys.stderr.isatty())
+    src, dst, recipe, threads = _quantize_positionals(a)
+    if threads is not None and a.threads is not None:
+        raise Error("NTHREADS is given twice: positional and --threads")
+    rep = _q.quantize(resolve(src), dst, recipe=recipe or a.recipe, type=a.type, imatrix=a.imatrix,
+                      overrides=a.overrides or None, token_embedding_type=a.token_embedding_type,
+                      output_tensor_type=a.output_tensor_type, pure=a.pure,
+                      leave_output_tensor=a.leave_output_tensor, include_weights=a.include_weights,
+                      exclude_weights=a.exclude_weights, prune_layers=a.prune_layers, override_kv=a.override_kv,
+                      allow_requantize=not a.no_requantize, threads=threads or a.threads, dry_run=a.dry_run,
+                      progress=sys.stderr.isatty())
     print(rep.summary())
     return 0
 
@@ -390,14 +454,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
     s.set_defaults(fn=_cmd_validate)
 
-    s = sub.add_parser("quantize", help="quantize a diffusion-gemma GGUF with a recipe or one type")
-    s.add_argument("src", nargs="?")
-    s.add_argument("dst", nargs="?")
+    s = sub.add_parser("quantize", help="quantize a diffusion-gemma GGUF as llama-quantize would (Q4_K_M, ...)",
+                       description="Quantize with a llama-quantize file type (Q4_K_M, IQ2_S, ... as llama.cpp "
+                       "chooses per tensor), asym-2bitexp, or one type. Positional orders: SRC DST TYPE [NTHREADS], "
+                       "SRC TYPE [NTHREADS] (writes ggml-model-TYPE.gguf next to SRC), or SRC DST --recipe/--type.")
+    s.add_argument("args", nargs="*", metavar="SRC [DST] [TYPE] [NTHREADS]")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--recipe", default=None, help="a built-in recipe, e.g. asym-2bitexp (see --list-recipes)")
+    g.add_argument("--recipe", default=None, help="a recipe, e.g. Q4_K_M or asym-2bitexp (see --list-recipes)")
     g.add_argument("--type", default=None, help="one type for every quantizable tensor, e.g. q8_0")
     s.add_argument("--imatrix", default=None, help="importance matrix (GGUF or legacy .dat)")
-    s.add_argument("--override", action="append", metavar="REGEX=TYPE", help="a rule that wins (repeatable)")
+    s.add_argument("--tensor-type", dest="overrides", action="extend", type=_tensor_type_arg, metavar="PATTERN=TYPE",
+                   help="quantize tensors whose name matches PATTERN (a regex, lowercased) to TYPE (repeatable)")
+    s.add_argument("--tensor-type-file", dest="overrides", action="extend", type=_tensor_type_file_arg,
+                   metavar="FILE", help="PATTERN=TYPE entries separated by spaces or newlines")
+    s.add_argument("--override", dest="overrides", action="extend", type=_override_arg, metavar="REGEX=TYPE",
+                   help="like --tensor-type, the regex taken as written (repeatable)")
+    s.add_argument("--token-embedding-type", default=None, metavar="TYPE", help="type of token_embd")
+    s.add_argument("--output-tensor-type", default=None, metavar="TYPE",
+                   help="type of the output head (token_embd: tied), through the file type's rules")
+    s.add_argument("--pure", action="store_true", help="no mixture: every tensor gets the file type's type")
+    s.add_argument("--leave-output-tensor", action="store_true",
+                   help="keep output.weight (there is none: the head is tied to token_embd)")
+    s.add_argument("--include-weights", action="append", metavar="NAME", help="use imatrix entries containing NAME")
+    s.add_argument("--exclude-weights", action="append", metavar="NAME", help="drop imatrix entries containing NAME")
+    s.add_argument("--prune-layers", type=_prune_arg, default=None, metavar="L0,L1,...",
+                   help="remove these blocks and renumber the rest")
+    s.add_argument("--override-kv", action="append", metavar="KEY=TYPE:VALUE",
+                   help="set metadata (TYPE int, float, bool or str; repeatable)")
+    s.add_argument("--allow-requantize", action="store_true", help="requantize quantized tensors (the default here)")
     s.add_argument("--no-requantize", action="store_true", help="refuse to requantize already quantized tensors")
     s.add_argument("--dry-run", action="store_true", help="report types, census and size without writing")
     s.add_argument("-t", "--threads", type=int, default=None)

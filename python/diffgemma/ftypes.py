@@ -84,8 +84,11 @@ ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # llama-quanti
 
 
 def file_type(name: str) -> FileType | None:
-    """The file type llama-quantize means by `name` (case-insensitive, aliases included), or None."""
+    """The file type llama-quantize means by `name` (case-insensitive, aliases and llama_ftype numbers such
+    as '15' included), or None."""
     key = str(name).strip().lower()
+    if key.isdigit():
+        return next((f for f in FILE_TYPES.values() if f.ftype == int(key)), None)
     return FILE_TYPES.get(ALIASES.get(key, key))
 
 

@@ -84,7 +84,7 @@ def type_id(name: str | int) -> int:
     key = str(name).strip().lower()
     if key in _TYPE_BY_LOWER:
         return _TYPE_BY_LOWER[key]
-    if _recipe(key) is not None:
+    if find_recipe(key) is not None:
         raise Error(f"{name!r} is a recipe, not a ggml type: pass recipe={key!r}")
     raise Error(f"unknown quantization type {name!r}; known types: {', '.join(TYPE_NAMES)}")
 
@@ -124,8 +124,9 @@ RECIPES: dict[str, Recipe] = {ASYM_2BITEXP.name: ASYM_2BITEXP} | {
                             f"{ft.summary}.", ft) for ft in ftypes.FILE_TYPES.values()}
 
 
-def _recipe(name: str) -> Recipe | None:
-    """The named recipe (case-insensitive; llama-quantize's aliases Q3_K/Q4_K/Q5_K included), or None."""
+def find_recipe(name: str) -> Recipe | None:
+    """The named recipe (case-insensitive; llama-quantize's aliases Q3_K/Q4_K/Q5_K and llama_ftype numbers
+    included), or None."""
     key = str(name).strip().lower()
     if key == ASYM_2BITEXP.name:
         return ASYM_2BITEXP
@@ -195,7 +196,7 @@ def _resolve_recipe(recipe: Any, type: Any, n_layer: int) -> _Spec:
     if recipe is None:
         return _Spec({})
     if isinstance(recipe, str):
-        r = _recipe(recipe)
+        r = find_recipe(recipe)
         if r is not None:
             return _Spec({"recipe": r.name}, r.file_type, _parse_rules(r.overrides, "recipe", n_layer),
                          type_id(r.token_embedding_type) if r.token_embedding_type else None)
