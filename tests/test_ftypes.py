@@ -5,6 +5,7 @@ pinned libllama's own dry run (`llama_model_quantize`, what llama-quantize calls
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import warnings
 
@@ -226,6 +227,7 @@ def test_prune_and_override_kv_write_a_loadable_file(tmp_path):
     assert hp_out.n_layer == 4 and hp_out.swa_layers == tuple(hp.swa_layers[i] for i in (1, 3, 4, 5))
     assert g.metadata["general.name"] == "pruned" and hp_out.context_length == 2048  # ints as u32 of |v|
     assert len(r.tensors) == len(layout.tensor_specs(hp_out))
+    assert json.loads(g.metadata[qz.RECIPE_KEY]) == {"recipe": "F32", "prune_layers": [0, 2]}
     w_src = gguf_file.read(src).tensors["blk.3.attn_q.weight"]
     w_out = g.tensors["blk.1.attn_q.weight"]  # old layer 3 is the new layer 1
     a = np.fromfile(src, np.uint8, w_src.nbytes, offset=w_src.offset)

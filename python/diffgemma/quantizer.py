@@ -283,9 +283,10 @@ def _pruned_names(names: Sequence[str], hp: layout.HParams, prune_layers: Sequen
     entries too (llama-quantize only rewrites block_count, which leaves a file that does not load)."""
     if not prune_layers:
         return {n: n for n in names}, hp
-    drop = sorted(set(prune_layers))
-    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < hp.n_layer for i in drop):
-        raise Error(f"prune_layers: layer ids must be in 0..{hp.n_layer - 1}, got {list(prune_layers)}")
+    ids = list(prune_layers) if isinstance(prune_layers, Sequence) and not isinstance(prune_layers, str) else [None]
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < hp.n_layer for i in ids):
+        raise Error(f"prune_layers: a list of layer ids in 0..{hp.n_layer - 1}, got {prune_layers!r}")
+    drop = sorted(set(ids))
     keep = [i for i in range(hp.n_layer) if i not in drop]
     if not keep:
         raise Error("prune_layers would remove every layer")
@@ -697,6 +698,11 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
         raise Error("nothing to do: give recipe=, type= or overrides=")
     if ovr:
         spec.desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
+    for key, val in (("token_embedding_type", tok), ("output_tensor_type", out_t)):
+        if val is not None:
+            spec.desc[key] = _tn(val)
+    if pure:
+        spec.desc["pure"] = True
     if not dry_run:
         if not dst_p.parent.is_dir():
             raise Error(f"{dst_p.parent}: no such directory for the output")
@@ -707,6 +713,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     imat, imat_name = _load_imatrix(imatrix)
     imat = _filter_imatrix(imat, include_weights, exclude_weights)
     out_names, hp_out = _pruned_names(list(gf.tensors), hp, prune_layers)
+    if prune_layers:
+        spec.desc["prune_layers"] = sorted(set(prune_layers))
     extra_md = _output_metadata(gf, hp_out, bool(prune_layers), _kv_overrides(override_kv))
 
     plans = _choose(gf, hp, out_names, spec, ovr, tok, out_t, pure, has_imatrix=imat is not None)
