@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import sampler
-from .chat import prompt_ids
+from . import multimodal, sampler
 from .errors import Error
 
 
@@ -123,14 +122,14 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
              seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
              entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
              chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None,
-             on_prefill: Callable[[int, int], Any] | None = None) -> Generation:
+             on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280) -> Generation:
     """Generate canvases after `prompt` (see Model.generate)."""
     hp = model.hparams
     cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
                    confidence=confidence)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    ids = prompt_ids(model, prompt, chat)
+    ids, images = multimodal.build(model, prompt, chat, image_budget)
     L, V = hp.canvas_length, hp.n_vocab
     n_canvas = -(-max_new_tokens // L)
     if len(ids) + L > model.n_ctx:
@@ -152,7 +151,7 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
     with model._lock:
         for c in range(n_canvas):
             t0 = time.perf_counter()
-            model._sync_prefix(np.asarray(committed, dtype=np.int32), on_progress=on_prefill)
+            model._sync_prefix(np.asarray(committed, dtype=np.int32), images, on_progress=on_prefill)
             prefill += time.perf_counter() - t0
             z = rng.integers(0, V, L)
             history: list[np.ndarray] = []

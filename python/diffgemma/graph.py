@@ -186,13 +186,20 @@ class Graphs:
         _, count = kv.read_range(kind == "swa", n)
         return g.input(f"mask_{kind}", F16 if self.flash else F32, count, n)
 
-    def encode(self, g: Ctx, kv: PromptKV, n: int) -> dict[str, Any]:
+    def encode(self, g: Ctx, kv: PromptKV, n: int, images: bool = False) -> dict[str, Any]:
         """Causal pass over n new committed tokens at positions kv.n.. ; writes their K/V into the store.
-        Inputs: ids [n], pos [n], mask_swa / mask_full [keys read, n] (0 or -inf; see kv.attention_mask)."""
+        Inputs: ids [n], pos [n], mask_swa / mask_full [keys read, n] (0 or -inf; see kv.attention_mask); with
+        images also text_keep [1, n] (1 on text rows, 0 on image rows) and image_embd [H, n] (the tower's
+        embeddings, 0 on text rows)."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
         masks = {kind: self._mask_input(g, kind, kv, n) for kind in ("swa", "full")}
         h = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
+        extra = {}
+        if images:  # image rows take the tower's embeddings as they are (no embedding scale)
+            extra = {"text_keep": g.input("text_keep", F32, 1, n),
+                     "image_embd": g.input("image_embd", F32, hp.n_embd, n)}
+            h = g.add(g.mul(h, extra["text_keep"]), extra["image_embd"])
         for il in range(hp.n_layer):
             p = f"blk.{il}."
             a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
@@ -204,7 +211,7 @@ class Graphs:
             o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
             h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
             h = g.scale(g.add(h1, self._ffn(g, il, h1, n)), self.scalars[p + "enc_layer_output_scale.weight"])
-        return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}}
+        return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}, **extra}
 
     def self_cond(self, g: Ctx, sc_probs: Any, embd_t: Any) -> Any:
         """MLP_sc(pre_norm(softmax(prev scaled logits) . E . s_e)): [V, L] -> [H, L]. sc_probs holds that

@@ -8,6 +8,7 @@ import mmap
 import os
 import pathlib
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from . import binding as B
-from . import gguf_file, kv, layout
+from . import gguf_file, kv, layout, multimodal
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation
 from .generation import generate as _generate
@@ -83,12 +84,13 @@ class Model:
         scalars = {n: float(self._host_array(n)[0]) for n in self._file.tensors
                    if n.endswith("layer_output_scale.weight")}
         self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
-        self._alloc_prompt_kv(n_ctx)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
+        self._alloc_prompt_kv(n_ctx)
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
         self._graph: _Graph | None = None
         self.committed: list[int] = []  # token ids whose K/V are in the store
+        self.images: list[Any] = []  # multimodal.ImageSpan of the committed tokens
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -213,6 +215,8 @@ class Model:
         Error naming the bytes."""
         hp = self.hparams
         room = max(self.n_batch, hp.canvas_length)  # a prefill chunk or a canvas after the last W-1 keys
+        if self.vision is not None:  # an image is encoded in one pass, however many soft tokens it has
+            room = max(room, multimodal.MAX_IMAGE_TOKENS)
         groups = {dev: [il for il in range(hp.n_layer) if self._on_gpu(f"blk.{il}.") == dev] for dev in (False, True)}
         if n_ctx is None:
             self.n_ctx = min(kv.max_context(hp, self._kv_ttype, room, self._kv_budget(dev), layers)
@@ -335,30 +339,54 @@ class Model:
             raise Error(f"{what}: token ids must be in [0, {self.hparams.n_vocab})")
         return arr.astype(np.int32)
 
-    def encode(self, ids: Any, *, on_progress: Any = None) -> None:
+    def encode(self, ids: Any, images: Sequence[Any] = (), *, on_progress: Any = None) -> None:
         """Append committed tokens (prompt or a finished canvas) to the prompt-KV store, causally, in chunks of
-        n_batch tokens. on_progress(done, total) is called after each chunk."""
+        n_batch tokens (a chunk never cuts an image). images: multimodal.ImageSpan at absolute positions inside
+        these tokens, whose rows take the image embeddings (and whose soft tokens see each other when the tower
+        says so). on_progress(done, total) is called after each chunk."""
         with self._lock:
             arr = self._check_ids(ids, "committed tokens")
             store = self.prompt_kv
             if store.n + len(arr) > self.n_ctx:
                 raise Error(f"context full: {store.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
                             "n_ctx)")
+            hp = self.hparams
+            spans = multimodal.check_spans(images, store.n + len(arr), hp.n_embd) if images else []
+            if any(s.start < store.n for s in spans):
+                raise Error("an image lies before the tokens being encoded")
+            bidirectional = self.vision is None or self.vision.hparams.bidirectional
             dtype = np.float16 if self.flash else np.float32
-            for s in range(0, len(arr), self.n_batch):
-                chunk = arr[s:s + self.n_batch]
-                n = len(chunk)
+            for s, e in multimodal.chunk_bounds(store.n, len(arr), self.n_batch, spans):
+                chunk = arr[s:e]
+                n, start = len(chunk), store.n
+                if n > store.room:
+                    raise Error(f"an image of {n} soft tokens does not fit one prefill pass of {store.room} tokens "
+                                "(load with a larger n_batch)")
+                here = [sp for sp in spans if start <= sp.start < start + n]
                 store.reserve(store.n + n)
-                gr = self._use_graph(("enc", store.n, n, store.capacity),
-                                     lambda g, n=n: self._graphs.encode(g, store, n))
+                gr = self._use_graph(("enc", store.n, n, store.capacity, bool(here)),
+                                     lambda g, n=n, im=bool(here): self._graphs.encode(g, store, n, im))
                 store.mark(n)
                 self._set(gr.io["ids"], chunk)
                 self._set(gr.io["pos"], np.arange(store.n, store.n + n, dtype=np.int32))
-                for kind, mask in store.masks(n, causal=True, dtype=dtype).items():
+                masks = store.masks(n, causal=True, dtype=dtype)
+                if here:
+                    keep, embd = np.ones((n, 1), np.float32), np.zeros((n, hp.n_embd), np.float32)
+                    for sp in here:
+                        keep[sp.start - start:sp.end - start] = 0
+                        embd[sp.start - start:sp.end - start] = sp.embeddings
+                    self._set(gr.io["text_keep"], keep)
+                    self._set(gr.io["image_embd"], embd)
+                    if bidirectional:  # same-image keys on both layer kinds, whatever the window says
+                        qpos = np.arange(start, start + n)
+                        for kind, mask in masks.items():
+                            multimodal.allow_image_blocks(mask, qpos, store.key_positions(kind == "swa", n), here)
+                for kind, mask in masks.items():
                     self._set(gr.io[f"mask_{kind}"], mask)
                 self._compute(gr)
                 store.n += n
                 self.committed.extend(int(t) for t in chunk)
+                self.images.extend(here)
                 if on_progress is not None:
                     on_progress(s + n, len(arr))
 
@@ -367,26 +395,36 @@ class Model:
         with self._lock:
             self.prompt_kv.reset()
             self.committed = []
+            self.images = []
 
-    def _sync_prefix(self, prefix: np.ndarray, on_progress: Any = None) -> None:
-        """Make the store hold exactly `prefix`, encoding only what is new (prompt-KV reuse)."""
+    def _sync_prefix(self, prefix: np.ndarray, images: Sequence[Any] = (), on_progress: Any = None) -> None:
+        """Make the store hold exactly `prefix` (with `images`, multimodal.ImageSpan), encoding only what is
+        new (prompt-KV reuse)."""
         n = 0
         have = self.committed
         lim = min(len(have), len(prefix))
         while n < lim and have[n] == prefix[n]:
             n += 1
+        if images or self.images:  # the same placeholder ids stand for every image: compare the pictures too
+            n = multimodal.reusable(n, self.images, images)
         if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
             if not self.prompt_kv.truncate(n):  # the ring lost the window before n: encode from the start
                 self.prompt_kv.reset()
                 n = 0
             self.committed = have[:n]
+            self.images = [s for s in self.images if s.end <= n]
         if n < len(prefix):
-            self.encode(prefix[n:], on_progress=on_progress)
+            new_images = [s for s in images if s.start >= n]
+            if new_images:
+                self.encode(prefix[n:], new_images, on_progress=on_progress)
+            else:
+                self.encode(prefix[n:], on_progress=on_progress)
 
-    def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None) -> np.ndarray:
+    def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None, images: Any = None) -> np.ndarray:
         """Denoiser logits (soft-capped, no temperature) for a canvas placed right after the committed prefix
         `prompt_ids`; float32 [len(canvas_ids), n_vocab]. self_cond: previous step's temperature-scaled logits
-        of the same shape, or None for the first step."""
+        of the same shape, or None for the first step. images: (position of the first soft token, embeddings
+        [n_tokens, n_embd]) pairs whose rows replace those prompt positions (see image_embeddings)."""
         with self._lock:
             self._check_open()
             prefix = self._check_ids(prompt_ids, "prompt_ids")
@@ -402,7 +440,9 @@ class Model:
                     raise Error(f"self_cond must have shape {(L, V)}, got {sc.shape}")
                 if not np.isfinite(sc).all():
                     raise Error("self_cond contains non-finite values")
-            self._sync_prefix(prefix)
+            spans = multimodal.check_spans([multimodal.span(p, e) for p, e in images or ()], len(prefix),
+                                           self.hparams.n_embd)
+            self._sync_prefix(prefix, spans)
             if self_cond is not None:  # the device state holds softmax(self_cond), in E^T's type
                 e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
                 probs = e / e.sum(axis=1, keepdims=True)
@@ -468,10 +508,12 @@ class Model:
     def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
-                 on_step: Any = None, on_prefill: Any = None) -> Generation:
+                 on_step: Any = None, on_prefill: Any = None, image_budget: int = 280) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
-        prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids. chat=None applies
+        prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
+        may be a list of parts {"type": "text", "text"} / {"type": "image", "image": path | bytes | PIL image |
+        uint8 array} (needs mmproj=; image_budget: soft tokens per image, 70..1120). chat=None applies
         the file's chat template to str/messages when the file has one. Sampler settings left as None take the
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
         adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
@@ -480,7 +522,7 @@ class Model:
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
-                         chat=chat, on_step=on_step, on_prefill=on_prefill)
+                         chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget)
 
     # ---- text ------------------------------------------------------------------------------------------
 
