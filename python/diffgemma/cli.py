@@ -28,6 +28,8 @@ def info_text(path: str) -> str:
     from .model import resolve
 
     gf = gguf_file.read(resolve(path))
+    if gf.metadata.get("general.architecture") == "clip":
+        return mmproj_text(gf)
     hp = gguf_file.validate(gf)
     md = gf.metadata
     n_params = 0
@@ -75,6 +77,27 @@ def _kv_lines(hp: Any, weight_bytes: int) -> list[str]:
             f"{n:,} tokens ({_fmt_bytes(kv.store_bytes(hp, kv.F16, n, room))} store, CPU)"]
 
 
+def mmproj_text(gf: Any) -> str:
+    """What `diffgemma info` prints for a gemma4v mmproj file."""
+    from . import mmproj
+
+    hp = mmproj.validate(gf)
+    d = mmproj.describe(gf, hp)
+    return "\n".join([
+        f"file          {gf.path}",
+        f"architecture  clip (mmproj, projector {d['projector']})   name: {gf.metadata.get('general.name', '-')}",
+        f"tensors       {len(gf.tensors)}   parameters: {d['parameters'] / 1e6:.2f} M",
+        f"census        {d['tensors']}",
+        f"size          {_fmt_bytes(gf.file_size)} ({gf.file_size:,} bytes)",
+        "vision tower",
+        f"  width {d['width']}   layers {d['layers']}   heads {d['heads']} x {d['head_dim']}   MLP {d['ffn']}",
+        f"  patch {d['patch_size']} px   pooling {d['pooling']}x{d['pooling']}   projects to text width "
+        f"{d['text_width']}",
+        f"  clipped linears {'yes' if d['clipped_linears'] else 'no'}   standardize "
+        f"{'yes' if d['standardize'] else 'no'}   image block bidirectional {'yes' if hp.bidirectional else 'no'}",
+    ])
+
+
 def _cmd_info(a: argparse.Namespace) -> int:
     from . import binding
 
@@ -93,6 +116,11 @@ def _cmd_info(a: argparse.Namespace) -> int:
         from .model import resolve
 
         gf = gguf_file.read(resolve(a.file))
+        if gf.metadata.get("general.architecture") == "clip":
+            from . import mmproj
+
+            print(json.dumps(mmproj.describe(gf, mmproj.validate(gf)), indent=1))
+            return 0
         hp = gguf_file.validate(gf)
         import dataclasses
 
@@ -114,6 +142,8 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens encoded per graph (default 512)")
     s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
+    s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+    s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
 
 
 def _sampler_args(s: argparse.ArgumentParser) -> None:
@@ -139,7 +169,7 @@ def _load(a: argparse.Namespace) -> Any:
     from .model import load
 
     return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, verbose=a.verbose, n_ctx=a.n_ctx,
-                n_batch=a.n_batch, kv_type=a.kv_type)
+                n_batch=a.n_batch, kv_type=a.kv_type, mmproj=getattr(a, "mmproj", None))
 
 
 class _PrefillBar:
@@ -163,6 +193,12 @@ class _PrefillBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _image_message(text: str, images: list[str]) -> list[dict]:
+    """One user message holding `images` (paths) and then `text`."""
+    parts: list[dict] = [{"type": "image", "image": p} for p in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
 class _LiveCanvas:
@@ -201,7 +237,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     prompt = a.prompt if a.prompt is not None else a.text
     if prompt is None:
         raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT)")
+    if a.image and a.no_chat:
+        raise Error("--image needs the chat template (drop --no-chat)")
+    if a.image and not a.mmproj:
+        raise Error("--image needs --mmproj FILE (the vision tower)")
     m = _load(a)
+    if a.image:
+        prompt = _image_message(prompt, a.image)
     live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
     bar = None
     if live is None and sys.stderr.isatty():  # a terminal without --visual: a progress bar over the steps
@@ -218,6 +260,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     prefill = _PrefillBar(m.n_batch)
     try:
         g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, on_prefill=prefill,
+                       image_budget=a.image_budget,
                        **_sampler_kw(a))
     finally:
         prefill.close()
@@ -241,7 +284,9 @@ def _cmd_chat(a: argparse.Namespace) -> int:
     messages: list[dict] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
-    print("diffgemma chat: /clear forgets the conversation, /exit quits", file=sys.stderr)
+    print("diffgemma chat: /image FILE attaches a picture to the next message, /clear forgets the conversation, "
+          "/exit quits", file=sys.stderr)
+    pending: list[str] = []
     while True:
         try:
             line = input("> ")
@@ -253,13 +298,29 @@ def _cmd_chat(a: argparse.Namespace) -> int:
             messages = messages[:1] if a.system else []
             print("(cleared)", file=sys.stderr)
             continue
+        if line.strip().startswith("/image"):
+            path = line.strip()[len("/image"):].strip()
+            if m.vision is None:
+                print("(no vision tower: start chat with --mmproj FILE)", file=sys.stderr)
+            elif not path:
+                print("(usage: /image FILE)", file=sys.stderr)
+            else:
+                try:
+                    m.image_embeddings(path, image_budget=a.image_budget)  # check it now, not after typing
+                    pending.append(path)
+                    print(f"(attached {path})", file=sys.stderr)
+                except Error as e:
+                    print(f"(cannot use {path}: {e})", file=sys.stderr)
+            continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages += _image_message(line, pending) if pending else [{"role": "user", "content": line}]
+        pending = []
         live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
         prefill = _PrefillBar(m.n_batch)
         try:
-            g = m.generate(messages, on_step=live, on_prefill=prefill, **_sampler_kw(a))
+            g = m.generate(messages, on_step=live, on_prefill=prefill, image_budget=a.image_budget,
+                           **_sampler_kw(a))
         finally:
             prefill.close()
         if live:
@@ -394,8 +455,10 @@ def _cmd_imatrix(a: argparse.Namespace) -> int:
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .converter import convert
 
-    out = convert(a.hf_dir, a.out, outtype=a.outtype, progress=sys.stderr.isatty())
+    out = convert(a.hf_dir, a.out, outtype=a.outtype, progress=sys.stderr.isatty(), mmproj=a.mmproj)
     print(out)
+    if a.mmproj:
+        print(a.mmproj)
     return 0
 
 
@@ -422,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
     s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="a picture for the prompt (repeatable; needs --mmproj)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear, /exit)")
@@ -507,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("out")
     s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    s.add_argument("--mmproj", default=None, metavar="OUT", help="also write the vision tower (gemma4v mmproj)")
     s.set_defaults(fn=_cmd_convert)
     return p
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import mmap
 import os
@@ -86,6 +87,7 @@ class Model:
         self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._alloc_prompt_kv(n_ctx)
+        self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
         self._graph: _Graph | None = None
@@ -184,7 +186,12 @@ class Model:
                 raise Error("this model was loaded without a vision tower: dg.load(model, mmproj=...)")
             hp = self.vision.hparams
             p = images.preprocess(image, image_budget, hp.patch_size, hp.pool)
-            return self.vision.encode(p.pixels, p.cols, p.rows)
+            key = (hashlib.blake2b(p.pixels.tobytes(), digest_size=16).digest(), p.cols, p.rows)
+            if key not in self._image_cache:  # a chat re-sends its pictures every turn: run the tower once
+                if len(self._image_cache) >= 8:
+                    self._image_cache.pop(next(iter(self._image_cache)))
+                self._image_cache[key] = self.vision.encode(p.pixels, p.cols, p.rows)
+            return self._image_cache[key].copy()
 
     def _want_flash(self, flash_attn: str | bool) -> bool:
         if flash_attn in (True, "on"):

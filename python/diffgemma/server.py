@@ -10,6 +10,7 @@ fastapi and uvicorn are imported lazily so that `diffgemma` (and its CLI) work w
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import importlib.resources
@@ -189,17 +190,41 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if role is None:
             raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}", "messages")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: only text can be used by a text model
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _bad(f"messages[{i}].content: only text parts are supported", "messages")
-                texts.append(part["text"])
-            content = "".join(texts)
+        if isinstance(content, list):  # content parts: text, and images as data: URLs
+            parts = [_content_part(part, i) for part in content]
+            if any(p["type"] == "image" for p in parts):
+                out.append({"role": role, "content": parts})
+                continue
+            content = "".join(p["text"] for p in parts)
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or an array of text parts", "messages")
         out.append({"role": role, "content": content})
     return out
+
+
+def _content_part(part: Any, i: int) -> dict:
+    """An OpenAI content part -> the library's: text as is, image_url (data: URLs only; nothing is fetched)
+    -> {"type": "image", "image": bytes}."""
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if isinstance(part, dict) and part.get("type") == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str):
+            raise _bad(f"messages[{i}].content: image_url needs a url", "messages")
+        if not url.startswith("data:"):
+            raise _bad(f"messages[{i}].content: only data: URLs are accepted for images (this server does not "
+                       "fetch remote URLs); send the picture inline as data:image/...;base64,...", "messages",
+                       "remote_image_url")
+        head, _, payload = url.partition(",")
+        if not head.endswith(";base64"):
+            raise _bad(f"messages[{i}].content: the image data: URL must be base64-encoded", "messages")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError as e:
+            raise _bad(f"messages[{i}].content: the image data: URL is not valid base64: {e}", "messages") from e
+        return {"type": "image", "image": data}
+    raise _bad(f"messages[{i}].content: parts must be text or image_url", "messages")
 
 
 def _completion_prompt(body: dict) -> str | list[int]:
@@ -475,7 +500,10 @@ class Engine:
                                   "elapsed_ms": round(1e3 * (time.perf_counter() - t0), 2)})
 
         try:
-            g = m.generate(job.ids, max_new_tokens=p["max_tokens"], seed=p["seed"], on_step=on_step, **p["sampler"])
+            # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
+            prompt = p["messages"] if p.get("messages") is not None else job.ids
+            g = m.generate(prompt, max_new_tokens=p["max_tokens"], seed=p["seed"], on_step=on_step,
+                           image_budget=p.get("image_budget", 280), **p["sampler"])
         except _Cancelled:
             if self._closing:  # cancelled by shutdown, not by its client: tell the client why it ends
                 job.put("error", _shutting_down())
@@ -560,6 +588,7 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         from starlette.exceptions import HTTPException
     except ImportError as e:
         raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
+    from . import multimodal
     from .chat import prompt_ids
 
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
@@ -604,9 +633,12 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
             raise _bad("the request body must be a JSON object")
         return body
 
-    async def tokenize(prompt: Any, chat: bool | None, param: str) -> list[int]:
+    async def tokenize(prompt: Any, chat: bool | None, param: str, image_budget: int = 280) -> list[int]:
         try:
-            ids = await asyncio.to_thread(prompt_ids, model, prompt, chat)
+            if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
+                ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
+            else:
+                ids = await asyncio.to_thread(prompt_ids, model, prompt, chat)
         except Error as e:
             raise _bad(str(e), param) from e
         if len(ids) + hp.canvas_length > model.n_ctx:  # checked before queueing: a clear 400, no waiting
@@ -695,7 +727,10 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         _unsupported(body, _CHAT_UNSUPPORTED)
         messages = _messages(body)
         params = _parse_common(body, hp)
-        ids = await tokenize(messages, None, "messages")
+        budget = _opt_int(body, "image_budget", lo=1)
+        params["image_budget"] = 280 if budget is None else budget
+        ids = await tokenize(messages, None, "messages", params["image_budget"])
+        params["messages"] = messages if multimodal.has_images(messages) else None
         return await run(request, "chat", ids, params)
 
     @app.post("/v1/completions")
@@ -719,6 +754,7 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         return {"status": "ok", "model": name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
                 "steps": hp.steps, "entropy_bound": hp.entropy_bound, "t_min": hp.t_min, "t_max": hp.t_max,
                 "devices": list(getattr(model, "devices", [])),
+                "vision": getattr(model, "vision", None) is not None,
                 "queue": {"waiting": waiting, "running": running, "capacity": queue_size}}
 
     @app.get("/metrics")
@@ -839,7 +875,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if a.queue_size < 0:
         raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
-    m = load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose)
+    m = load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose,
+             mmproj=a.mmproj)
     try:
         srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
                      shutdown_timeout=a.shutdown_timeout)
@@ -860,6 +897,7 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.add_argument("-t", "--threads", type=int, default=None)
     s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
+    s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF: accept images (image_url data: URLs)")
     s.add_argument("--queue-size", type=int, default=16,
                    help="most requests waiting behind the running one; more get 503 (default 16)")
     s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")

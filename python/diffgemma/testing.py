@@ -281,6 +281,31 @@ def _placeholder_vocab(n_vocab: int) -> Vocab:
     return Vocab(tokens, [float(-i) for i in range(n_vocab)], base.types + [USER_DEFINED] * extra, base.merges)
 
 
+def write_random_mmproj(path: str | os.PathLike, n_proj: int, *, seed: int = 0,
+                        image_token_ids: tuple[int, int, int] = (509, 510, 511)) -> pathlib.Path:
+    """A small random gemma4v vision tower (2 layers, width 32, the real 16-px patches and 3x3 pooling, clamps
+    and standardize) projecting to a text width of n_proj; (boi, placeholder, eoi) ids stored in the file."""
+    from . import mmproj
+
+    boi, image, eoi = image_token_ids
+    hp = mmproj.VisionHParams(n_embd=32, n_ff=64, n_layer=2, n_head=2, head_dim=16, n_proj=n_proj, n_pos=512,
+                              clipped=True, standardize=True, boi_id=boi, image_id=image, eoi_id=eoi)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for s in mmproj.tensor_specs(hp):
+        shape = tuple(reversed(s.shape))
+        if s.name.endswith(("input_min", "output_min")):
+            w = np.full(shape, -3.0)
+        elif s.name.endswith(("input_max", "output_max")):
+            w = np.full(shape, 3.0)
+        elif s.role == mmproj.MATRIX:
+            w = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), size=shape)
+        else:
+            w = rng.uniform(0.5, 1.5, size=shape)
+        weights[s.name] = np.asarray(w, dtype=np.float32)
+    return mmproj.write(path, hp, weights)
+
+
 def write_random_tiny(path: str | os.PathLike) -> pathlib.Path:
     """A well-conditioned random-weight model with the tiny shapes (deterministic: seed 0, F32)."""
     return write_model(path, tiny_hparams(), wtype="f32", seed=0, weights=random_weights(tiny_hparams(), 0, calm=True))
