@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import diffgemma as dg
-from diffgemma import chat, testing
+from diffgemma import testing
+from diffgemma.chat import prompt_ids
 
 
 def _peaked(tmp_path, target, name="peaked.gguf"):
@@ -128,11 +129,11 @@ def test_bad_prompts(random_tiny):
 
 def test_chat_template_and_messages(random_tiny):
     with dg.load(random_tiny) as m:
-        ids = chat.prompt_ids(m, [{"role": "user", "content": "hi there"}], None)
+        ids = prompt_ids(m, [{"role": "user", "content": "hi there"}], None)
         text = m.detokenize(ids, special=True)
         assert text == "<bos><|turn>user\nhi there<turn|>\n<|turn>model\n"
-        assert chat.prompt_ids(m, "hi there", None) == ids  # a str goes through the template too
-        raw = chat.prompt_ids(m, "hi there", False)
+        assert prompt_ids(m, "hi there", None) == ids  # a str goes through the template too
+        raw = prompt_ids(m, "hi there", False)
         assert m.detokenize(raw, special=True) == "<bos>hi there"
         g = m.generate([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
                        max_new_tokens=16, steps=3, seed=1)

@@ -6,6 +6,8 @@ import os
 import threading
 from typing import Any
 
+from .chat import ChatReply
+from .chat_format import ToolCall, parse_chat_output
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation, StepEvent
 from .layout import HParams
@@ -56,6 +58,10 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int
     """Load `model` (cached across calls) and generate; returns the text. Keywords as for Model.generate."""
     if isinstance(model, Model):
         return model.generate(prompt, **kw).text
+    return _cached(model, n_gpu_layers).generate(prompt, **kw).text
+
+
+def _cached(model: str | os.PathLike, n_gpu_layers: int) -> Model:
     path = resolve(model)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, n_gpu_layers)
     with _cache_lock:
@@ -64,8 +70,17 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int
             m = load(path, n_gpu_layers=n_gpu_layers)
             _cache.clear()  # one model at a time: they are large
             _cache[key] = m
-    return m.generate(prompt, **kw).text
+    return m
 
 
-__all__ = ["FROM_FILE", "Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "__version__", "backends",
-           "convert", "generate", "imatrix", "load", "quantize", "recipes"]
+# Like mlx_lm.generate, the function shadows its module: import the module's names from diffgemma.chat.
+def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model, tools: list[dict] | None = None,
+         tool_choice: Any = "auto", n_gpu_layers: int = -1, **kw: Any) -> ChatReply:
+    """Load `model` (cached across calls) and run one assistant turn with tools (see Model.chat)."""
+    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
+    return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
+
+
+__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "ToolCall",
+           "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output", "quantize",
+           "recipes"]

@@ -1,30 +1,42 @@
-"""Prompts: the file's chat template (Gemma 4 turn format) rendered with jinja2, and prompt -> token ids."""
+"""Prompts: the file's chat template (Gemma 4 turn format) rendered with jinja2, and prompt -> token ids;
+`chat()`: messages (and tools) in, the parsed assistant message out."""
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from typing import Any
 
+from . import chat_format
 from .errors import Error
 
-# Used when a file has no template: the Gemma 4 turn format.
-DEFAULT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
 
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise Error("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise Error(f"bad chat message {m!r}: expected {{'role': str, 'content': str}}")
+        content = m.get("content")
+        # an assistant message that only calls tools may have no content
+        if not (isinstance(content, str) or (content is None and m.get("tool_calls"))):
+            raise Error(f"bad chat message {m!r}: expected {{'role': str, 'content': str}}")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise Error(f"bad chat message {m!r}: tool_calls must be a list")
     return messages
 
 
-def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "<bos>", eos_token: str = "<eos>",
-           add_generation_prompt: bool = True) -> str:
-    """Render a Hugging Face-style chat template (sandboxed jinja2)."""
+def render(template: str | None, messages: list[dict[str, Any]], *, bos_token: str = "<bos>",
+           eos_token: str = "<eos>", add_generation_prompt: bool = True, tools: list[dict] | None = None,
+           **template_kwargs: Any) -> str:
+    """Render a Hugging Face-style chat template (sandboxed jinja2) the way transformers' apply_chat_template
+    does: `tools` (OpenAI function schemas) and extra keywords (e.g. enable_thinking) reach the template, tool-call
+    arguments arrive as dicts. template=None renders the built-in Gemma 4 format."""
+    messages = chat_format.prepare_messages(_check_messages(messages))
+    if not template:
+        return chat_format.render(messages, tools=tools, bos_token=bos_token,
+                                  add_generation_prompt=add_generation_prompt,
+                                  enable_thinking=template_kwargs.get("enable_thinking"))
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -37,15 +49,18 @@ def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "<
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=_check_messages(messages), bos_token=bos_token,
-                                                eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+        return env.from_string(template).render(**template_kwargs, messages=messages, tools=tools or None,
+                                                bos_token=bos_token, eos_token=eos_token,
+                                                add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         raise Error(f"chat template failed to render: {e}") from e
 
 
-def prompt_ids(model: Any, prompt: Any, chat: bool | None) -> list[int]:
+def prompt_ids(model: Any, prompt: Any, chat: bool | None, *, tools: list[dict] | None = None,
+               template_kwargs: dict[str, Any] | None = None, prefix: str = "") -> list[int]:
     """Token ids for a str, a list of chat messages, or a list of token ids. chat=None applies the file's
-    template to str/messages when the file has one."""
+    template to str/messages when the file has one. tools/template_kwargs go to the template; `prefix` is text
+    appended after the rendered prompt (the start of the model's answer)."""
     if isinstance(prompt, list | tuple) and prompt and all(isinstance(t, int) for t in prompt):
         ids = [int(t) for t in prompt]
         if min(ids) < 0 or max(ids) >= model.hparams.n_vocab:
@@ -68,9 +83,63 @@ def prompt_ids(model: Any, prompt: Any, chat: bool | None) -> list[int]:
         raise Error("prompt must be a str, a list of chat messages or a list of token ids, "
                     f"not {type(prompt).__name__}")
     tok = model.tokenizer
-    text = render(template or DEFAULT_TEMPLATE, messages, bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
-                  eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "")
+    text = render(template, messages, bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
+                  eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "", tools=tools,
+                  **(template_kwargs or {})) + prefix
     ids = model.tokenize(text, add_special=False)
     if tok.bos >= 0 and (not ids or ids[0] != tok.bos):
         ids = [tok.bos] + ids
     return ids
+
+
+_marker_ids: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def output_text(model: Any, tokens: Any) -> str:
+    """Generated tokens as text that keeps Gemma 4's structure markers (<|tool_call>, <|channel>, <|"|>, ...)
+    for parse_chat_output; other control tokens are dropped, as detokenize drops them."""
+    tok = model.tokenizer
+    keep = _marker_ids.get(tok)
+    if keep is None:
+        keep = _marker_ids[tok] = frozenset(t for t in tok.control_ids
+                                            if tok.token_text(t) in chat_format.OUTPUT_MARKERS)
+    return tok.detokenize([int(t) for t in tokens if int(t) not in tok.control_ids or int(t) in keep],
+                          special=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatReply:
+    """The assistant's message, parsed: `content`, `reasoning` (the thinking channel), `tool_calls`, and the
+    Generation it came from. `to_message()` is the dict to append to `messages` for the next turn."""
+
+    content: str
+    reasoning: str
+    tool_calls: list[chat_format.ToolCall]
+    generation: Any
+    finish_reason: str  # "tool_calls", "stop" (end of turn) or "length"
+
+    def to_message(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            m["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        if self.reasoning:
+            m["reasoning_content"] = self.reasoning
+        return m
+
+
+def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None = None, tool_choice: Any = "auto",
+         template_kwargs: dict[str, Any] | None = None, **generate_kw: Any) -> ChatReply:
+    """One assistant turn: render `messages` (and `tools`, unless tool_choice='none') through the file's chat
+    template (else the built-in Gemma 4 format), generate, and parse the reply (see Model.chat)."""
+    tools = chat_format.check_tools(tools)
+    choice = chat_format.check_tool_choice(tool_choice, tools)
+    offered = tools if choice != "none" else []
+    prefix = chat_format.forced_prefix(choice) if offered else ""
+    ids = prompt_ids(model, _check_messages(messages), True, tools=offered or None, template_kwargs=template_kwargs,
+                     prefix=prefix)
+    g = model.generate(ids, **generate_kw)
+    content, reasoning, calls = chat_format.parse_chat_output(prefix + output_text(model, g.tokens),
+                                                              tools=bool(offered))
+    ended = bool(g.canvases) and g.canvases[-1].eos
+    finish = "tool_calls" if calls else ("stop" if ended else "length")
+    return ChatReply(content.strip(), reasoning.strip(), calls, g, finish)

@@ -531,6 +531,20 @@ class Model:
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget)
 
+    def chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None, tool_choice: Any = "auto",
+             template_kwargs: dict[str, Any] | None = None, **generate_kw: Any) -> Any:
+        """One assistant turn with tool calling and thinking: renders `messages` (OpenAI shapes: assistant
+        `tool_calls`, `tool` results) and `tools` (OpenAI function schemas; tool_choice 'auto', 'none',
+        'required' or {"type": "function", "function": {"name": ...}}) through the file's chat template (else
+        the built-in Gemma 4 format), generates (keywords as for generate) and returns a ChatReply (.content,
+        .reasoning, .tool_calls, .finish_reason, .generation; .to_message() for the next turn).
+        template_kwargs reach the template, e.g. {"enable_thinking": True}."""
+        from .chat import chat as _chat
+
+        self._check_open()
+        return _chat(self, messages, tools=tools, tool_choice=tool_choice, template_kwargs=template_kwargs,
+                     **generate_kw)
+
     # ---- text ------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:

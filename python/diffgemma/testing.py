@@ -25,7 +25,8 @@ from .gguf_file import Writer
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
-                  "<|tool_response>"]
+                  "<|tool_response>", "<tool_response|>", "<|tool_call>", "<tool_call|>", "<|tool>", "<tool|>", '<|"|>',
+                  "<|think|>"]
 PAD, EOS, BOS, UNK, MASK, TURN_START, TURN_END = range(7)
 
 CHAT_TEMPLATE = (

@@ -1,0 +1,144 @@
+"""Tool calling end to end: `m.chat` / `dg.chat`, and the server with the `openai` client.
+
+The model is the random tiny one with its denoiser scripted: every step returns the next canvas of a scripted
+reply (a thought and a tool call, the answer after a tool result, or the arguments after a forced
+`call:NAME{`). Everything else is real: the prompt goes through the file's chat template, canvases are
+committed whole by the generation loop, markers are Gemma 4's control tokens, and the reply is parsed from
+committed canvases; the scripted call spans canvases.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import diffgemma
+from diffgemma import ToolCall, testing
+
+Q = '<|"|>'
+THOUGHT = "The user asks about weather."
+CALL_REPLY = (f"<|channel>thought\n{THOUGHT}<channel|><|tool_call>call:get_weather{{city:{Q}Paris, {{France}}{Q},"
+              f"days:3}}<tool_call|><|tool_response>")
+ANSWER = "It is sunny in Paris."
+ARGS_REPLY = f"city:{Q}Rome{Q}}}<tool_call|><|tool_response>"
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather forecast",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                       "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+]
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+FAST = {"steps": 2, "stability": None}
+# The file's chat template (ours, Gemma 4's layout in brief): tools in the system turn, calls and results.
+TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|turn>system\n{% for t in tools %}<|tool>declaration:{{ t.function.name }}"
+    "<tool|>{% endfor %}<turn|>\n{% endif %}{% for m in messages %}{% if m.role == 'tool' %}<|tool_response>"
+    "response:x{value:<|\"|>{{ m.content }}<|\"|>}<tool_response|>{% else %}<|turn>"
+    "{{ 'model' if m.role == 'assistant' else m.role }}\n{% for c in m.tool_calls or [] %}<|tool_call>call:"
+    "{{ c.function.name }}{{ '{' }}{% for k, v in c.function.arguments | dictsort %}{{ k }}:{{ v }}"
+    "{% if not loop.last %},{% endif %}{% endfor %}{{ '}' }}<tool_call|>{% endfor %}{{ m.content or '' }}<turn|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+
+def reply_for(prompt: str) -> str:
+    if prompt.endswith("call:get_weather{"):
+        return ARGS_REPLY
+    if "<tool_response|>" in prompt:
+        return ANSWER
+    return CALL_REPLY
+
+
+class Scripted:
+    """Scripts a loaded model's denoiser: each step returns the next canvas of reply_for(prompt), certain."""
+
+    def __init__(self, model):
+        self.model, self.prompts = model, []
+        self.script: list[int] = []
+        self.n_prompt = 0
+        self.canvas = 0
+        L = model.hparams.canvas_length
+        real_generate, real_sync = model.generate, model._sync_prefix
+
+        def generate(prompt, **kw):
+            text = model.detokenize(prompt, special=True)
+            self.prompts.append(text)
+            ids = model.tokenize(reply_for(text), add_special=False) + [testing.EOS]
+            self.script = ids + [testing.EOS] * (-len(ids) % L)
+            self.n_prompt = len(prompt)
+            return real_generate(prompt, **kw)
+
+        def sync_prefix(committed):
+            self.canvas = (len(committed) - self.n_prompt) // L
+            real_sync(committed)
+
+        def denoise_step(canvas, temperature, self_cond, uniform):
+            c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
+            return c, np.zeros(L, np.float32), c
+
+        model.generate, model._sync_prefix, model.denoise_step = generate, sync_prefix, denoise_step
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    hp = testing.tiny_hparams()
+    path = testing.write_model(tmp_path_factory.mktemp("tools") / "tools.gguf", hp,
+                               weights=testing.random_weights(hp, 0, calm=True),
+                               extra_metadata={"tokenizer.chat_template": TEMPLATE})
+    m = diffgemma.load(path, threads=1)
+    s = Scripted(m)
+    yield s
+    m.close()
+
+
+def test_the_scripted_call_spans_canvases(scripted):
+    m = scripted.model
+    ids = m.tokenize(CALL_REPLY, add_special=False)
+    start, end = ids.index(m.tokenize("<|tool_call>", add_special=False)[0]), ids.index(
+        m.tokenize("<tool_call|>", add_special=False)[0])
+    assert start // m.hparams.canvas_length < end // m.hparams.canvas_length  # opens and closes in different canvases
+
+
+def test_chat_agent_loop(scripted):
+    m = scripted.model
+    r = m.chat(MSGS, tools=TOOLS, **FAST)
+    assert "<|tool>declaration:get_weather<tool|><|tool>declaration:get_time<tool|>" in scripted.prompts[-1]
+    assert r.tool_calls == [ToolCall("get_weather", {"city": "Paris, {France}", "days": 3})]
+    assert r.reasoning == THOUGHT and r.content == "" and r.finish_reason == "tool_calls"
+    assert len(r.generation.canvases) >= 3
+    messages = [*MSGS, r.to_message(),
+                {"role": "tool", "tool_call_id": r.tool_calls[0].id, "content": "sunny, 21 C"}]
+    assert messages[1]["tool_calls"][0]["function"] == {"name": "get_weather",
+                                                        "arguments": '{"city": "Paris, {France}", "days": 3}'}
+    r2 = diffgemma.chat(messages, model=m, tools=TOOLS, **FAST)
+    assert "<|tool_call>call:get_weather{city:Paris, {France},days:3}<tool_call|>" in scripted.prompts[-1]
+    assert "response:x{value:<|\"|>sunny, 21 C<|\"|>}<tool_response|>" in scripted.prompts[-1]
+    assert (r2.content, r2.tool_calls, r2.finish_reason) == (ANSWER, [], "stop")
+
+
+def test_chat_tool_choice(scripted, monkeypatch):
+    m = scripted.model
+    r = m.chat(MSGS, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, **FAST)
+    assert scripted.prompts[-1].endswith("<|turn>model\n<|tool_call>call:get_weather{")  # the name is fixed
+    assert r.tool_calls == [ToolCall("get_weather", {"city": "Rome"})]
+    r = m.chat(MSGS, tools=TOOLS, tool_choice="none", **FAST)
+    assert "<|tool>" not in scripted.prompts[-1]  # no tools rendered, and no calls parsed
+    assert r.tool_calls == [] and r.content.startswith("call:get_weather{city:Paris")
+    # a file without a chat template: the built-in Gemma 4 format declares the tools
+    monkeypatch.delitem(m.metadata, "tokenizer.chat_template")
+    r = m.chat(MSGS, tools=TOOLS, **FAST)
+    assert "<|tool>declaration:get_weather{description:<|\"|>Weather forecast<|\"|>,parameters:" in scripted.prompts[-1]
+    assert r.tool_calls[0].arguments == {"city": "Paris, {France}", "days": 3}
+
+
+def test_chat_bad_tools(scripted):
+    with pytest.raises(diffgemma.Error, match="name must match"):
+        scripted.model.chat(MSGS, tools=[{"type": "function", "function": {"name": "no spaces"}}])
+    with pytest.raises(diffgemma.Error, match="not among the tools"):
+        scripted.model.chat(MSGS, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+    with pytest.raises(diffgemma.Error, match="not valid JSON"):
+        scripted.model.chat([*MSGS, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "function": {"name": "get_time", "arguments": "{"}}]}], tools=TOOLS)
+    assert json.loads(ToolCall("f", {"a": [1]}).to_dict()["function"]["arguments"]) == {"a": [1]}
