@@ -27,9 +27,11 @@ from diffgemma import server as srv  # noqa: E402
 @pytest.fixture(scope="module")
 def server(random_tiny):
     m = diffgemma.load(random_tiny, threads=1)
-    s = srv.Server(m, port=0, log_level="warning").start()
-    yield s
-    s.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(diffgemma.generation, "eos_ids", lambda model: frozenset())  # random weights: no early EOS
+        s = srv.Server(m, port=0, log_level="warning").start()
+        yield s
+        s.stop()
     m.close()
 
 
