@@ -20,6 +20,7 @@ import pytest
 
 import diffgemma
 from diffgemma import server as srv
+from diffgemma.chat import output_text
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -79,6 +80,12 @@ def expected_text(model, prompt, max_tokens, seed, **kw):
     return model.detokenize(g.tokens[:max_tokens]), g
 
 
+def expected_chat(model, messages, max_tokens, seed, **kw):
+    """A chat answer's content: the same generation, parsed (thinking and Gemma 4's markers taken out)."""
+    g = model.generate(messages, max_new_tokens=max_tokens, seed=seed, **kw)
+    return diffgemma.parse_chat_output(output_text(model, g.tokens[:max_tokens]), tools=False)[0], g
+
+
 def health(server):
     return http(server, "/health")[2]
 
@@ -107,7 +114,7 @@ def test_chat_matches_the_library_and_is_reproducible(model, client):
     kw = dict(model="tiny", messages=MSGS, max_tokens=20, seed=5, temperature=0.3, top_p=0.5, extra_body=FAST)
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
-    text, g = expected_text(model, MSGS, 20, 5, steps=2, stability=None)
+    text, g = expected_chat(model, MSGS, 20, 5, steps=2, stability=None)
     assert a.choices[0].message.content == b.choices[0].message.content == text
     assert a.choices[0].message.role == "assistant" and a.object == "chat.completion" and a.model == "tiny"
     # max_tokens is honoured exactly even though canvases are 16 tokens (two canvases were denoised)
@@ -230,7 +237,7 @@ def test_oversize_prompt_and_malformed_bodies(client, server):
 
 def test_concurrent_requests_all_complete_correctly(model, client):
     seeds = [21, 22, 23, 24]  # 1 running + QUEUE waiting
-    want = {s: expected_text(model, MSGS, 32, s, steps=2, stability=None)[0] for s in seeds}
+    want = {s: expected_chat(model, MSGS, 32, s, steps=2, stability=None)[0] for s in seeds}
     got, errors = {}, []
 
     def one(seed):

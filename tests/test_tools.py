@@ -142,3 +142,105 @@ def test_chat_bad_tools(scripted):
         scripted.model.chat([*MSGS, {"role": "assistant", "content": None, "tool_calls": [
             {"id": "1", "function": {"name": "get_time", "arguments": "{"}}]}], tools=TOOLS)
     assert json.loads(ToolCall("f", {"a": [1]}).to_dict()["function"]["arguments"]) == {"a": [1]}
+
+
+# ---- the server, with the openai client ---------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def client(scripted):
+    pytest.importorskip("fastapi")
+    from diffgemma import server as srv
+
+    s = srv.Server(scripted.model, port=0, queue_size=2, log_level="warning").start()
+    yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    s.stop()
+
+
+def test_server_tool_call_round_trip(scripted, client):
+    r = client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, extra_body=FAST)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris, {France}", "days": 3}
+    assert choice.message.model_extra["reasoning_content"] == THOUGHT
+    assert len(r.model_extra["diffusion"]["canvases"]) >= 3  # the call was committed over several canvases
+    # the agent runs the function and sends the result back: the model answers
+    messages = [*MSGS, choice.message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r2 = client.chat.completions.create(model="tools", messages=messages, tools=TOOLS, extra_body=FAST)
+    assert "call:get_weather{city:Paris, {France},days:3}<tool_call|>" in scripted.prompts[-1]
+    assert r2.choices[0].message.content == ANSWER and r2.choices[0].finish_reason == "stop"
+    assert not r2.choices[0].message.tool_calls
+
+
+def test_server_streams_tool_calls_as_openai_clients_expect(client):
+    chunks = list(client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, stream=True,
+                                                 extra_body=FAST))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == THOUGHT
+    calls = [d.tool_calls for d in deltas if d.tool_calls]
+    assert len(calls) == 1 and calls[0][0].index == 0 and calls[0][0].function.name == "get_weather"
+    assert not any(d.content for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # the client library's own stream accumulator puts the message together
+    with client.chat.completions.stream(model="tools", messages=MSGS, tools=TOOLS, extra_body=FAST) as s:
+        final = s.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris, {France}", "days": 3}
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_server_tool_choice_and_reasoning_opt_out(scripted, client):
+    r = client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, tool_choice="none",
+                                       extra_body=FAST)
+    assert "<|tool>" not in scripted.prompts[-1] and "get_weather" not in scripted.prompts[-1]  # no tools rendered
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, extra_body=FAST,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert scripted.prompts[-1].endswith("<|tool_call>call:get_weather{")
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Rome"}
+    r = client.chat.completions.create(model="tools", messages=MSGS, extra_body={**FAST, "reasoning_format": "none"})
+    assert r.choices[0].message.content.startswith(f"<|channel>thought\n{THOUGHT}<channel|>")
+    assert "reasoning_content" not in r.choices[0].message.model_extra
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "maybe"}, "tool_choice"),
+    ({"extra_body": {"reasoning_format": "loud"}}, "reasoning_format"),
+    ({"messages": [*MSGS, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "get_time", "arguments": "{not json"}}]}]}, "messages"),
+])
+def test_server_bad_tools_get_400(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(**{"model": "tools", "messages": MSGS, **kw})
+    err = ei.value.response.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+# ---- diffgemma chat --tools ---------------------------------------------------------------------------------
+
+
+def test_cli_chat_with_tools(scripted, tmp_path, monkeypatch, capsys):
+    from diffgemma import cli
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": TOOLS}))
+    typed = iter(["Weather in Paris?", "sunny, 21 C", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    monkeypatch.setattr(cli, "_load", lambda a: scripted.model)
+    assert cli.main(["chat", "--tools", str(tools), "-n", "160", "--steps", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert 'get_weather({"city": "Paris, {France}", "days": 3})' in out and ANSWER in out
+    assert f"[thinking] {THOUGHT}" in err
+    assert "response:x{value:<|\"|>sunny, 21 C<|\"|>}" in scripted.prompts[-1]  # the typed result went back
+    tools.write_text('[{"type": "function", "function": {"name": "bad name"}}]')
+    assert cli.main(["chat", "--tools", str(tools)]) == 2
+    assert "--tools" in capsys.readouterr().err

@@ -97,14 +97,22 @@ _marker_ids: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDic
 
 def output_text(model: Any, tokens: Any) -> str:
     """Generated tokens as text that keeps Gemma 4's structure markers (<|tool_call>, <|channel>, <|"|>, ...)
-    for parse_chat_output; other control tokens are dropped, as detokenize drops them."""
+    for parse_chat_output; between markers the text is exactly what detokenize gives (control tokens dropped)."""
     tok = model.tokenizer
     keep = _marker_ids.get(tok)
     if keep is None:
         keep = _marker_ids[tok] = frozenset(t for t in tok.control_ids
                                             if tok.token_text(t) in chat_format.OUTPUT_MARKERS)
-    return tok.detokenize([int(t) for t in tokens if int(t) not in tok.control_ids or int(t) in keep],
-                          special=True)
+    out: list[str] = []
+    run: list[int] = []
+    for t in (int(t) for t in tokens):
+        if t in keep:
+            out += [tok.detokenize(run), tok.token_text(t)]
+            run = []
+        else:
+            run.append(t)
+    out.append(tok.detokenize(run))
+    return "".join(out)
 
 
 @dataclasses.dataclass(frozen=True)

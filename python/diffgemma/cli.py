@@ -279,7 +279,47 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _read_tools(path: str) -> list[dict]:
+    """--tools FILE.json: a list of OpenAI function tools, or {"tools": [...]}."""
+    from .chat_format import check_tools
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise Error(f"--tools: cannot read {path}: {e.strerror}") from e
+    except ValueError as e:
+        raise Error(f"--tools: {path} is not valid JSON: {e}") from e
+    tools = data.get("tools") if isinstance(data, dict) else data
+    try:
+        return check_tools(tools)
+    except Error as e:
+        raise Error(f"--tools: {path}: {e}") from e
+
+
+def _tool_turn(m: Any, messages: list[dict], tools: list[dict], a: argparse.Namespace) -> None:
+    """One assistant turn with tools: print thinking, content and calls; the user types each call's result,
+    and the model goes on until it answers without a call."""
+    while True:
+        r = m.chat(messages, tools=tools, **_sampler_kw(a))
+        if r.reasoning:
+            print(f"[thinking] {r.reasoning}", file=sys.stderr)
+        if r.content:
+            print(r.content)
+        messages.append(r.to_message())
+        if not r.tool_calls:
+            return
+        for c in r.tool_calls:
+            print(f"[tool call {c.id}] {c.name}({json.dumps(c.arguments, ensure_ascii=False)})")
+            try:
+                result = input(f"result of {c.name}> ")
+            except EOFError:
+                result = ""
+            messages.append({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": result})
+
+
 def _cmd_chat(a: argparse.Namespace) -> int:
+    tools = _read_tools(a.tools) if a.tools else None
     m = _load(a)
     messages: list[dict] = []
     if a.system:
@@ -316,6 +356,9 @@ def _cmd_chat(a: argparse.Namespace) -> int:
             continue
         messages += _image_message(line, pending) if pending else [{"role": "user", "content": line}]
         pending = []
+        if tools:
+            _tool_turn(m, messages, tools, a)
+            continue
         live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
         prefill = _PrefillBar(m.n_batch)
         try:
@@ -493,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampler_args(s)
     s.add_argument("--system", default=None, help="a system message")
+    s.add_argument("--tools", default=None, metavar="FILE.json",
+                   help="OpenAI function tools the model may call; you type each call's result")
     s.add_argument("--visual", action="store_true")
     s.set_defaults(fn=_cmd_chat)
 

@@ -138,10 +138,10 @@ def build(model: Any, prompt: Any, chat: bool | None, image_budget: int) -> tupl
 
 
 def prompt_ids_text(model: Any, messages: list[dict[str, str]]) -> str:
-    from .chat import DEFAULT_TEMPLATE, render
+    from .chat import render
 
     tok = model.tokenizer
-    template = model.metadata.get("tokenizer.chat_template") or DEFAULT_TEMPLATE
+    template = model.metadata.get("tokenizer.chat_template")  # None: the built-in Gemma 4 format
     return render(template, messages, bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
                   eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "")
 

@@ -38,7 +38,8 @@ DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens (the library's de
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 CANVAS_STEP_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+REASONING_FORMATS = ("auto", "none")  # thinking in `reasoning_content` | left in the content, markers and all
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -139,8 +140,7 @@ _COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 _CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: not v,
-    "functions": lambda v: not v,
+    "functions": lambda v: not v,  # the legacy form of tools
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
 }
 _COMPLETION_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
@@ -178,7 +178,7 @@ def _parse_common(body: dict, hp: Any) -> dict:
     }
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _messages(body: dict) -> list[dict[str, Any]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' must be a non-empty array of {role, content} objects", "messages")
@@ -190,6 +190,9 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if role is None:
             raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {m.get('role')!r}", "messages")
         content = m.get("content")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""  # an assistant message that only calls tools
         if isinstance(content, list):  # content parts: text, and images as data: URLs
             parts = [_content_part(part, i) for part in content]
             if any(p["type"] == "image" for p in parts):
@@ -198,7 +201,16 @@ def _messages(body: dict) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in parts)
         if not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string or an array of text parts", "messages")
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            if not isinstance(calls, list):
+                raise _bad(f"messages[{i}].tool_calls must be an array", "messages")
+            msg["tool_calls"] = calls
+            if isinstance(m.get("reasoning_content"), str):
+                msg["reasoning_content"] = m["reasoning_content"]  # kept between the calls of one exchange
+        if role == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        out.append(msg)
     return out
 
 
@@ -225,6 +237,35 @@ def _content_part(part: Any, i: int) -> dict:
             raise _bad(f"messages[{i}].content: the image data: URL is not valid base64: {e}", "messages") from e
         return {"type": "image", "image": data}
     raise _bad(f"messages[{i}].content: parts must be text or image_url", "messages")
+
+
+def _chat_options(body: dict, default_reasoning: str) -> dict:
+    """tools / tool_choice / parallel_tool_calls / reasoning_format / chat_template_kwargs of a chat request."""
+    from . import chat_format
+
+    try:
+        tools = chat_format.check_tools(body.get("tools"))
+    except Error as e:
+        raise _bad(str(e), "tools") from e
+    try:
+        choice = chat_format.check_tool_choice(body.get("tool_choice"), tools)
+    except Error as e:
+        raise _bad(str(e), "tool_choice") from e
+    parallel = body.get("parallel_tool_calls")
+    if not isinstance(parallel, bool | None):
+        raise _bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    reasoning = body.get("reasoning_format") or default_reasoning
+    if reasoning not in REASONING_FORMATS:
+        raise _bad(f"'reasoning_format' must be one of {list(REASONING_FORMATS)}, got {reasoning!r}",
+                   "reasoning_format")
+    kwargs = body.get("chat_template_kwargs") or {}
+    reserved = {"messages", "tools", "bos_token", "eos_token", "add_generation_prompt"}
+    if not isinstance(kwargs, dict) or reserved & set(kwargs):
+        raise _bad(f"'chat_template_kwargs' must be an object without {sorted(reserved)}", "chat_template_kwargs")
+    offered = tools if choice != "none" else []
+    return {"tools": offered, "template_kwargs": kwargs,
+            "prefix": chat_format.forced_prefix(choice) if offered else "",
+            "max_calls": 1 if parallel is False else None, "reasoning": reasoning == "auto"}
 
 
 def _completion_prompt(body: dict) -> str | list[int]:
@@ -354,8 +395,11 @@ class _Text:
     end inside a multi-byte character), trailing U+FFFD is held back until the next canvas completes it, and
     so is a tail that could still grow into a stop sequence."""
 
-    def __init__(self, model: Any, max_tokens: int, stop: list[str]):
+    def __init__(self, model: Any, max_tokens: int, stop: list[str], decode: Callable[[list[int]], str] | None = None,
+                 prefix: str = ""):
         self.model, self.max_tokens, self.stop = model, max_tokens, stop
+        self.decode = decode or model.detokenize
+        self.prefix = prefix  # text the prompt already holds (a forced call's start): part of the output
         self.tokens: list[int] = []
         self.sent = ""  # what has been streamed
         self.text = ""  # the whole text so far (the answer of a non-streamed request)
@@ -364,8 +408,8 @@ class _Text:
     def update(self, tokens: list[int], final: bool) -> str:
         """Take the committed tokens so far; returns the text newly safe to send."""
         self.tokens = tokens[: self.max_tokens]
-        text = self.model.detokenize(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        text = self.prefix + self.decode(self.tokens)
+        cut = min((i for i in (text.find(s, len(self.prefix)) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.hit_stop, final = text[:cut], True, True
         self.text = text
@@ -469,8 +513,33 @@ class Engine:
         return p
 
     def _run(self, job: _Job) -> None:
+        from .chat import output_text
+        from .chat_format import OutputStream
+
         p, m = job.p, self.model
-        text = _Text(m, p["max_tokens"], p["stop"])
+        chat = p.get("chat")  # a chat request: the output is parsed into content, reasoning and tool calls
+        if chat is None:
+            text = _Text(m, p["max_tokens"], p["stop"])
+        else:
+            text = _Text(m, p["max_tokens"], p["stop"], lambda toks: output_text(m, toks), chat["prefix"])
+            parsed = OutputStream(tools=bool(chat["tools"]), reasoning=chat["reasoning"], max_calls=chat["max_calls"])
+
+        def send(delta: str, final: bool) -> None:
+            if chat is None:
+                if delta and p["stream"]:
+                    job.put("delta", delta)
+                return
+            d = parsed.update(text.text if final else text.sent, final)
+            if not p["stream"]:
+                return
+            if d.reasoning:
+                job.put("delta", {"reasoning_content": d.reasoning})
+            if d.content:
+                job.put("delta", {"content": d.content})
+            n = len(parsed.calls) - len(d.tool_calls)
+            for k, call in enumerate(d.tool_calls):  # a call is sent whole, once its canvas closed it
+                job.put("delta", {"tool_calls": [{"index": n + k, **call.to_dict()}]})
+
         committed: list[int] = []
         canvas_steps: list[int] = []
         last: list[Any] = [None]  # the argmax of the latest step: what gets committed when the canvas ends
@@ -483,9 +552,7 @@ class Engine:
                 if last[0] is not None:
                     committed.extend(int(t) for t in last[0])
                     if p["stream"] or p["stop"]:  # otherwise only the final text matters
-                        delta = text.update(committed, final=False)
-                        if delta and p["stream"]:
-                            job.put("delta", delta)
+                        send(text.update(committed, final=False), False)
                         if text.hit_stop:
                             raise _StopHit
                 canvas_steps.append(0)
@@ -530,13 +597,23 @@ class Engine:
             timings = {"prefill_ms": None, "step_ms": round(1e3 * elapsed / max(sum(canvas_steps), 1), 3),
                        "tokens_per_s": round(len(committed) / elapsed, 3) if elapsed > 0 else 0.0,
                        "forward_ms": None, "host_ms": None}
-        if delta and p["stream"]:
-            job.put("delta", delta)
+        send(delta, True)
         n_out = len(text.tokens)
         self.metrics.observe(canvas_steps, timings["step_ms"], len(job.ids), n_out, timings["tokens_per_s"])
+        finish = "stop" if (eos or text.hit_stop) else "length"
+        message = None
+        if chat is not None:
+            message = {"role": "assistant", "content": parsed.content}
+            if parsed.thinking:
+                message["reasoning_content"] = parsed.thinking
+            if parsed.calls:
+                message["tool_calls"] = [c.to_dict() for c in parsed.calls]
+                message["content"] = parsed.content if parsed.content.strip() else None
+                finish = "tool_calls"
         job.put("done", {
             "text": text.text,
-            "finish_reason": "stop" if (eos or text.hit_stop) else "length",
+            "message": message,
+            "finish_reason": finish,
             "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
                       "total_tokens": len(job.ids) + n_out},
             "diffusion": {"seed": p["seed"], "canvases": canvases, "timings": timings,
@@ -580,8 +657,11 @@ class _CountRequests:
             self.metrics.count_request(path if path in ENDPOINTS else "other", status[0])
 
 
-def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None = None) -> Any:
-    """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs."""
+def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None = None,
+               reasoning_format: str = "auto") -> Any:
+    """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs.
+    reasoning_format: "auto" puts thinking in `reasoning_content`, "none" leaves it in the content (a request's
+    own reasoning_format wins)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -593,6 +673,8 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
 
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
         raise Error(f"queue_size must be an int >= 0, got {queue_size!r}")
+    if reasoning_format not in REASONING_FORMATS:
+        raise Error(f"reasoning_format must be one of {list(REASONING_FORMATS)}, got {reasoning_format!r}")
     hp = model.hparams
     name = model_name or model.path.stem
     created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
@@ -633,12 +715,14 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
             raise _bad("the request body must be a JSON object")
         return body
 
-    async def tokenize(prompt: Any, chat: bool | None, param: str, image_budget: int = 280) -> list[int]:
+    async def tokenize(prompt: Any, chat: bool | None, param: str, image_budget: int = 280, **kw: Any) -> list[int]:
         try:
             if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
+                if any(kw.values()):
+                    raise Error("tools, tool_choice and chat_template_kwargs cannot be combined with images yet")
                 ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
             else:
-                ids = await asyncio.to_thread(prompt_ids, model, prompt, chat)
+                ids = await asyncio.to_thread(prompt_ids, model, prompt, chat, **kw)
         except Error as e:
             raise _bad(str(e), param) from e
         if len(ids) + hp.canvas_length > model.n_ctx:  # checked before queueing: a clear 400, no waiting
@@ -655,11 +739,10 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
                 if await request.is_disconnected():
                     raise _Cancelled from None
 
-    def chunk(kind: str, rid: str, t: int, delta: str | None, finish: str | None, role: bool = False) -> dict:
-        if kind == "chat":
+    def chunk(kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False) -> dict:
+        if kind == "chat":  # delta: {"content" | "reasoning_content" | "tool_calls": ...}
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if delta is not None:
-                d["content"] = delta
+            d.update(delta or {})
             choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": name, "choices": [choice]}
         choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
@@ -712,8 +795,8 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         finally:
             engine.cancel(job)
         if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": payload["text"]},
-                                      "logprobs": None, "finish_reason": payload["finish_reason"]}
+            choice: dict[str, Any] = {"index": 0, "message": payload["message"], "logprobs": None,
+                                      "finish_reason": payload["finish_reason"]}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": payload["text"], "logprobs": None, "finish_reason": payload["finish_reason"]}
@@ -729,7 +812,9 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         params = _parse_common(body, hp)
         budget = _opt_int(body, "image_budget", lo=1)
         params["image_budget"] = 280 if budget is None else budget
-        ids = await tokenize(messages, None, "messages", params["image_budget"])
+        params["chat"] = opts = _chat_options(body, reasoning_format)
+        ids = await tokenize(messages, None, "messages", params["image_budget"], tools=opts["tools"] or None,
+                             template_kwargs=opts["template_kwargs"], prefix=opts["prefix"])
         params["messages"] = messages if multimodal.has_images(messages) else None
         return await run(request, "chat", ids, params)
 
@@ -784,14 +869,15 @@ class Server:
     it on a background thread (tests, notebooks) until `stop()`. port=0 picks a free port (see `.port`)."""
 
     def __init__(self, model: "Model", *, host: str = "127.0.0.1", port: int = 8080, queue_size: int = 16,
-                 model_name: str | None = None, log_level: str = "info", shutdown_timeout: float = 10.0):
+                 model_name: str | None = None, log_level: str = "info", shutdown_timeout: float = 10.0,
+                 reasoning_format: str = "auto"):
         try:
             import uvicorn
         except ImportError as e:
             raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise Error(f"port must be in 0..65535, got {port!r}")
-        self.app = create_app(model, queue_size=queue_size, model_name=model_name)
+        self.app = create_app(model, queue_size=queue_size, model_name=model_name, reasoning_format=reasoning_format)
         self.host = host
         self._sock = self._bind(host, port)
         self.port = self._sock.getsockname()[1]
@@ -879,7 +965,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
              mmproj=a.mmproj)
     try:
         srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
-                     shutdown_timeout=a.shutdown_timeout)
+                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format)
         print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
               file=sys.stderr, flush=True)
         srv.run()
@@ -903,6 +989,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")
+    s.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+                   help="auto: the thinking channel goes to reasoning_content; none: it stays in the content")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.set_defaults(fn=_cmd_serve)
     return s
