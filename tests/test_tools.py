@@ -70,9 +70,9 @@ class Scripted:
             self.n_prompt = len(prompt)
             return real_generate(prompt, **kw)
 
-        def sync_prefix(committed):
+        def sync_prefix(committed, *args, **kw):
             self.canvas = (len(committed) - self.n_prompt) // L
-            real_sync(committed)
+            real_sync(committed, *args, **kw)
 
         def denoise_step(canvas, temperature, self_cond, uniform):
             c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
