@@ -244,3 +244,12 @@ def test_cli_chat_with_tools(scripted, tmp_path, monkeypatch, capsys):
     tools.write_text('[{"type": "function", "function": {"name": "bad name"}}]')
     assert cli.main(["chat", "--tools", str(tools)]) == 2
     assert "--tools" in capsys.readouterr().err
+
+
+def test_server_tools_with_images_is_a_clear_400(client):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="tools", tools=TOOLS, messages=[
+            {"role": "user", "content": [image, {"type": "text", "text": "Weather there?"}]}])
+    err = ei.value.response.json()["error"]
+    assert err["param"] == "messages" and "cannot be combined with images" in err["message"]
