@@ -205,3 +205,27 @@ def test_bad_mmproj_files(tmp_path, tiny_f32):
     with dg.load(tiny_f32) as m:
         with pytest.raises(dg.Error, match="without a vision tower"):
             m.image_embeddings(np.zeros((48, 48, 3), np.uint8))
+
+
+def test_a_file_with_only_llama_cpp_keys_loads(tower, tmp_path):
+    """llama.cpp's converter writes none of our keys (pooling, head_dim, token ids, use_gelu, the image block
+    flag): the tower is inferred from the tensors and the defaults. tools/check_llama_cpp_mmproj.py runs the
+    real converter; here its key set is rebuilt from one of our files, tensors byte for byte."""
+    hf, m, name = tower
+    src = gguf_file.read(m.vision.path)
+    theirs = {k: v for k, v in src.metadata.items()
+              if not k.startswith("diffgemma.") and k not in ("clip.use_gelu", mmproj.KEY_POOL)}
+    theirs["general.size_label"] = "0.1M"
+    w = gguf_file.Writer(tmp_path / "lc-style.gguf")
+    w.set_all(theirs)
+    raw = m.vision.path.read_bytes()
+    for t in src.tensors.values():
+        w.add_tensor(t.name, t.shape, t.type)
+    w.write(lambda n: np.frombuffer(raw, np.uint8, src.tensors[n].nbytes, src.tensors[n].offset))
+    with dg.load(m.path, mmproj=tmp_path / "lc-style.gguf") as lc:
+        hp = lc.vision.hparams
+        # without the key the pooling is llama.cpp's fixed 3x3, so only 3x3 towers are llama.cpp's to write
+        assert (hp.pool, hp.head_dim, hp.image_id, hp.bidirectional) == (3, m.vision.hparams.head_dim, None, True)
+        if m.vision.hparams.pool == 3:
+            pix, pos = _grid(3, 6, 3)
+            assert np.abs(lc.vision.encode(pix, 6, 3) - _hf_features(hf, pix, pos)).max() < 1e-4
