@@ -12,6 +12,8 @@ from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation, StepEvent
 from .layout import HParams
 from .model import Model, load, resolve
+from .template import Hole
+from .template import parse as parse_template
 
 
 def imatrix(model: Any, calibration: Any, out: str | os.PathLike, **kw: Any) -> Any:
@@ -81,6 +83,6 @@ def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model, to
     return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
 
 
-__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Model", "StepEvent", "ToolCall",
-           "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output", "quantize",
-           "recipes"]
+__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole", "Model", "StepEvent",
+           "ToolCall", "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output",
+           "parse_template", "quantize", "recipes"]

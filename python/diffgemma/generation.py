@@ -12,6 +12,7 @@ import numpy as np
 
 from . import multimodal, sampler
 from .errors import Error
+from .template import Hole, lay_out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class StepEvent:
     mean_entropy: float
     argmax: np.ndarray  # the current argmax canvas (token ids)
     text: str  # the argmax canvas as text (control tokens dropped)
+    fixed: np.ndarray | None = None  # with a template: which positions hold its fixed tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Generation:
     timings: Timings
     seed: int
     prompt_tokens: int
+    holes: list[str] = dataclasses.field(default_factory=list)  # with a template: each hole's text
 
     @property
     def steps(self) -> int:
@@ -122,18 +125,25 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
              seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
              entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
              chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None,
-             on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280) -> Generation:
+             on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
+             template: Any = None) -> Generation:
     """Generate canvases after `prompt` (see Model.generate)."""
     hp = model.hparams
     cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
                    confidence=confidence)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    ids, images = multimodal.build(model, prompt, chat, image_budget)
     L, V = hp.canvas_length, hp.n_vocab
-    n_canvas = -(-max_new_tokens // L)
+    lay = None if template is None else lay_out(model, template)
+    # A template may stand alone: the canvas then follows just the BOS token.
+    alone = lay is not None and (prompt is None or prompt == "")
+    ids, images = (model.tokenize(""), []) if alone else multimodal.build(model, prompt, chat, image_budget)
+    n_canvas = -(-max_new_tokens // L) if lay is None else lay.n_canvas
     if len(ids) + L > model.n_ctx:
         raise Error(f"the prompt ({len(ids)} tokens) leaves no room for a canvas of {L} in n_ctx={model.n_ctx}")
+    if lay is not None and len(ids) + n_canvas * L > model.n_ctx:
+        raise Error(f"the prompt ({len(ids)} tokens) and the template ({n_canvas} canvases of {L}) exceed "
+                    f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**63))
@@ -150,10 +160,23 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
     t_start = time.perf_counter()
     with model._lock:
         for c in range(n_canvas):
+            # With a template: its fixed tokens are clamped in the canvas fed to the model and in the argmax,
+            # and only the free (hole) positions take part in acceptance, the entropy sum and the stop rule.
+            fixed = None if lay is None else lay.fixed[lay.canvas(c)]
+            if fixed is not None and fixed.all():  # nothing to denoise: commit the fixed tokens as they are
+                argmax = lay.tokens[lay.canvas(c)]
+                infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
+                committed.extend(int(t) for t in argmax)
+                continue
             t0 = time.perf_counter()
             model._sync_prefix(np.asarray(committed, dtype=np.int32), images, on_progress=on_prefill)
             prefill += time.perf_counter() - t0
+            free = slice(None) if fixed is None else ~fixed
+            vocab = None if lay is None else lay.vocab(c)
             z = rng.integers(0, V, L)
+            if fixed is not None:
+                fixed_tokens = lay.tokens[lay.canvas(c)]
+                z = sampler.clamp(z, fixed, fixed_tokens)
             history: list[np.ndarray] = []
             argmax = z
             stopped = False
@@ -163,21 +186,28 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                 temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
                 u = rng.random(L, dtype=np.float32)
                 t0 = time.perf_counter()
-                argmax, entropy, sampled = model.denoise_step(z, temp, step > 1, u)
+                argmax, entropy, sampled = model.denoise_step(z, temp, step > 1, u, vocab)
                 t1 = time.perf_counter()
-                acc = sampler.accept(entropy, cfg.entropy_bound)
-                z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
-                stopped = sampler.should_stop(history, argmax, entropy, cfg.stability, cfg.confidence)
-                history.append(argmax)
+                if fixed is None:
+                    acc = sampler.accept(entropy, cfg.entropy_bound)
+                    z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
+                else:
+                    argmax = sampler.clamp(argmax, fixed, fixed_tokens)
+                    acc = np.zeros(L, dtype=bool)
+                    acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
+                    z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
+                stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
+                history.append(argmax[free])
                 if on_step is not None:
-                    on_step(StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy.mean()), argmax,
-                                      model.detokenize(argmax)))
+                    on_step(StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
+                                      argmax, model.detokenize(argmax), fixed))
                 forward += t1 - t0
                 host += time.perf_counter() - t1
                 n_steps += 1
                 if stopped:
                     break
-            canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids)
+            # With a template, the template decides where generation ends, not an EOS.
+            canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
             infos.append(CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps,
                                     eos=hit_eos))
             new.extend(int(t) for t in canvas)
@@ -185,8 +215,23 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
             if hit_eos:
                 break
     total = time.perf_counter() - t_start
+    holes: list[str] = []
+    if lay is None:
+        text = model.detokenize(new)
+    else:
+        text, holes, new = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)
     timings = Timings(prefill_ms=1e3 * prefill, step_ms=1e3 * (forward + host) / max(n_steps, 1),
                       tokens_per_s=len(new) / total if total > 0 else 0.0,
                       forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
-    return Generation(text=model.detokenize(new), tokens=new, canvases=infos, timings=timings, seed=int(seed),
-                      prompt_tokens=len(ids))
+    return Generation(text=text, tokens=new, canvases=infos, timings=timings, seed=int(seed),
+                      prompt_tokens=len(ids), holes=holes)
+
+
+def infill(model: Any, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
+    """The text between `prefix` and `suffix` (see Model.infill): the prefix is the raw prompt (no chat
+    template), the canvas holds a hole of n_tokens followed by the suffix."""
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise Error("infill needs str prefix and suffix")
+    allowed, empty = kw.pop("allowed", None), kw.pop("empty", False)
+    template = [Hole(n_tokens, allowed, empty, "the infill hole"), *([suffix] if suffix else [])]
+    return generate(model, model.tokenize(prefix), template=template, **kw).holes[0]

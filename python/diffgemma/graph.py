@@ -20,6 +20,7 @@ from .layout import HParams
 _lib, _ffi = B.lib, B.ffi
 F32, F16, I32 = 0, 1, 26
 GELU_C = math.sqrt(2.0 / math.pi)
+MASKED_LOGIT = -1e30  # a disallowed token's logit bias: its probability underflows to exactly 0, yet finite (0 * s = 0)
 
 
 class Ctx:
@@ -221,7 +222,8 @@ class Graphs:
         soft = rms(g, soft, hp.rms_eps, w["self_cond_pre_norm.weight"])
         return mlp(g, soft, w["self_cond_gate.weight"], w["self_cond_up.weight"], w["self_cond_down.weight"])
 
-    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any, sc_state: Any) -> dict[str, Any]:
+    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any, sc_state: Any, vocab_bias: Any = None
+               ) -> dict[str, Any]:
         """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store, followed by the
         sampler statistics of the temperature-scaled logits.
 
@@ -230,7 +232,10 @@ class Graphs:
         is computed once per step.
         Inputs: ids [L], pos [L], sc_gate [1] (0 on the first step: self-conditioning contributes exactly 0),
         inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample), mask_swa [keys read, L].
-        Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L]."""
+        Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L].
+        vocab_bias [V, K] (a persistent device tensor, 0 or MASKED_LOGIT) restricts each position's tokens to
+        one of K vocabularies: input vocab_rows [L] picks a row per position, added to the logits before all
+        sampling statistics (templates). Without it the graph is the plain one."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
         sc_gate = g.input("sc_gate", F32, 1)
@@ -255,8 +260,12 @@ class Graphs:
         logits = g.mul_mat(w["token_embd.weight"], h)  # tied LM head
         logits = softcap(g, logits, hp.softcap)
         g.output(logits, "logits")
-        return {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
-                "mask_swa": mask_swa, "logits": logits, **self.sample(g, logits, inv_temp, uniform, sc_state)}
+        io = {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
+              "mask_swa": mask_swa, "logits": logits}
+        if vocab_bias is not None:
+            rows = io["vocab_rows"] = g.input("vocab_rows", I32, L)
+            logits = g.add_id(logits, vocab_bias, rows)  # one pass: logits[:, j] + bias[:, rows[j]]
+        return {**io, **self.sample(g, logits, inv_temp, uniform, sc_state)}
 
     @staticmethod
     def _row_dots(g: Ctx, a: Any, b: Any) -> Any:

@@ -21,7 +21,8 @@ from . import gguf_file, kv, layout, multimodal
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation
 from .generation import generate as _generate
-from .graph import F16, F32, Ctx, Graphs
+from .generation import infill as _infill
+from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
 from .tokenizer import Tokenizer
 
 _lib, _ffi = B.lib, B.ffi
@@ -90,6 +91,7 @@ class Model:
         self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
         self._sc_state: dict[int, Any] = {}
+        self._vocab_bias: tuple[Any, Any, np.ndarray] | None = None  # (tensor, its buffer, the table written)
         self._graph: _Graph | None = None
         self.committed: list[int] = []  # token ids whose K/V are in the store
         self.images: list[Any] = []  # multimodal.ImageSpan of the committed tokens
@@ -477,17 +479,61 @@ class Model:
             self._sc_state[L] = t
         return self._sc_state[L]
 
-    def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray) -> _Graph:
-        """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph."""
+    def _vocab_bias_tensor(self, table: np.ndarray) -> Any:
+        """The persistent [V, K] bias tensor of a bool vocabulary table [K, V], written only when the table
+        changes (once per template)."""
+        if self._vocab_bias is not None and self._vocab_bias[2] is table:
+            return self._vocab_bias[0]
+        K, V = table.shape
+        if self._vocab_bias is None or self._vocab_bias[0].ne[1] != K:
+            if self._vocab_bias is not None:
+                if self._graph is not None and self._graph.key[-1] == id(self._vocab_bias[0]):
+                    self._graph.ctx.free()  # that graph reads the tensor about to be freed
+                    self._graph = None
+                _lib.ggml_backend_buffer_free(self._vocab_bias[1])
+                self._bufs.remove(self._vocab_bias[1])
+                self._vocab_bias = None
+            ctx = self._new_ctx(1)
+            t = _lib.ggml_new_tensor_2d(ctx, F32, V, K)
+            _lib.ggml_set_name(t, b"vocab_bias")
+            on_gpu = self._on_gpu("token_embd.weight")  # where the logits are
+            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
+            if buf == _ffi.NULL:
+                raise Error("cannot allocate the template's vocabulary table")
+            self._bufs.append(buf)
+            self._vocab_bias = (t, buf, table)
+        bias = np.where(table, np.float32(0.0), np.float32(MASKED_LOGIT)).astype(np.float32)
+        _lib.ggml_backend_tensor_set(self._vocab_bias[0], _ffi.from_buffer(bias), 0, bias.nbytes)
+        self._vocab_bias = (self._vocab_bias[0], self._vocab_bias[1], table)
+        return self._vocab_bias[0]
+
+    def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray,
+                     vocab: tuple[np.ndarray, np.ndarray] | None = None) -> _Graph:
+        """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph.
+        vocab: (bool table [K, V], row per position [L]) restricting each position's tokens, or None."""
         L, store = len(canvas), self.prompt_kv
         if store.n + L > self.n_ctx:  # the canvas K/V go into the store's slots after the committed tokens
             raise Error(f"{store.n} committed + canvas {L} tokens exceed n_ctx={self.n_ctx}")
         if L > store.room:
             raise Error(f"a canvas of {L} tokens exceeds the store's room of {store.room} (raise n_batch)")
+        bias = rows = None
+        if vocab is not None:
+            table, rows = vocab
+            rows = np.asarray(rows, dtype=np.int32)
+            if table.ndim != 2 or table.shape[1] != self.hparams.n_vocab or rows.shape != (L,) or (
+                    rows.size and (rows.min() < 0 or rows.max() >= table.shape[0])):
+                raise Error(f"vocab must be (table [K, {self.hparams.n_vocab}], rows [{L}] in 0..K-1)")
+            bias = self._vocab_bias_tensor(table)
         store.reserve(store.n + L)
         embd_t, sc_state = self._embedding_t(), self._self_cond_state(L)
-        gr = self._use_graph(("dec", store.n, L, store.capacity),
-                             lambda g: self._graphs.decode(g, store, L, embd_t, sc_state))
+        if bias is None:
+            gr = self._use_graph(("dec", store.n, L, store.capacity),
+                                 lambda g: self._graphs.decode(g, store, L, embd_t, sc_state))
+        else:
+            gr = self._use_graph(("dec", store.n, L, store.capacity, id(bias)),
+                                 lambda g: self._graphs.decode(g, store, L, embd_t, sc_state, bias))
+            self._set(gr.io["vocab_rows"], rows)
         store.mark(L)
         self._set(gr.io["mask_swa"], store.masks(L, causal=False, kinds=("swa",),
                                                  dtype=np.float16 if self.flash else np.float32)["swa"])
@@ -499,13 +545,15 @@ class Model:
         self._compute(gr)
         return gr
 
-    def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray,
+                     vocab: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step of the sampler on the device: (argmax, entropy, sample) of softmax(logits / temperature) per
         canvas position. Self-conditioning reads the previous step's scaled logits from the device when
-        `self_cond`; only O(canvas) numbers cross to the host."""
+        `self_cond`; only O(canvas) numbers cross to the host. vocab=(table, rows): position j may only take
+        the tokens where the bool table [K, n_vocab] is True in row rows[j], masked on the device before
+        softmax (the statistics are those of the renormalised distribution)."""
         with self._lock:
-            gr = self._run_decoder(canvas, 1.0 / temperature, self_cond, uniform)
+            gr = self._run_decoder(canvas, 1.0 / temperature, self_cond, uniform, vocab)
             L = len(canvas)
             argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
             for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
@@ -515,7 +563,8 @@ class Model:
     def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
-                 on_step: Any = None, on_prefill: Any = None, image_budget: int = 280) -> Generation:
+                 on_step: Any = None, on_prefill: Any = None, image_budget: int = 280,
+                 template: Any = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
@@ -525,11 +574,22 @@ class Model:
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
         adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
         denoising step, on_prefill(done, total) after every chunk of n_batch tokens encoded (the prompt, then
-        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed)."""
+        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed).
+
+        template: fixed text with holes to fill (docs/templates.md): text with {{hole N ...}} tags or a list of
+        str and dg.Hole parts. It is laid over as many canvases as it needs (max_new_tokens is then ignored, as
+        are EOS tokens); .text is the filled template, .holes each hole's text. The prompt may be "" or None."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
-                         chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget)
+                         chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
+                         template=template)
+
+    def infill(self, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
+        """The text between `prefix` (the raw prompt) and `suffix`, in a hole of n_tokens. Keywords: allowed=,
+        empty= as for dg.Hole, and the sampler settings of generate."""
+        self._check_open()
+        return _infill(self, prefix, suffix, n_tokens, **kw)
 
     def chat(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None, tool_choice: Any = "auto",
              template_kwargs: dict[str, Any] | None = None, **generate_kw: Any) -> Any:

@@ -36,6 +36,11 @@ def renoise(accepted: np.ndarray, sampled: np.ndarray, noise: np.ndarray) -> np.
     return np.where(accepted, sampled, noise)
 
 
+def clamp(canvas: np.ndarray, fixed: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """A template's fixed positions hold their tokens, whatever was sampled or drawn there."""
+    return np.where(fixed, tokens, canvas)
+
+
 def is_stable(history: list[np.ndarray], argmax: np.ndarray, stability: int) -> bool:
     """The argmax canvas equals each of the last `stability` argmax canvases at every position (0: always)."""
     if stability == 0:
