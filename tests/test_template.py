@@ -254,3 +254,124 @@ def test_class_predicates():
     assert tpl.CLASSES["digits"]("2026") and not tpl.CLASSES["digits"]("\u00b2") and not tpl.CLASSES["digits"](" 1")
     assert tpl.CLASSES["words"](" the") and tpl.CLASSES["words"](" ") and not tpl.CLASSES["words"]("a1")
     assert not tpl.CLASSES["no-newline"]("a\n") and tpl.CLASSES["letters"]("abc") and not tpl.CLASSES["letters"]("a b")
+
+
+# ---- surfaces ------------------------------------------------------------------------------------------------
+
+
+def test_cli_template_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "diffgemma.cli", "generate"]
+    f = tmp_path / "form.txt"
+    f.write_text('{"speaker": "{{hole 3 upper}}", "act": {{hole 1 digits}}}\n', encoding="utf-8")
+    r = subprocess.run(cli + ["--template", str(f), "--seed", "2", "--steps", "5", "--json"], capture_output=True,
+                       text=True, check=True)
+    out = json.loads(r.stdout)
+    speaker, act = out["holes"]
+    assert out["text"] == f'{{"speaker": "{speaker}", "act": {act}}}\n'
+    assert speaker.isupper() and act.isdigit() and len(out["canvases"]) == 1
+    plain = subprocess.run(cli + ["--template", "-", "-p", "ROMEO.", "--steps", "3"], input="O {{hole 4}}!",
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.startswith("O ") and plain.stdout.endswith("!\n")
+    f.write_text('{"a": {{hole 2 digitz}}}', encoding="utf-8")
+    bad = subprocess.run(cli + ["--template", str(f)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "line 1, column 7" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(cli + ["--template", str(tmp_path / "nope.txt")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "cannot read the template" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def served(random_tiny):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from diffgemma import server as srv
+
+    m = dg.load(random_tiny, threads=1)
+    s = srv.Server(m, port=0, log_level="warning").start()
+    yield m, s
+    s.stop()
+    m.close()
+
+
+def _post(server, path, body, *, stream=False):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if stream:
+                return r.status, [ln.decode().rstrip("\n") for ln in r if ln.strip()]
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_template_extension_field(served):
+    openai = pytest.importorskip("openai")
+    m, s = served
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    msgs = [{"role": "user", "content": "A date, please."}]
+    t = "Year: {{hole 4 digits}}, day {{hole 2 digits}}."
+    r = client.chat.completions.create(model="tiny", messages=msgs, seed=4, extra_body={"template": t, "steps": 3})
+    want = m.generate(msgs, template=t, seed=4, steps=3)
+    assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == len(want.tokens)
+    # completions: parts as JSON, no prompt, streamed with frames that mark the fixed positions
+    parts = ["The quick brown fox", {"hole": 20, "allowed": "words", "empty": True}, " over the lazy dog."]
+    body = {"template": parts, "seed": 2, "steps": 2, "stability": None, "stream": True, "diffusion_frames": True}
+    status, lines = _post(s, "/v1/completions", body, stream=True)
+    import json
+
+    frames = [json.loads(ln[len(": diffusion "):]) for ln in lines if ln.startswith(": diffusion ")]
+    steps = [f for f in frames if f["type"] == "frame"]
+    lay = tpl.lay_out(m, [parts[0], dg.Hole(20, "words", True), parts[2]])
+    holed = [c for c in range(lay.n_canvas) if not lay.fixed[lay.canvas(c)].all()]
+    assert status == 200 and len(holed) >= 2  # the hole spans canvases
+    assert [(f["canvas"], f["step"]) for f in steps] == [(c, k) for c in holed for k in (1, 2)]
+    for f in steps:
+        assert f["fixed"] == lay.fixed[lay.canvas(f["canvas"])].astype(int).tolist()
+    text = "".join(json.loads(ln[5:])["choices"][0]["text"] for ln in lines
+                   if ln.startswith("data: {") and json.loads(ln[5:])["choices"])
+    assert text.startswith("The quick brown fox") and text.endswith(" over the lazy dog.")
+    assert text == m.generate(None, template=lay, seed=2, steps=2, stability=None).text
+
+
+@pytest.mark.parametrize("template,msg", [
+    ("a {{hole 3", "unclosed hole at line 1, column 3"),
+    (["a", {"hole": 0}], r"hole \(template\[1\]\) must have a positive number"),
+    (["a", {"hole": 2, "allowed": [""]}], "is empty in this vocabulary"),
+    (["a", {"hole": "x"}], "template\\[1\\].hole must be an integer"),
+    (["a", {"size": 2}], "template\\[1\\] must be a string or"),
+    (7, "'template' must be a string or an array"),
+])
+def test_server_bad_templates_are_400(served, template, msg):
+    import re
+
+    _, s = served
+    status, body = _post(s, "/v1/completions", {"prompt": "hi", "template": template})
+    assert status == 400 and body["error"]["param"] == "template" and re.search(msg, body["error"]["message"])
+    status, body = _post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                    "template": "{{hole 2}}", "stop": ["x"]})
+    assert status == 400 and body["error"]["param"] == "stop"
+
+
+def test_docs_examples_on_the_embedded_model():
+    """docs/templates.md's examples: a Shakespeare speech heading and a JSON skeleton on the trained model."""
+    import json
+
+    with dg.load("tiny", threads=1) as m:  # one thread: no spin-barrier stalls on a busy machine
+        t = "{{hole 4 upper}}.\nO {{hole 12 no-newline}},\n{{hole 12 no-newline}}.\n\nJULIET.\n{{hole 16}}"
+        g = m.generate("", template=t, seed=3, steps=16)
+        speaker, first, second, reply = g.holes
+        assert g.text == f"{speaker}.\nO {first},\n{second}.\n\nJULIET.\n{reply}"
+        assert speaker.isalpha() and speaker.isupper() and "\n" not in first + second
+        j = m.generate("", template='{"speaker": "{{hole 3 upper}}", "act": {{hole 1 digits}}, '
+                                    '"line": "{{hole 10 no-newline}}"}', seed=1, steps=16)
+    obj = json.loads(j.text)  # keys and punctuation fixed, so it parses whatever the model says
+    assert obj["speaker"].isupper() and isinstance(obj["act"], int) and "\n" not in obj["line"]

@@ -233,10 +233,22 @@ def _stats(g: Any) -> str:
             f"{t.prefill_ms:.1f} ms; {t.step_ms:.2f} ms/step; {t.tokens_per_s:.1f} tokens/s; seed {g.seed}]")
 
 
+def _read_template(path: str) -> str:
+    """The text of a --template FILE ('-': standard input)."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Error(f"cannot read the template {path}: {e}") from e
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     prompt = a.prompt if a.prompt is not None else a.text
-    if prompt is None:
-        raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT)")
+    text = None if a.template is None else _read_template(a.template)
+    if prompt is None and text is None:
+        raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT, or --template FILE)")
     if a.image and a.no_chat:
         raise Error("--image needs the chat template (drop --no-chat)")
     if a.image and not a.mmproj:
@@ -244,12 +256,17 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     m = _load(a)
     if a.image:
         prompt = _image_message(prompt, a.image)
+    layout = None
+    if text is not None:
+        from .template import lay_out
+
+        layout = lay_out(m, text)  # bad templates fail here, before any denoising
     live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
     bar = None
     if live is None and sys.stderr.isatty():  # a terminal without --visual: a progress bar over the steps
         from tqdm.auto import tqdm
 
-        n_canvas = -(-a.max_new_tokens // m.hparams.canvas_length)
+        n_canvas = -(-a.max_new_tokens // m.hparams.canvas_length) if layout is None else layout.n_canvas
         bar = tqdm(total=n_canvas, unit="canvas", desc="denoising", leave=False, file=sys.stderr)
 
         def live(ev: Any) -> None:
@@ -260,7 +277,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     prefill = _PrefillBar(m.n_batch)
     try:
         g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, on_prefill=prefill,
-                       image_budget=a.image_budget,
+                       image_budget=a.image_budget, template=layout,
                        **_sampler_kw(a))
     finally:
         prefill.close()
@@ -269,9 +286,11 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if isinstance(live, _LiveCanvas):
         live.clear()
     if a.json:
-        print(json.dumps({"text": g.text, "tokens": g.tokens, "seed": g.seed,
-                          "canvases": [dataclasses.asdict(c) for c in g.canvases],
-                          "timings": dataclasses.asdict(g.timings)}))
+        out = {"text": g.text, "tokens": g.tokens, "seed": g.seed,
+               "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
+        if layout is not None:
+            out["holes"] = g.holes
+        print(json.dumps(out))
         return 0
     print(g.text)
     if sys.stdout.isatty() or a.stats:
@@ -525,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(s)
     _sampler_args(s)
     s.add_argument("--no-chat", action="store_true", help="do not apply the file's chat template")
+    s.add_argument("--template", metavar="FILE", default=None,
+                   help="fill the holes of the template in FILE ('-': stdin; syntax in docs/templates.md); the "
+                        "prompt is then optional and -n is ignored")
     s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
     s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
     s.add_argument("--json", action="store_true")

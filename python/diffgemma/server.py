@@ -178,6 +178,36 @@ def _parse_common(body: dict, hp: Any) -> dict:
     }
 
 
+def _template_field(body: dict) -> Any:
+    """The `template` extension field as the library takes it: a template string, or a list of parts (strings
+    and {"hole": N, "allowed": class names | [texts or token ids], "empty": bool}). None when absent."""
+    from .template import Hole
+
+    t = body.get("template")
+    if t is None or isinstance(t, str):
+        return t
+    if not isinstance(t, list):
+        raise _bad("'template' must be a string or an array of parts", "template")
+    parts: list[Any] = []
+    for i, part in enumerate(t):
+        if isinstance(part, str):
+            parts.append(part)
+            continue
+        if not isinstance(part, dict) or set(part) - {"hole", "allowed", "empty"} or "hole" not in part:
+            raise _bad(f"template[{i}] must be a string or {{\"hole\": N, \"allowed\": ..., \"empty\": bool}}",
+                       "template")
+        n, allowed, empty = part["hole"], part.get("allowed"), part.get("empty", False)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise _bad(f"template[{i}].hole must be an integer (the hole's size in tokens)", "template")
+        if not (allowed is None or isinstance(allowed, str) or (isinstance(allowed, list) and all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in allowed))):
+            raise _bad(f"template[{i}].allowed must be class names or an array of texts and token ids", "template")
+        if not isinstance(empty, bool):
+            raise _bad(f"template[{i}].empty must be a boolean", "template")
+        parts.append(Hole(n, allowed, empty, f"hole (template[{i}])"))
+    return parts
+
+
 def _messages(body: dict) -> list[dict[str, Any]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -551,7 +581,8 @@ class Engine:
             if ev.canvas_index == len(canvas_steps):  # a new canvas began: the previous one was committed
                 if last[0] is not None:
                     committed.extend(int(t) for t in last[0])
-                    if p["stream"] or p["stop"]:  # otherwise only the final text matters
+                    # (a template's text is whole only at the end: fixed text verbatim, fillers dropped)
+                    if (p["stream"] or p["stop"]) and p.get("template") is None:
                         send(text.update(committed, final=False), False)
                         if text.hit_stop:
                             raise _StopHit
@@ -564,13 +595,14 @@ class Engine:
                                   "temperature": round(ev.temperature, 5), "accepted": ev.accepted,
                                   "mean_entropy": round(ev.mean_entropy, 5), "text": ev.text, "tokens": ids,
                                   "pieces": [self._piece(t) for t in ids],
-                                  "elapsed_ms": round(1e3 * (time.perf_counter() - t0), 2)})
+                                  "elapsed_ms": round(1e3 * (time.perf_counter() - t0), 2),
+                                  **({} if ev.fixed is None else {"fixed": [int(f) for f in ev.fixed]})})
 
         try:
             # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
             prompt = p["messages"] if p.get("messages") is not None else job.ids
             g = m.generate(prompt, max_new_tokens=p["max_tokens"], seed=p["seed"], on_step=on_step,
-                           image_budget=p.get("image_budget", 280), **p["sampler"])
+                           image_budget=p.get("image_budget", 280), template=p.get("template"), **p["sampler"])
         except _Cancelled:
             if self._closing:  # cancelled by shutdown, not by its client: tell the client why it ends
                 job.put("error", _shutting_down())
@@ -583,7 +615,14 @@ class Engine:
             job.put("error", ApiError(500, str(e), type="server_error"))
             return
         elapsed = time.perf_counter() - t0
-        if g is not None:
+        if g is not None and p.get("template") is not None:  # the filled template, whatever its length
+            delta = text.text = text.sent = g.text
+            text.tokens = g.tokens
+            eos = True
+            canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
+            timings = {k: round(v, 3) for k, v in vars(g.timings).items()}
+            canvas_steps = [c.steps for c in g.canvases]
+        elif g is not None:
             delta = text.update(g.tokens, final=True)
             eos = g.canvases[-1].eos and len(g.tokens) <= p["max_tokens"]  # not when max_tokens cut it off
             canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
@@ -775,6 +814,24 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generation stops
             engine.cancel(job)
 
+    async def with_template(body: dict, ids: list[int], params: dict) -> dict:
+        """params with the request's template laid out for the model (None without one): errors are 400s."""
+        from .template import lay_out
+
+        template = _template_field(body)
+        if template is not None:
+            if params["stop"]:
+                raise _bad("'stop' does not apply to a template (the template decides where the text ends)", "stop")
+            try:
+                template = await asyncio.to_thread(lay_out, model, template)
+            except Error as e:
+                raise _bad(str(e), "template") from e
+            if len(ids) + template.n_canvas * hp.canvas_length > model.n_ctx:
+                raise _bad(f"the prompt ({len(ids)} tokens) and the template ({template.n_canvas} canvases of "
+                           f"{hp.canvas_length}) exceed the context of {model.n_ctx} tokens", "template",
+                           "context_length_exceeded")
+        return {**params, "template": template}
+
     async def run(request: Request, kind: str, ids: list[int], params: dict) -> Any:
         job = _Job(asyncio.get_running_loop(), ids, params)
         engine.submit(job)
@@ -816,16 +873,18 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         ids = await tokenize(messages, None, "messages", params["image_budget"], tools=opts["tools"] or None,
                              template_kwargs=opts["template_kwargs"], prefix=opts["prefix"])
         params["messages"] = messages if multimodal.has_images(messages) else None
-        return await run(request, "chat", ids, params)
+        return await run(request, "chat", ids, await with_template(body, ids, params))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = await json_body(request)
         _unsupported(body, _COMPLETION_UNSUPPORTED)
-        prompt = _completion_prompt(body)
         params = _parse_common(body, hp)
-        ids = await tokenize(prompt, False, "prompt")  # raw text: no chat template on the completions endpoint
-        return await run(request, "completion", ids, params)
+        if body.get("template") is not None and body.get("prompt") in (None, ""):
+            ids = model.tokenize("")  # a template alone: its canvases follow BOS
+        else:  # raw text: no chat template on the completions endpoint
+            ids = await tokenize(_completion_prompt(body), False, "prompt")
+        return await run(request, "completion", ids, await with_template(body, ids, params))
 
     @app.get("/v1/models")
     async def models() -> Any:
