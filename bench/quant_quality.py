@@ -86,7 +86,7 @@ def calibration_text(corpus: sd.Corpus, chars_per_work: int) -> str:
 
 
 def build_variants(src: pathlib.Path, work: pathlib.Path, calib: str, chunks: int) -> list[Variant]:
-    q = dict(progress=False)
+    q = dict(progress=False, overwrite=True)  # the work directory is ours (and may be reused with --work)
     out = [Variant("F32", work / "f32.gguf", "F16 weights widened"), Variant("F16 (shipped)", src)]
     out[0].report = dg.quantize(src, out[0].path, type="f32", **q)
     for name, t in (("Q8_0", "q8_0"), ("Q4_K", "q4_k")):
@@ -97,7 +97,7 @@ def build_variants(src: pathlib.Path, work: pathlib.Path, calib: str, chunks: in
     imatrices: dict[str, pathlib.Path] = {}
     for mode in ("unified", "denoise"):
         p = work / f"imatrix-{mode}.gguf"
-        rep = dg.imatrix(out[0].path, calib, p, mode=mode, chunks=chunks, progress=False)
+        rep = dg.imatrix(out[0].path, calib, p, mode=mode, chunks=chunks, progress=False, overwrite=True)
         print(rep.summary(), file=sys.stderr)
         imatrices[mode] = p
     print(f"imatrices: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -161,8 +161,7 @@ def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[str
     finally:
         m.close()
     size = v.path.stat().st_size
-    n_el = sum(int(np.prod(t.shape)) for t in gguf_file.read(v.path).tensors.values())
-    bpw = 8 * size / n_el
+    bpw = gguf_file.bits_per_weight((t.shape, t.type) for t in gguf_file.read(v.path).tensors.values())
 
     def mean_kl(step: int) -> float:
         return kl[step][0] / kl[step][1] if kl[step][1] else 0.0

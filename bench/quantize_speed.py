@@ -144,7 +144,7 @@ def main() -> None:
         t_dg = t_ll = float("inf")
         for _ in range(args.repeat):  # best of N: the machine may be shared
             t = time.perf_counter()
-            qz.quantize(src, out_dg, type=ty, imatrix=im, threads=args.threads, progress=False)
+            qz.quantize(src, out_dg, type=ty, imatrix=im, threads=args.threads, progress=False, overwrite=True)
             t_dg = min(t_dg, time.perf_counter() - t)
             t_ll = min(t_ll, run_llama(llama_cpp, twin, out_ll, FTYPE[ty], args.threads, im))
         same, why = same_tensor_data(out_dg, out_ll)

@@ -535,9 +535,11 @@ def test_existing_output_replaced_only_on_success(
     def boom(*a: Any, **kw: Any) -> Any:
         raise KeyboardInterrupt
 
+    with pytest.raises(Error, match="already exists"):  # refused without overwrite=True
+        conv.convert(hf_tiny["dir"], out, progress=False)
     monkeypatch.setattr(conv, "_encode", boom)
     with pytest.raises(KeyboardInterrupt):
-        conv.convert(hf_tiny["dir"], out, progress=False)
+        conv.convert(hf_tiny["dir"], out, progress=False, overwrite=True)
     assert out.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
 
 

@@ -197,6 +197,11 @@ def test_diffusion_frames_are_sse_comments(model, client, server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
 
 
+def test_seed_minus_one_is_random(client):
+    r = client.completions.create(model="tiny", prompt="Once", max_tokens=8, seed=-1, extra_body=FAST)
+    assert r.model_extra["diffusion"]["seed"] >= 0
+
+
 # ---- errors ------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +209,7 @@ def test_diffusion_frames_are_sse_comments(model, client, server):
     ({"extra_body": {"steps": 0}}, "steps"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 2}, "n"),
-    ({"seed": -1}, "seed"),
+    ({"seed": -2}, "seed"),  # -1 means "random", as in llama.cpp
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ({"extra_body": {"t_min": 0.9, "t_max": 0.5}}, None),

@@ -41,15 +41,18 @@ import train_tiny  # noqa: E402
 
 MAX_BYTES = 25_000_000
 HF_TOKENIZER_KEY = "tokenizer.huggingface.json"  # the GGUF spec's key for the whole HF tokenizer.json
+MODEL_NAME = "diffgemma-tiny-shakespeare"
 
 
 def embed_tokenizer_json(src: Path, dst: Path, tokenizer_json: str) -> None:
-    """Copy the GGUF `src` to `dst` with `tokenizer.huggingface.json` set (tensor data copied byte for byte)."""
+    """Copy the GGUF `src` to `dst` with `tokenizer.huggingface.json` and the model's name set (tensor data
+    copied byte for byte)."""
     from diffgemma import gguf_file
 
     gf = gguf_file.read(src)
     w = gguf_file.Writer(dst, copy_kv_from=src)
     w.set(HF_TOKENIZER_KEY, tokenizer_json)
+    w.set("general.name", MODEL_NAME)  # not the name of the work directory it was converted from
     for info in gf.tensors.values():
         w.add_tensor(info.name, info.shape, info.type)
     data = src.read_bytes()
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     sd.write_tokenizer_files(tok, hf)  # no chat template: a base model continues plain prompts
 
     plain = work / "shakespeare-f16.plain.gguf"
-    dg.convert(hf, plain, outtype="f16", progress=False)
+    dg.convert(hf, plain, outtype="f16", progress=False, overwrite=True)  # our own work file
     out = work / "shakespeare.gguf"
     embed_tokenizer_json(plain, out, tok.to_str())
     plain.unlink()

@@ -32,7 +32,6 @@ def main() -> None:
     hp = layout.full_26b_a4b()
     src = testing.write_model(work / "full-bf16.gguf", hp, wtype="bf16", sparse=True)
     imat = imx.ImatrixData({"blk.0.attn_q.weight": imx.Entry(np.ones((1, hp.n_embd)), np.ones(1, np.int64))})
-    n_el = sum(int(np.prod(s.shape)) for s in layout.tensor_specs(hp))
     print("| recipe | census (tensors per type) | size | bits/weight |")
     print("|---|---|---:|---:|")
     later = []
@@ -44,7 +43,7 @@ def main() -> None:
                     r = qz.quantize(src, work / "never.gguf", recipe=name, dry_run=True,
                                     imatrix=imat if with_imatrix else None)
                 row = f"| {name}{'' if with_imatrix else ' (no imatrix)'} | {r.census_str} | " \
-                      f"{r.size_bytes:,} B ({r.size_bytes / 1e9:.2f} GB) | {8 * r.size_bytes / n_el:.2f} |"
+                      f"{r.size_bytes:,} B ({r.size_bytes / 1e9:.2f} GB) | {r.bits_per_weight:.2f} |"
                 if with_imatrix:
                     print(row)
                     first = r.census

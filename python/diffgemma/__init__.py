@@ -4,44 +4,20 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from .calibration import ImatrixReport, imatrix
 from .chat import ChatReply
 from .chat_format import ToolCall, parse_chat_output
+from .converter import convert
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, Generation, StepEvent
 from .layout import HParams
 from .model import Model, load, resolve
+from .quantizer import QuantizeReport, quantize, recipes
 from .template import Hole
 from .template import parse as parse_template
-
-
-def imatrix(model: Any, calibration: Any, out: str | os.PathLike, **kw: Any) -> Any:
-    """Collect an importance matrix (see diffgemma.calibration.imatrix)."""
-    from .calibration import imatrix as _imatrix
-
-    return _imatrix(model, calibration, out, **kw)
-
-
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, **kw: Any) -> Any:
-    """Quantize a diffusion-gemma GGUF (see diffgemma.quantizer.quantize)."""
-    from .quantizer import quantize as _quantize
-
-    return _quantize(resolve(src), dst, **kw)
-
-
-def recipes() -> dict[str, str]:
-    """Built-in quantization recipes and their descriptions."""
-    from .quantizer import recipes as _recipes
-
-    return _recipes()
-
-
-def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, **kw: Any) -> Any:
-    """Convert a Hugging Face DiffusionGemmaForBlockDiffusion checkpoint to GGUF (see diffgemma.converter)."""
-    from .converter import convert as _convert
-
-    return _convert(hf_dir, out, **kw)
 
 __version__ = "0.1.0"
 
@@ -56,8 +32,23 @@ def backends() -> list[str]:
     return [d["name"] for d in binding.devices()]
 
 
-def generate(prompt: Any, *, model: str | os.PathLike | Model, n_gpu_layers: int = -1, **kw: Any) -> str:
-    """Load `model` (cached across calls) and generate; returns the text. Keywords as for Model.generate."""
+def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_layers: int = -1,
+             max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+             t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
+             stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
+             on_step: Callable[[StepEvent], Any] | None = None,
+             on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
+             template: Any = None) -> str:
+    """Generate text after `prompt` with `model` and return the text (the rest as for Model.generate).
+
+    model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
+    loaded once with `n_gpu_layers` and cached for the next call (one model at a time). prompt: a str, a list
+    of chat messages [{"role", "content"}] or a list of token ids. Sampler settings left as None take the
+    file's values; stability/confidence=None disable the adaptive stop; seed None or -1 draws a random one;
+    template: text with {{hole N ...}} tags or a list of str / Hole parts (docs/templates.md)."""
+    kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
+              entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat, on_step=on_step,
+              on_prefill=on_prefill, image_budget=image_budget, template=template)
     if isinstance(model, Model):
         return model.generate(prompt, **kw).text
     return _cached(model, n_gpu_layers).generate(prompt, **kw).text
@@ -76,13 +67,13 @@ def _cached(model: str | os.PathLike, n_gpu_layers: int) -> Model:
 
 
 # Like mlx_lm.generate, the function shadows its module: import the module's names from diffgemma.chat.
-def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model, tools: list[dict] | None = None,
+def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model = "tiny", tools: list[dict] | None = None,
          tool_choice: Any = "auto", n_gpu_layers: int = -1, **kw: Any) -> ChatReply:
     """Load `model` (cached across calls) and run one assistant turn with tools (see Model.chat)."""
     m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
     return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
 
 
-__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole", "Model", "StepEvent",
-           "ToolCall", "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output",
-           "parse_template", "quantize", "recipes"]
+__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole", "ImatrixReport", "Model",
+           "QuantizeReport", "StepEvent", "ToolCall", "__version__", "backends", "chat", "convert", "generate",
+           "imatrix", "load", "parse_chat_output", "parse_template", "quantize", "recipes"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import resource
 import time
 from typing import Any
@@ -81,15 +80,25 @@ def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, 
 
 # ---- the reference, on the same weights ------------------------------------------------------------------
 
+def _require_reference() -> None:
+    """Error (with how to install them) unless torch and a transformers with DiffusionGemma import."""
+    try:
+        import torch  # noqa: F401
+        from transformers import DiffusionGemmaForBlockDiffusion  # noqa: F401
+    except ImportError as e:
+        raise Error(f"the transformers comparison needs torch and transformers with DiffusionGemma ({e}); install "
+                    "the test extra from the clone: pip install '.[test]' (or pip install torch==2.13.0 "
+                    "transformers==5.24.0)") from None
+
+
 def hf_model_from_gguf(path: str | os.PathLike, dtype: str = "float32") -> Any:
     """transformers' DiffusionGemmaForBlockDiffusion holding the (dequantized) weights of a GGUF file."""
-    try:
-        import torch
-        from gguf import GGMLQuantizationType as QT
-        from gguf import quants as gq
-        from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
-    except ImportError as e:
-        raise Error("the transformers comparison needs torch and transformers (pip install 'diffgemma[test]')") from e
+    _require_reference()
+    import torch
+    from gguf import GGMLQuantizationType as QT
+    from gguf import quants as gq
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
+
     from . import gguf_file
     from .converter import _DECODER, _ENCODER_TEXT, _GLOBAL_MAP, _LAYER_MAP
 
@@ -225,12 +234,15 @@ def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16,
           threads: int | None = None, compare: str | None = None, hf_dtype: str = "float32") -> BenchResult:
     """Measure prefill and per-step latency of a file; compare="transformers" also times the reference on the
     same (dequantized) weights in this process."""
-    from .model import load
+    from .model import load, resolve
 
     if compare not in (None, "transformers"):
         raise Error(f"compare must be None or 'transformers', got {compare!r}")
     if prompt_tokens < 1 or steps < 1:
         raise Error("prompt_tokens and steps must be >= 1")
+    path = resolve(path)
+    if compare == "transformers":
+        _require_reference()  # before timing our half, not after
     with load(path, n_gpu_layers=n_gpu_layers, threads=threads,
               n_ctx=prompt_tokens + 2 * 256 + 64) as m:
         res = BenchResult(str(path), m.devices, ours(m, prompt_tokens=prompt_tokens, steps=steps))
@@ -250,9 +262,13 @@ def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16,
 
 def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
              max_new_tokens: int | None = None, seed: int = 0, n_gpu_layers: int = -1,
-             prompts: dict[str, str] | None = None) -> str:
+             prompts: dict[str, str] | None = None, progress: bool = True, overwrite: bool = False) -> str:
     """The published validation protocol: five prompts (factual, code, explanation, list, creative), committed
-    answers, steps per canvas and tokens/s, side by side for two files; returns (and writes) Markdown."""
+    answers, steps per canvas and tokens/s, side by side for two files; returns (and writes) Markdown.
+    progress: a tqdm bar over the prompts; an existing `out` is an Error unless overwrite=True."""
+    from tqdm.auto import tqdm
+
+    from . import outputs
     from .model import load, resolve
 
     prompts = prompts or VALIDATION_PROMPTS
@@ -260,10 +276,18 @@ def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, 
     results: dict[str, dict[str, Any]] = {}
     if len(files) == 2 and files[0].name == files[1].name:
         raise Error("the two files must have different names (they label the report's columns)")
-    for f in files:
-        with load(f, n_gpu_layers=n_gpu_layers) as m:
-            n = max_new_tokens or m.hparams.canvas_length
-            results[f.name] = {k: m.generate(p, max_new_tokens=n, seed=seed) for k, p in prompts.items()}
+    if out:
+        outputs.check_new(out, overwrite)
+    with tqdm(total=len(files) * len(prompts), unit="prompt", desc="validate", disable=not progress,
+              leave=False) as bar:
+        for f in files:
+            with load(f, n_gpu_layers=n_gpu_layers) as m:
+                n = max_new_tokens or m.hparams.canvas_length
+                results[f.name] = {}
+                for k, p in prompts.items():
+                    bar.set_postfix_str(f"{f.name}: {k}")
+                    results[f.name][k] = m.generate(p, max_new_tokens=n, seed=seed)
+                    bar.update(1)
     names = list(results)
     lines = ["# diffgemma validate", "",
              f"Files: {', '.join(f'`{n}`' for n in names)}; seed {seed}; prompts through the chat template.", ""]
@@ -282,7 +306,6 @@ def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, 
             lines += [f"**{n}**", "", "    " + text, ""]
     md = "\n".join(lines) + "\n"
     if out:
-        tmp = pathlib.Path(str(out) + ".tmp")
-        tmp.write_text(md, encoding="utf-8")
-        os.replace(tmp, out)
+        with outputs.atomic(out) as tmp:
+            tmp.write_text(md, encoding="utf-8")
     return md

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import binding as B
-from . import imatrix_file, sampler
+from . import imatrix_file, outputs, sampler
 from .errors import Error
+from .generation import resolve_seed
 from .graph import Ctx, Graphs
 from .kv import F16, PromptKV
 
@@ -113,6 +114,9 @@ class Collector:
 
 @dataclasses.dataclass
 class ImatrixReport:
+    """What imatrix() collected: entry and chunk counts, per-expert-tensor coverage, weights without data.
+    repr() is one line; summary() the readable account; the dicts hold every tensor."""
+
     entries: int
     chunks: int
     coverage: dict[str, float]  # expert tensors: fraction of experts that received data
@@ -126,6 +130,11 @@ class ImatrixReport:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def __repr__(self) -> str:
+        cov = f", expert coverage min {min(self.coverage.values()):.1%}" if self.coverage else ""
+        return (f"ImatrixReport({self.mode}, {self.entries} entries, {self.chunks} chunks, {self.tokens} tokens"
+                f"{cov}, {len(self.missing)} missing" + (f", {self.path})" if self.path else ")"))
 
     def summary(self) -> str:
         lines = [f"imatrix ({self.mode}): {self.entries} entries from {self.chunks} chunks, {self.tokens} tokens in "
@@ -184,42 +193,46 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         _lib.ggml_free(ctx)
 
 
-def _is_file(s: str) -> bool:
-    try:
-        return len(s) < 4096 and "\n" not in s and os.path.isfile(s)
-    except (OSError, ValueError):
-        return False
-
-
 def _calibration_tokens(model: Any, calibration: Any) -> tuple[list[int], list[str]]:
-    """Token ids of a text file (a PathLike, or a str naming an existing file), a str of text or a list of str."""
-    if isinstance(calibration, os.PathLike) or (isinstance(calibration, str) and _is_file(calibration)):
+    """Token ids of the calibration: a file as os.PathLike (e.g. pathlib.Path), text as a str, or texts as a
+    list of str. A str is always text, never opened: a mistyped path must not silently become the text."""
+    if isinstance(calibration, os.PathLike):
         p = pathlib.Path(calibration)
         if not p.is_file():
-            raise Error(f"{p}: no such calibration file")
+            raise Error(f"{p}: no such calibration file", cli=f"{p}: no such calibration file (-f)")
         return model.tokenize(p.read_text(encoding="utf-8", errors="replace"), add_special=False), [p.name]
     if isinstance(calibration, str):
+        if "\n" not in calibration and len(calibration) < 4096 and os.path.exists(calibration):
+            raise Error(f"calibration {calibration!r} is a str naming a file; a str is calibration text: pass "
+                        f"pathlib.Path({calibration!r}) to read the file")
         return model.tokenize(calibration, add_special=False), ["<text>"]
-    if isinstance(calibration, list | tuple) and all(isinstance(s, str) for s in calibration):
+    if isinstance(calibration, list | tuple) and calibration and all(isinstance(s, str) for s in calibration):
         ids: list[int] = []
         for s in calibration:
             ids += model.tokenize(s, add_special=False)
         return ids, [f"<{len(calibration)} texts>"]
-    raise Error("calibration must be a text file path, a str or a list of str")
+    raise Error("calibration must be a file path as os.PathLike (pathlib.Path), a str of text or a list of str, "
+                f"not {type(calibration).__name__}")
 
 
 def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
             mode: str = "denoise", n_gpu_layers: int = -1, format: str | None = None, progress: bool = True,
-            chunk_size: int | None = None, seed: int = 0, save_every: int = 10) -> ImatrixReport:
-    """Collect an importance matrix for `model` (a path or a loaded Model) on `calibration` text and write it
-    to `out` (llama.cpp's GGUF layout, or legacy .dat by suffix / format="dat").
+            chunk_size: int | None = None, seed: int = 0, save_every: int = 10,
+            overwrite: bool = False) -> ImatrixReport:
+    """Collect an importance matrix for `model` (a path, "tiny" or a loaded Model) and write it to `out`
+    (llama.cpp's GGUF layout, or legacy .dat by suffix / format="dat").
 
-    chunk_size tokens per chunk (default 2 x canvas): the head is the causal prompt, the last canvas_length
-    tokens the canvas. The file is saved every `save_every` chunks, so an interrupted run keeps what it had."""
+    calibration: a text file as os.PathLike (`pathlib.Path("calib.txt")`), the text itself as a str, or a list
+    of str. A str is never opened as a file (a str naming an existing file is an Error), so a mistyped path
+    cannot silently become calibration text. chunk_size tokens per chunk (default 2 x canvas): the head is the
+    causal prompt, the last canvas_length tokens the canvas. mode: "denoise" (what generation sees, default)
+    or "unified" (llama-imatrix's clean canvas). The file is saved every `save_every` chunks, so an
+    interrupted run keeps what it had. An existing `out` is an Error unless overwrite=True."""
     from .model import Model, load
 
     if mode not in ("denoise", "unified"):
         raise Error(f"mode must be 'denoise' or 'unified', got {mode!r}")
+    outputs.check_new(out, overwrite)
     m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers)
     hp = m.hparams
     L = hp.canvas_length
@@ -232,13 +245,15 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
     bos = m.tokenizer.bos
     n_avail = len(toks) // (size - 1)
     if n_avail == 0:
-        raise Error(f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS)")
+        hint = " (a str is the text itself; pass a file as pathlib.Path)" if isinstance(calibration, str) else ""
+        raise Error(f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS){hint}",
+                    cli=f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS)")
     n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
     if n_chunks <= 0:
         raise Error(f"chunks must be > 0, got {chunks}")
     out = pathlib.Path(out)
     imatrix_file._format_for(out, format)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(resolve_seed(seed))  # -1/None: a random one, as in generate
     col = Collector()
     bar = None
     if progress:

@@ -10,6 +10,8 @@ from typing import Any
 from . import chat_format
 from .errors import Error
 
+ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders; anything else is a typo
+
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
@@ -17,6 +19,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise Error(f"bad chat message {m!r}: expected {{'role': str, 'content': str}}")
+        if m["role"] not in ROLES:
+            raise Error(f"unknown chat role {m['role']!r}: use one of {', '.join(ROLES)}")
         content = m.get("content")
         # an assistant message that only calls tools may have no content
         if not (isinstance(content, str) or (content is None and m.get("tool_calls"))):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import sys
 import textwrap
 from typing import Any
 
+from . import outputs
 from .errors import Error
 
 
@@ -32,19 +34,15 @@ def info_text(path: str) -> str:
         return mmproj_text(gf)
     hp = gguf_file.validate(gf)
     md = gf.metadata
-    n_params = 0
-    for t in gf.tensors.values():
-        k = 1
-        for x in t.shape:
-            k *= x
-        n_params += k
+    n_params = sum(math.prod(t.shape) for t in gf.tensors.values())
     data = sum(t.nbytes for t in gf.tensors.values())
+    bpw = gguf_file.bits_per_weight((t.shape, t.type) for t in gf.tensors.values())
     lines = [
         f"file          {gf.path}",
         f"architecture  {md.get('general.architecture')}   name: {md.get('general.name', '-')}",
         f"tensors       {len(gf.tensors)}   parameters: "
         f"{f'{n_params / 1e9:.2f} B' if n_params >= 1e9 else f'{n_params / 1e6:.2f} M'}   "
-        f"bits/weight: {8 * data / max(n_params, 1):.2f}",
+        f"bits/weight: {bpw:.3f}",
         f"census        {gguf_file.census(t.type_name for t in gf.tensors.values())}",
         f"size          {_fmt_bytes(gf.file_size)} ({gf.file_size:,} bytes; tensor data {data:,})",
         "hyper-parameters",
@@ -136,7 +134,7 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("-m", "--model", default="tiny",
                    help="GGUF file (default: \"tiny\", the embedded Shakespeare model)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
-    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     s.add_argument("-c", "--n-ctx", type=int, default=None,
                    help="most prompt + generated tokens (default: the file's context length, as memory allows)")
     s.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens encoded per graph (default 512)")
@@ -149,12 +147,19 @@ def _model_args(s: argparse.ArgumentParser) -> None:
 def _sampler_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("-n", "--max-new-tokens", type=int, default=256, help="rounded up to whole canvases")
     s.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default: from the file)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--t-min", type=float, default=None)
-    s.add_argument("--t-max", type=float, default=None)
-    s.add_argument("--entropy-bound", type=float, default=None)
-    s.add_argument("--stability", type=int, default=None)
-    s.add_argument("--confidence", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
+    s.add_argument("--t-min", type=float, default=None,
+                   help="temperature at the last step of the linear schedule (default: from the file)")
+    s.add_argument("--t-max", type=float, default=None,
+                   help="temperature at the first step of the linear schedule (default: from the file)")
+    s.add_argument("--entropy-bound", type=float, default=None,
+                   help="each step keeps sampled tokens, lowest entropy first, while the entropy summed before "
+                        "them is at most this bound; the rest are re-noised (default: from the file)")
+    s.add_argument("--stability", type=int, default=None,
+                   help="stop a canvas early once its argmax is unchanged for this many steps and confident "
+                        "(default: from the file)")
+    s.add_argument("--confidence", type=float, default=None,
+                   help="...and its mean entropy is below this (default: from the file)")
 
 
 def _sampler_kw(a: argparse.Namespace) -> dict:
@@ -226,6 +231,32 @@ class _LiveCanvas:
             self.lines = 0
 
 
+class _StepBar:
+    """A tqdm bar over the canvases of one generation, its postfix updated after every step (stderr)."""
+
+    def __init__(self, n_canvas: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=n_canvas, unit="canvas", desc="denoising", leave=False, file=sys.stderr)
+
+    def __call__(self, ev: Any) -> None:
+        self.bar.set_postfix_str(f"canvas {ev.canvas_index + 1} step {ev.step}/{ev.steps} H={ev.mean_entropy:.3f}")
+        self.bar.n = ev.canvas_index
+        self.bar.refresh()
+
+    def clear(self) -> None:
+        self.bar.close()
+
+
+def _live_display(a: argparse.Namespace, m: Any, n_canvas: int | None = None) -> _LiveCanvas | _StepBar | None:
+    """--visual on a terminal: the repainted canvas; else a progress bar on a terminal; nothing in a pipe."""
+    if a.visual and sys.stdout.isatty():
+        return _LiveCanvas()
+    if sys.stderr.isatty():
+        return _StepBar(n_canvas or -(-a.max_new_tokens // m.hparams.canvas_length))
+    return None
+
+
 def _stats(g: Any) -> str:
     steps = ", ".join(str(c.steps) for c in g.canvases)
     t = g.timings
@@ -261,19 +292,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         from .template import lay_out
 
         layout = lay_out(m, text)  # bad templates fail here, before any denoising
-    live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
-    bar = None
-    if live is None and sys.stderr.isatty():  # a terminal without --visual: a progress bar over the steps
-        from tqdm.auto import tqdm
-
-        n_canvas = -(-a.max_new_tokens // m.hparams.canvas_length) if layout is None else layout.n_canvas
-        bar = tqdm(total=n_canvas, unit="canvas", desc="denoising", leave=False, file=sys.stderr)
-
-        def live(ev: Any) -> None:
-            bar.set_postfix_str(f"canvas {ev.canvas_index + 1} step {ev.step}/{ev.steps} H={ev.mean_entropy:.3f}")
-            bar.n = ev.canvas_index
-            bar.refresh()
-
+    live = _live_display(a, m, None if layout is None else layout.n_canvas)
     prefill = _PrefillBar(m.n_batch)
     try:
         g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, on_prefill=prefill,
@@ -281,10 +300,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
                        **_sampler_kw(a))
     finally:
         prefill.close()
-        if bar is not None:
-            bar.close()
-    if isinstance(live, _LiveCanvas):
-        live.clear()
+        if live is not None:
+            live.clear()
     if a.json:
         out = {"text": g.text, "tokens": g.tokens, "seed": g.seed,
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
@@ -337,28 +354,35 @@ def _tool_turn(m: Any, messages: list[dict], tools: list[dict], a: argparse.Name
             messages.append({"role": "tool", "tool_call_id": c.id, "name": c.name, "content": result})
 
 
+_CHAT_HELP = ("/image FILE attaches a picture to the next message, /clear forgets the conversation, /exit quits, "
+              "/help shows this")
+
+
 def _cmd_chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
     m = _load(a)
     messages: list[dict] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
-    print("diffgemma chat: /image FILE attaches a picture to the next message, /clear forgets the conversation, "
-          "/exit quits", file=sys.stderr)
+    print(f"diffgemma chat: {_CHAT_HELP}; Ctrl-C cancels a reply", file=sys.stderr)
     pending: list[str] = []
     while True:
         try:
             line = input("> ")
         except EOFError:
             return 0
-        if line.strip() in ("/exit", "/quit"):
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
             return 0
-        if line.strip() == "/clear":
+        if cmd == "/clear":
             messages = messages[:1] if a.system else []
             print("(cleared)", file=sys.stderr)
             continue
-        if line.strip().startswith("/image"):
-            path = line.strip()[len("/image"):].strip()
+        if cmd in ("/help", "/?"):
+            print(_CHAT_HELP, file=sys.stderr)
+            continue
+        if cmd.startswith("/image"):
+            path = cmd[len("/image"):].strip()
             if m.vision is None:
                 print("(no vision tower: start chat with --mmproj FILE)", file=sys.stderr)
             elif not path:
@@ -371,22 +395,31 @@ def _cmd_chat(a: argparse.Namespace) -> int:
                 except Error as e:
                     print(f"(cannot use {path}: {e})", file=sys.stderr)
             continue
-        if not line.strip():
+        if cmd.startswith("/") and " " not in cmd:
+            print(f"unknown command {cmd}; {_CHAT_HELP}", file=sys.stderr)
             continue
+        if not cmd:
+            continue
+        n_before = len(messages)
         messages += _image_message(line, pending) if pending else [{"role": "user", "content": line}]
         pending = []
-        if tools:
-            _tool_turn(m, messages, tools, a)
-            continue
-        live = _LiveCanvas() if a.visual and sys.stdout.isatty() else None
+        live = None if tools else _live_display(a, m)
         prefill = _PrefillBar(m.n_batch)
         try:
+            if tools:
+                _tool_turn(m, messages, tools, a)
+                continue
             g = m.generate(messages, on_step=live, on_prefill=prefill, image_budget=a.image_budget,
                            **_sampler_kw(a))
+        except KeyboardInterrupt:  # cancels this reply, not the chat
+            del messages[n_before:]
+            m.reset()  # the prompt-KV store may hold part of an encode: start clean next turn
+            print("\n(reply cancelled)", file=sys.stderr)
+            continue
         finally:
             prefill.close()
-        if live:
-            live.clear()
+            if live is not None:
+                live.clear()
         print(g.text.strip())
         if sys.stdout.isatty():
             print(_stats(g), file=sys.stderr)
@@ -410,7 +443,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     from .bench import validate
 
     md = validate(a.file, a.against, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                  n_gpu_layers=a.n_gpu_layers)
+                  n_gpu_layers=a.n_gpu_layers, progress=sys.stderr.isatty(), overwrite=a.force)
     if not a.out:
         print(md)
     else:
@@ -499,17 +532,20 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
                       leave_output_tensor=a.leave_output_tensor, include_weights=a.include_weights,
                       exclude_weights=a.exclude_weights, prune_layers=a.prune_layers, override_kv=a.override_kv,
                       allow_requantize=not a.no_requantize, threads=threads or a.threads, dry_run=a.dry_run,
-                      progress=sys.stderr.isatty())
+                      progress=sys.stderr.isatty(), overwrite=a.force)
     print(rep.summary())
     return 0
 
 
 def _cmd_imatrix(a: argparse.Namespace) -> int:
+    import pathlib
+
     from .calibration import imatrix
 
-    rep = imatrix(a.model, a.file if a.file else a.text, a.out, chunks=a.chunks, mode=a.mode,
-                  n_gpu_layers=a.n_gpu_layers, format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size,
-                  seed=a.seed, save_every=a.save_every)
+    calibration = pathlib.Path(a.file) if a.file is not None else a.text  # -f is always a path, --text the text
+    rep = imatrix(a.model, calibration, a.out, chunks=a.chunks, mode=a.mode, n_gpu_layers=a.n_gpu_layers,
+                  format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size, seed=a.seed,
+                  save_every=a.save_every, overwrite=a.force)
     print(rep.summary())
     return 0
 
@@ -517,7 +553,8 @@ def _cmd_imatrix(a: argparse.Namespace) -> int:
 def _cmd_convert(a: argparse.Namespace) -> int:
     from .converter import convert
 
-    out = convert(a.hf_dir, a.out, outtype=a.outtype, progress=sys.stderr.isatty(), mmproj=a.mmproj)
+    out = convert(a.hf_dir, a.out, outtype=a.outtype, progress=sys.stderr.isatty(), mmproj=a.mmproj,
+                  overwrite=a.force)
     print(out)
     if a.mmproj:
         print(a.mmproj)
@@ -533,14 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("info", help="describe a diffusion-gemma GGUF file, or list devices")
-    s.add_argument("file", nargs="?")
+    s.add_argument("file", nargs="?", help='a GGUF file, or "tiny" for the embedded model')
     s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
     s.set_defaults(fn=_cmd_info)
 
     s = sub.add_parser("generate", help="generate text by block diffusion")
     s.add_argument("text", nargs="?", help="the prompt (or -p)")
-    s.add_argument("-p", "--prompt", default=None)
+    s.add_argument("-p", "--prompt", default=None, help="the prompt (instead of the positional TEXT)")
     _model_args(s)
     _sampler_args(s)
     s.add_argument("--no-chat", action="store_true", help="do not apply the file's chat template")
@@ -549,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt is then optional and -n is ignored")
     s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
     s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="text, tokens, seed, canvases and timings as JSON")
     s.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="a picture for the prompt (repeatable; needs --mmproj)")
     s.set_defaults(fn=_cmd_generate)
@@ -560,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="a system message")
     s.add_argument("--tools", default=None, metavar="FILE.json",
                    help="OpenAI function tools the model may call; you type each call's result")
-    s.add_argument("--visual", action="store_true")
+    s.add_argument("--visual", action="store_true", help="watch each reply's canvas denoise (on a terminal)")
     s.set_defaults(fn=_cmd_chat)
 
     from .server import add_serve_parser
@@ -569,28 +606,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="prefill and per-step latency, optionally against transformers")
     _model_args(s)
-    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens prefilled (default 128)")
     s.add_argument("--steps", type=int, default=16, help="denoising steps timed (fixed, no early stop)")
     s.add_argument("--compare", choices=["transformers"], default=None,
                    help="also time transformers on the same weights, in this process")
-    s.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"])
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="transformers' compute type for --compare (default float32)")
+    s.add_argument("--json", action="store_true", help="the measurements as JSON")
     s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("validate", help="the five-prompt validation protocol, side by side for two files")
-    s.add_argument("file")
+    s.add_argument("file", help='a GGUF file, or "tiny"')
     s.add_argument("--against", default=None, help="a second file to compare with")
     s.add_argument("-o", "--out", default=None, help="write the Markdown report here")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.add_argument("-n", "--max-new-tokens", type=int, default=None, help="default: one canvas")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every prompt (default 0)")
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.set_defaults(fn=_cmd_validate)
 
     s = sub.add_parser("quantize", help="quantize a diffusion-gemma GGUF as llama-quantize would (Q4_K_M, ...)",
                        description="Quantize with a llama-quantize file type (Q4_K_M, IQ2_S, ... as llama.cpp "
                        "chooses per tensor), asym-2bitexp, or one type. Positional orders: SRC DST TYPE [NTHREADS], "
                        "SRC TYPE [NTHREADS] (writes ggml-model-TYPE.gguf next to SRC), or SRC DST --recipe/--type.")
-    s.add_argument("args", nargs="*", metavar="SRC [DST] [TYPE] [NTHREADS]")
+    s.add_argument("args", nargs="*", metavar="SRC [DST] [TYPE] [NTHREADS]",
+                   help='SRC (a GGUF, or "tiny"), DST, a file type and threads, in llama-quantize\'s orders')
     g = s.add_mutually_exclusive_group()
     g.add_argument("--recipe", default=None, help="a recipe, e.g. Q4_K_M or asym-2bitexp (see --list-recipes)")
     g.add_argument("--type", default=None, help="one type for every quantizable tensor, e.g. q8_0")
@@ -616,30 +656,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-requantize", action="store_true", help="requantize quantized tensors (the default here)")
     s.add_argument("--no-requantize", action="store_true", help="refuse to requantize already quantized tensors")
     s.add_argument("--dry-run", action="store_true", help="report types, census and size without writing")
-    s.add_argument("-t", "--threads", type=int, default=None)
-    s.add_argument("--list-recipes", action="store_true")
+    s.add_argument("--force", action="store_true", help="replace an existing DST")
+    s.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all usable cores)")
+    s.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
     s.set_defaults(fn=_cmd_quantize)
 
     s = sub.add_parser("imatrix", help="collect an importance matrix through the diffusion graph")
-    s.add_argument("-m", "--model", default="tiny")
+    s.add_argument("-m", "--model", default="tiny",
+                   help='GGUF file (default: "tiny", the embedded Shakespeare model)')
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("-f", "--file", default=None, help="calibration text file")
-    src.add_argument("--text", default=None, help="calibration text")
+    src.add_argument("-f", "--file", default=None, help="calibration text file (must exist)")
+    src.add_argument("--text", default=None, help="calibration text given on the command line")
     s.add_argument("-o", "--out", required=True, help=".gguf (llama.cpp's current format) or .dat (legacy)")
-    s.add_argument("--mode", choices=["denoise", "unified"], default="denoise")
-    s.add_argument("--chunks", type=int, default=None)
-    s.add_argument("--chunk-size", type=int, default=None)
-    s.add_argument("--format", choices=["gguf", "dat"], default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--save-every", type=int, default=10)
-    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1)
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
+    s.add_argument("--mode", choices=["denoise", "unified"], default="denoise",
+                   help="denoise: noisy canvases as in generation (default); unified: clean canvases, as "
+                        "llama-imatrix")
+    s.add_argument("--chunks", type=int, default=None, help="most chunks to process (default: all the text)")
+    s.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: two canvases)")
+    s.add_argument("--format", choices=["gguf", "dat"], default=None, help="default: from the --out suffix")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise levels and tokens (default 0; -1: random)")
+    s.add_argument("--save-every", type=int, default=10, help="save the file every N chunks (0: only at the end)")
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.set_defaults(fn=_cmd_imatrix)
 
     s = sub.add_parser("convert", help="Hugging Face DiffusionGemma checkpoint -> GGUF")
-    s.add_argument("hf_dir")
-    s.add_argument("out")
-    s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="bf16")
+    s.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
+    s.add_argument("out", help="the GGUF to write, or a directory (named after the checkpoint)")
+    s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
+                   help="type of the matrices (default bf16; norms and the router stay f32)")
     s.add_argument("--mmproj", default=None, metavar="OUT", help="also write the vision tower (gemma4v mmproj)")
+    s.add_argument("--force", action="store_true", help="replace an existing output (and --mmproj)")
     s.set_defaults(fn=_cmd_convert)
     return p
 
@@ -648,9 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        return int(a.fn(a) or 0)
+        if a.cmd == "serve":  # the server handles SIGTERM itself (graceful shutdown)
+            return int(a.fn(a) or 0)
+        with outputs.sigterm_unwinds():  # SIGTERM cleans up like Ctrl-C (no temporary files left)
+            return int(a.fn(a) or 0)
     except Error as e:
-        print(f"diffgemma: error: {e}", file=sys.stderr)
+        print(f"diffgemma: error: {e.cli or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffgemma: interrupted", file=sys.stderr)

@@ -30,7 +30,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from . import layout
+from . import layout, outputs
 from .errors import Error, GGUFError
 
 HF_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
@@ -884,13 +884,15 @@ def convert(
     outtype: str = "bf16",
     progress: bool = True,
     mmproj: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint directory into one `diffusion-gemma` GGUF file.
 
     outtype: "f32", "f16", "bf16" or "q8_0" for the matrices (norms, scales, rope_freqs and the router stay
     F32; a q8_0 matrix whose rows are not a multiple of 32 is stored F16). `out` may be a directory, in which
     case the file is named after the checkpoint. mmproj: also write the vision tower there, in llama.cpp's
-    `gemma4v` mmproj layout (see diffgemma.mmproj.convert). Returns the path of the text file.
+    `gemma4v` mmproj layout (see diffgemma.mmproj.convert). An existing output (either) is an Error unless
+    overwrite=True. Returns the path of the text file.
     """
     if outtype not in OUTTYPES:
         raise Error(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -906,13 +908,14 @@ def convert(
     hp, prf = hparams_from_hf(config, gen)
     tok = read_tokenizer(d, hp.n_vocab)
     plans = plan_tensors(hp, read_checkpoint_index(d), outtype, prf)
-    out_path = _resolve_out(d, Path(out), outtype)
+    out_path = outputs.check_new(_resolve_out(d, Path(out), outtype), overwrite)
     metadata = build_metadata(hp, tok, name=d.resolve().name, outtype=outtype)
     if mmproj is not None:
         from . import mmproj as vision_file
 
         if Path(mmproj).resolve() == out_path.resolve():
             raise Error("mmproj and the text output are the same file")
+        outputs.check_new(mmproj, overwrite)
         vision_file.hparams_from_hf(config)  # a checkpoint without a usable tower fails before anything is written
     _write(out_path, metadata, plans, progress)
     if mmproj is not None:
@@ -921,46 +924,37 @@ def convert(
 
 
 def _write(out_path: Path, metadata: Mapping[str, Any], plans: Sequence[_Planned], progress: bool) -> None:
-    tmp = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, layout.ARCH)
     mapper = _Mapper()
     bar = None
     try:
-        for k, v in metadata.items():
-            _add_kv(writer, k, v)
-        for p in plans:
-            Q = gguf.GGMLQuantizationType
-            if p.qtype in (Q.F32, Q.F16):
-                dt = np.dtype(np.float32 if p.qtype == Q.F32 else np.float16)
-                writer.add_tensor_info(p.spec.name, p.np_shape, dt, p.nbytes)
-            elif p.qtype == Q.BF16:
-                u16 = np.dtype(np.uint16)
-                writer.add_tensor_info(p.spec.name, p.np_shape, u16, p.nbytes, raw_dtype=Q.BF16)
-            else:
-                shape = gguf.quant_shape_to_byte_shape(p.np_shape, p.qtype)
-                writer.add_tensor_info(p.spec.name, shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        bar = _progress(sum(p.nbytes for p in plans), progress, out_path.name)
-        for p in plans:
-            writer.write_tensor_data(_encode(p, mapper))
-            if bar is not None:
-                bar.update(p.nbytes)
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException as e:
-        writer.close()
-        mapper.close()
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError:  # pragma: no cover - nothing better to do
-            pass
-        if isinstance(e, OSError):
-            raise Error(f"writing {out_path} failed: {e.strerror or e}") from e
-        raise
+        with outputs.atomic(out_path) as tmp:
+            writer = gguf.GGUFWriter(tmp, layout.ARCH)
+            try:
+                for k, v in metadata.items():
+                    _add_kv(writer, k, v)
+                for p in plans:
+                    Q = gguf.GGMLQuantizationType
+                    if p.qtype in (Q.F32, Q.F16):
+                        dt = np.dtype(np.float32 if p.qtype == Q.F32 else np.float16)
+                        writer.add_tensor_info(p.spec.name, p.np_shape, dt, p.nbytes)
+                    elif p.qtype == Q.BF16:
+                        u16 = np.dtype(np.uint16)
+                        writer.add_tensor_info(p.spec.name, p.np_shape, u16, p.nbytes, raw_dtype=Q.BF16)
+                    else:
+                        shape = gguf.quant_shape_to_byte_shape(p.np_shape, p.qtype)
+                        writer.add_tensor_info(p.spec.name, shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                bar = _progress(sum(p.nbytes for p in plans), progress, out_path.name)
+                for p in plans:
+                    writer.write_tensor_data(_encode(p, mapper))
+                    if bar is not None:
+                        bar.update(p.nbytes)
+            finally:
+                writer.close()
+    except OSError as e:
+        raise Error(f"writing {out_path} failed: {e.strerror or e}") from e
     finally:
         if bar is not None:
             bar.close()

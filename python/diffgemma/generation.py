@@ -121,6 +121,20 @@ def eos_ids(model: Any) -> frozenset[int]:
     return frozenset(t for t in range(tok.n_vocab) if tok.is_eog(t))
 
 
+RANDOM_SEED = -1  # llama.cpp's convention, also accepted on the command line and by the server
+
+
+def resolve_seed(seed: Any) -> int:
+    """The seed to use: `seed` itself (an int >= 0), or a fresh random one for None or -1."""
+    if isinstance(seed, bool) or not (seed is None or isinstance(seed, int | np.integer)):
+        raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed!r}")
+    if seed is None or seed == RANDOM_SEED:
+        return int(np.random.SeedSequence().entropy % (2**63))
+    if seed < 0:
+        raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed}")
+    return int(seed)
+
+
 def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
              seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
              entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
@@ -145,11 +159,8 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
         raise Error(f"the prompt ({len(ids)} tokens) and the template ({n_canvas} canvases of {L}) exceed "
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**63))
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise Error(f"seed must be an int or None, got {seed!r}")
-    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    seed = resolve_seed(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
 
     committed = list(ids)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import binding as B
-from . import layout
+from . import layout, outputs
 from .errors import GGUFError
 
 _ffi, _lib = B.ffi, B.lib
@@ -160,6 +161,17 @@ def validate(gf: GGUFFile) -> layout.HParams:
     return hp
 
 
+def bits_per_weight(tensors: Iterable[tuple[Sequence[int], int]]) -> float:
+    """Bits per weight as llama.cpp reports it: 8 x the tensor data bytes / the number of weights, over every
+    tensor of a file (ggml shape, ggml type); the header (metadata, vocabulary) and padding do not count."""
+    n_bytes = n_weights = 0
+    for shape, t in tensors:
+        rows = int(np.prod(shape[1:], dtype=np.int64))
+        n_bytes += _lib.ggml_row_size(t, shape[0]) * rows
+        n_weights += shape[0] * rows
+    return 8 * n_bytes / n_weights if n_weights else 0.0
+
+
 def census(types: list[str] | Any) -> str:
     """Stored-type census in the published form, e.g. 'f32:423, q5_K:175, ...' (most frequent first)."""
     counts: dict[str, int] = {}
@@ -207,8 +219,8 @@ def _set_kv(ctx: Any, key: str, value: Any) -> None:
 class Writer:
     """Writes a GGUF file through ggml's gguf API: metadata first, then tensor data one tensor at a time.
 
-    The file appears under its final name only when complete (temporary name + rename); an exception or
-    Ctrl-C removes the partial file.
+    The file appears under its final name only when complete (see diffgemma.outputs: temporary name + rename;
+    an exception, Ctrl-C or SIGTERM removes the partial file).
     """
 
     def __init__(self, path: str | os.PathLike, copy_kv_from: str | os.PathLike | None = None):
@@ -280,8 +292,7 @@ class Writer:
         order; with sparse=True no tensor data is written (the file is extended with a hole: same size,
         nothing stored)."""
         header, offs = self._layout()
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
+        with outputs.atomic(self.path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(header)
                 for (name, _shape, _t), (off, nbytes) in zip(self._specs, offs, strict=True):
@@ -304,10 +315,6 @@ class Writer:
                         progress(nbytes)
                 end = _pad(offs[-1][0] + offs[-1][1], 32) if offs else len(header)
                 f.truncate(end)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return end
 
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import binding as B
-from . import gguf_file
+from . import gguf_file, outputs
 from .errors import Error, GGUFError
 
 KEY_TYPE = "general.type"
@@ -315,16 +315,10 @@ def _save_dat(p: pathlib.Path, entries: dict[str, Entry], datasets: list[str], c
         n += 1
     dataset = (datasets[-1] if datasets else "").encode()  # the format holds one name: the latest source
     parts += [struct.pack("<ii", chunk_count, len(dataset)), dataset]
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<i", n))
-            for b in parts:
-                f.write(b)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with outputs.atomic(p) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<i", n))
+        for b in parts:
+            f.write(b)
 
 
 # ---- merging ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Quantize `diffusion-gemma` GGUF files with ggml's own quantizers: recipes, imatrix, streaming, parallel.
 
-    report = diffgemma.quantize.quantize("model-q8_0.gguf", "model-asym.gguf", recipe="asym-2bitexp",
-                                         imatrix="model.imatrix.gguf")
+    report = diffgemma.quantize("model-q8_0.gguf", "model-asym.gguf", recipe="asym-2bitexp",
+                                imatrix="model.imatrix.gguf")
     print(report.summary())
 
 A recipe is one of llama-quantize's file types (Q4_K_M, IQ2_S, ...: `ftypes` reproduces llama.cpp's choice
@@ -37,9 +37,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from . import binding as B
-from . import ftypes, gguf_file, layout
+from . import ftypes, gguf_file, layout, outputs
 from . import imatrix_file as imx
 from .errors import Error
+from .model import resolve
 
 _lib, _ffi = B.lib, B.ffi
 
@@ -85,7 +86,8 @@ def type_id(name: str | int) -> int:
     if key in _TYPE_BY_LOWER:
         return _TYPE_BY_LOWER[key]
     if find_recipe(key) is not None:
-        raise Error(f"{name!r} is a recipe, not a ggml type: pass recipe={key!r}")
+        raise Error(f"{name!r} is a recipe, not a ggml type: pass recipe={key!r}",
+                    cli=f"{name!r} is a recipe, not a ggml type: use --recipe {key}")
     raise Error(f"unknown quantization type {name!r}; known types: {', '.join(TYPE_NAMES)}")
 
 
@@ -203,7 +205,9 @@ def _resolve_recipe(recipe: Any, type: Any, n_layer: int) -> _Spec:
         if recipe.strip().lower() in _TYPE_BY_LOWER:  # a bare type name works as a uniform recipe
             return _resolve_recipe(None, recipe, n_layer)
         raise Error(f"unknown recipe {recipe!r}; named recipes: {', '.join(RECIPES)} "
-                    f"(or a list of (regex, type) rules, or type=one of {', '.join(TYPE_NAMES)})")
+                    f"(or a list of (regex, type) rules, or type=one of {', '.join(TYPE_NAMES)})",
+                    cli=f"unknown recipe {recipe!r}; named recipes: {', '.join(RECIPES)} "
+                    f"(or --type one of {', '.join(TYPE_NAMES)})")
     rules = _parse_rules(recipe, "recipe", n_layer)
     return _Spec({"rules": [[r.pattern, _tn(r.type)] for r in rules]}, rules=rules)
 
@@ -451,11 +455,12 @@ def _attach_imatrix(plans: list[_Plan], imat: imx.ImatrixData | None, file_type:
         types = sorted({_tn(p.dst) for p in missing})
         names = ", ".join(p.name for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
         msg = (f"{len(missing)} tensor(s) need importance data for {'/'.join(types)} "
-               f"({'the imatrix has no entry for' if imat is not None else 'no imatrix given for'} {names}): "
-               "pass imatrix=, or give them another type with overrides, e.g. "
-               "overrides=[(r'ffn_gate_up_exps', 'q2_K')]")
+               f"({'the imatrix has no entry for' if imat is not None else 'no imatrix given for'} {names}): ")
+        cli = msg + "add --imatrix FILE, or give them another type, e.g. --tensor-type 'ffn_gate_up_exps=q2_K'"
+        msg += ("pass imatrix=, or give them another type with overrides, e.g. "
+                "overrides=[(r'ffn_gate_up_exps', 'q2_K')]")
         if not dry_run:
-            raise Error(msg)
+            raise Error(msg, cli=cli)
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
     return no_imatrix, partial
@@ -500,17 +505,33 @@ class QuantizeReport:
     def mb_per_s(self) -> float:
         return self.src_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def bits_per_weight(self) -> float:
+        """As llama.cpp and `diffgemma info` count it (gguf_file.bits_per_weight: tensor data only)."""
+        return gguf_file.bits_per_weight((s, type_id(d)) for _, s, _, d in self.tensors)
+
+    def __repr__(self) -> str:  # the full per-tensor list is behind table()
+        return (f"QuantizeReport({'dry run: ' if self.dry_run else ''}{self.dst}, census {self.census_str}, "
+                f"{_size(self.size_bytes)} ({self.bits_per_weight:.3f} bits per weight), "
+                f"{len(self.fallbacks)} fallback(s), {len(self.no_imatrix)} without imatrix)")
+
+    def table(self) -> str:
+        """Every tensor: name, ggml shape, source type -> output type (and why, for a shape fallback)."""
+        why = {name: f"  fallback {a}->{b}: {reason}" for name, a, b, reason in self.fallbacks}
+        w = max((len(t[0]) for t in self.tensors), default=0)
+        return "\n".join(f"{name:{w}s}  {'x'.join(map(str, shape)):>16s}  {st:>7s} -> {dt:7s}{why.get(name, '')}"
+                         for name, shape, st, dt in self.tensors)
+
     def summary(self) -> str:
         try:
             ftype = FT(self.ftype).name
         except ValueError:
             ftype = str(self.ftype)
-        n_el = sum(int(np.prod(s, dtype=np.int64)) for _, s, _, _ in self.tensors)
-        bpw = 8 * self.size_bytes / n_el if n_el else 0.0
         head = "dry run: would write" if self.dry_run else "wrote"
         lines = [f"{head} {self.dst} from {self.src}",
                  f"  recipe {self.recipe}; file type {ftype}; imatrix {self.imatrix or 'none'}",
-                 f"  {len(self.tensors)} tensors, {_size(self.size_bytes)} ({bpw:.3f} bits per weight)",
+                 f"  {len(self.tensors)} tensors, {_size(self.size_bytes)} ({self.bits_per_weight:.3f} bits per "
+                 "weight)",
                  f"  census: {self.census_str}"]
         if not self.dry_run and self.seconds > 0:
             lines.append(f"  {_size(self.src_bytes)} read in {self.seconds:.1f} s "
@@ -658,8 +679,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
              include_weights: Sequence[str] | None = None, exclude_weights: Sequence[str] | None = None,
              prune_layers: Sequence[int] | None = None, override_kv: Sequence[str] | Mapping[str, Any] | None = None,
              allow_requantize: bool = True, require_imatrix: bool = True, threads: int | None = None,
-             dry_run: bool = False, progress: bool = True) -> QuantizeReport:
-    r"""Quantize the `diffusion-gemma` GGUF `src` into `dst`.
+             dry_run: bool = False, progress: bool = True, overwrite: bool = False) -> QuantizeReport:
+    r"""Quantize the `diffusion-gemma` GGUF `src` (a path, or "tiny" for the embedded model) into `dst`.
 
     recipe: a llama-quantize file type ('Q4_K_M', 'IQ2_S', ... case-insensitive: llama.cpp's per-tensor
     choices, see `recipes()`), 'asym-2bitexp', a type name, or a list of (regex, type) rules / "regex=type"
@@ -681,11 +702,11 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     ...: llama-quantize refuses them, ggml weights by x^2 instead) for experiments. allow_requantize=False
     refuses to convert an already quantized tensor to another type. threads: worker threads (default: all
     usable CPUs). dry_run: plan and predict the exact size without writing. progress: a tqdm bar (MB/s of
-    source data) on a terminal. Raises diffgemma.Error on bad input; never leaves a partial file (Ctrl-C
-    included).
+    source data) on a terminal. overwrite=True replaces an existing `dst` (else it is an Error). Raises
+    diffgemma.Error on bad input; never leaves a partial file (Ctrl-C and SIGTERM included).
     """
     t_start = time.perf_counter()
-    src_p, dst_p = pathlib.Path(src), pathlib.Path(dst)
+    src_p, dst_p = resolve(src), pathlib.Path(dst)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise Error(f"threads must be a positive int, got {threads!r}")
     gf = gguf_file.read(src_p)
@@ -695,7 +716,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     tok = type_id(token_embedding_type) if token_embedding_type is not None else None
     out_t = type_id(output_tensor_type) if output_tensor_type is not None else None
     if spec.file_type is None and not spec.rules and not ovr and tok is None:
-        raise Error("nothing to do: give recipe=, type= or overrides=")
+        raise Error("nothing to do: give recipe=, type= or overrides=",
+                    cli="nothing to do: give a TYPE, --recipe, --type or --tensor-type")
     if ovr:
         spec.desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
     for key, val in (("token_embedding_type", tok), ("output_tensor_type", out_t)):
@@ -710,6 +732,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
             raise Error(f"{dst_p}: is a directory, not an output file name")
         if dst_p.exists() and dst_p.resolve() == src_p.resolve():
             raise Error(f"{dst_p}: the output would replace the source it is read from")
+        outputs.check_new(dst_p, overwrite)
     imat, imat_name = _load_imatrix(imatrix)
     imat = _filter_imatrix(imat, include_weights, exclude_weights)
     out_names, hp_out = _pruned_names(list(gf.tensors), hp, prune_layers)
@@ -721,14 +744,21 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     fallbacks = [(p.name, _tn(p.wanted), _tn(p.dst), _shape_fallback(p.wanted, p.ne0)[1] or "")
                  for p in plans if p.wanted != p.dst]
 
+    notes: list[str] = []
+    quantizable = [p.info.name for p in plans if p.role not in (layout.VECTOR, layout.ROUTER)]
+    for r in ovr:  # a typo in a pattern would otherwise pass silently
+        if not any(r.regex.search(n) for n in quantizable):
+            notes.append(f"override {r.pattern!r} matches no quantizable tensor")
+            warnings.warn(notes[-1], stacklevel=2)
+
     refused = [p for p in plans if not p.copy and _lib.ggml_is_quantized(p.info.type)
                and (not allow_requantize or _lib.ggml_get_type_traits(p.info.type).to_float == _ffi.NULL)]
     if refused:
         ex = ", ".join(f"{p.info.name} ({p.info.type_name}->{_tn(p.dst)})" for p in refused[:3])
-        raise Error(f"{len(refused)} tensor(s) would be requantized from an already quantized type, e.g. "
-                    f"{ex}; pass allow_requantize=True (quality suffers) or start from an f16/bf16/f32 file")
+        msg = f"{len(refused)} tensor(s) would be requantized from an already quantized type, e.g. {ex}; "
+        raise Error(msg + "pass allow_requantize=True (quality suffers) or start from an f16/bf16/f32 file",
+                    cli=msg + "drop --no-requantize (quality suffers) or start from an f16/bf16/f32 file")
 
-    notes: list[str] = []
     if leave_output_tensor:
         notes.append("leave_output_tensor changes nothing here: the output head is token_embd (tied), as in "
                      "llama-quantize; use token_embedding_type to keep it")

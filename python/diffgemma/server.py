@@ -166,7 +166,11 @@ def _parse_common(body: dict, hp: Any) -> dict:
     frames = body.get("diffusion_frames", False)
     if not isinstance(frames, bool | None):
         raise _bad("'diffusion_frames' must be a boolean", "diffusion_frames")
-    seed = _opt_int(body, "seed", lo=0)
+    from .generation import RANDOM_SEED
+
+    seed = _opt_int(body, "seed", lo=RANDOM_SEED)
+    if seed == RANDOM_SEED:  # llama.cpp clients send -1 for "random"
+        seed = None
     return {
         "max_tokens": max_tokens or DEFAULT_MAX_TOKENS,
         "stream": bool(stream),
@@ -1036,11 +1040,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     """Register `diffgemma serve` on the CLI's subparsers (handler: s.set_defaults(fn=...))."""
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
-    s.add_argument("-m", "--model", required=True, help='GGUF file, or "tiny" for the embedded Shakespeare model')
+    s.add_argument("-m", "--model", default="tiny",
+                   help='GGUF file (default: "tiny", the embedded Shakespeare model)')
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
-    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
     s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF: accept images (image_url data: URLs)")
     s.add_argument("--queue-size", type=int, default=16,
@@ -1063,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(a.fn(a) or 0)
     except Error as e:
-        print(f"diffgemma: error: {e}", file=sys.stderr)
+        print(f"diffgemma: error: {e.cli or e}", file=sys.stderr)
         return 2
 
 
