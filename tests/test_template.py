@@ -375,3 +375,15 @@ def test_docs_examples_on_the_embedded_model():
                                     '"line": "{{hole 10 no-newline}}"}', seed=1, steps=16)
     obj = json.loads(j.text)  # keys and punctuation fixed, so it parses whatever the model says
     assert obj["speaker"].isupper() and isinstance(obj["act"], int) and "\n" not in obj["line"]
+
+
+def test_server_completions_suffix_is_infill(served):
+    openai = pytest.importorskip("openai")
+    m, s = served
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    r = client.completions.create(model="tiny", prompt="The quick brown", suffix=" over the lazy dog.", max_tokens=6,
+                                  seed=5, extra_body={"steps": 3})
+    want = m.infill("The quick brown", " over the lazy dog.", 6, empty=True, seed=5, steps=3)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    status, body = _post(s, "/v1/completions", {"prompt": "a", "suffix": "b", "template": "{{hole 2}}"})
+    assert status == 400 and body["error"]["param"] == "suffix"

@@ -146,7 +146,6 @@ _CHAT_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 _COMPLETION_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "echo": lambda v: not v,
     "best_of": lambda v: v in (None, 1),
-    "suffix": lambda v: not v,
 }
 
 
@@ -620,7 +619,7 @@ class Engine:
             return
         elapsed = time.perf_counter() - t0
         if g is not None and p.get("template") is not None:  # the filled template, whatever its length
-            delta = text.text = text.sent = g.text
+            delta = text.text = text.sent = g.holes[0] if p.get("infill") else g.text
             text.tokens = g.tokens
             eos = True
             canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
@@ -884,6 +883,12 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         body = await json_body(request)
         _unsupported(body, _COMPLETION_UNSUPPORTED)
         params = _parse_common(body, hp)
+        suffix = body.get("suffix")
+        if suffix:  # OpenAI's insertion: the text between prompt and suffix, as a hole of up to max_tokens
+            if not isinstance(suffix, str) or body.get("template") is not None:
+                raise _bad("'suffix' must be a string, and cannot be combined with 'template'", "suffix")
+            body = {**body, "template": [{"hole": params["max_tokens"], "empty": True}, suffix]}
+            params["infill"] = True
         if body.get("template") is not None and body.get("prompt") in (None, ""):
             ids = model.tokenize("")  # a template alone: its canvases follow BOS
         else:  # raw text: no chat template on the completions endpoint
