@@ -74,7 +74,7 @@ class Scripted:
             self.canvas = (len(committed) - self.n_prompt) // L
             real_sync(committed, *args, **kw)
 
-        def denoise_step(canvas, temperature, self_cond, uniform):
+        def denoise_step(canvas, temperature, self_cond, uniform, vocab=None):  # vocab: template masks
             c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
             return c, np.zeros(L, np.float32), c
 
