@@ -416,6 +416,32 @@ def ggml_context(mem_size: int, no_alloc: bool = True) -> object:
     return lib.ggml_init(params[0])  # params stays alive until the call returns: [0] alone would not own it
 
 
+def map_weights(ctx: object, infos: list, base: object, mapped_size: int, dev: object, *,
+                oom: str) -> tuple[dict[str, object], object]:
+    """Tensors for a file's `infos` (name, type, shape, offset, nbytes) in `ctx`, with their data: uploaded to a
+    buffer of device `dev`, or, with dev None, pointing into the CPU mapping at `base` (no copy). Returns the
+    tensors by name and the weights buffer (the caller frees it)."""
+    weights: dict[str, object] = {}
+    for info in infos:
+        t = lib.ggml_new_tensor_4d(ctx, info.type, *(list(info.shape) + [1] * (4 - len(info.shape))))
+        lib.ggml_set_name(t, info.name.encode())
+        weights[info.name] = t
+    if dev is not None:
+        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.ggml_backend_dev_buffer_type(dev))
+        if buf == NULL:
+            raise Error(oom)
+        for info in infos:
+            lib.ggml_backend_tensor_set(weights[info.name], base + info.offset, 0, info.nbytes)
+    else:
+        buf = lib.ggml_backend_cpu_buffer_from_ptr(base, mapped_size)
+        for info in infos:
+            if lib.ggml_backend_tensor_alloc(buf, weights[info.name], base + info.offset) != 0:
+                lib.ggml_backend_buffer_free(buf)
+                raise Error(f"cannot place {info.name} in the mapped file")
+    lib.ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+    return weights, buf
+
+
 def set_verbose(on: bool) -> None:
     global _verbose
     _verbose = on

@@ -7,7 +7,7 @@ import dataclasses
 import weakref
 from typing import Any
 
-from . import chat_format
+from . import chat_format, multimodal
 from .errors import Error
 
 ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders; anything else is a typo
@@ -147,9 +147,17 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
     choice = chat_format.check_tool_choice(tool_choice, tools)
     offered = tools if choice != "none" else []
     prefix = chat_format.forced_prefix(choice) if offered else ""
-    ids = prompt_ids(model, _check_messages(messages), True, tools=offered or None, template_kwargs=template_kwargs,
-                     prefix=prefix)
-    g = model.generate(ids, **generate_kw)
+    if template_kwargs is not None and not isinstance(template_kwargs, dict):
+        raise Error(f"template_kwargs must be a dict, got {type(template_kwargs).__name__}")
+    if multimodal.has_images(messages):
+        if offered or template_kwargs or prefix:
+            raise Error("tools (or template_kwargs) and images in one chat turn are not supported yet")
+        _check_messages([{**m, "content": ""} if isinstance(m, dict) else m for m in messages])  # roles
+        g = model.generate(messages, chat=True, **generate_kw)  # the image path renders the parts
+    else:
+        ids = prompt_ids(model, _check_messages(multimodal.text_messages(messages)), True, tools=offered or None,
+                         template_kwargs=template_kwargs, prefix=prefix)
+        g = model.generate(ids, **generate_kw)
     content, reasoning, calls = chat_format.parse_chat_output(prefix + output_text(model, g.tokens),
                                                               tools=bool(offered))
     ended = bool(g.canvases) and g.canvases[-1].eos

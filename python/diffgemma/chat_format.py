@@ -425,6 +425,8 @@ def parse_chat_output(text: str, *, tools: bool = True, reasoning: bool = True, 
     model imagining the result and is dropped. Stray markers are removed from the content, as detokenizing
     without special tokens would. partial=True reads a prefix of a longer text: an unclosed call (or a channel
     that may still become a thought) is left out rather than judged."""
+    if not isinstance(text, str):
+        raise Error(f"parse_chat_output takes the generated text (a str), got {type(text).__name__}")
     content: list[str] = []
     thoughts: list[str] = []
     calls: list[ToolCall] = []

@@ -147,6 +147,9 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                    confidence=confidence)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    for name, fn in (("on_step", on_step), ("on_prefill", on_prefill)):
+        if fn is not None and not callable(fn):  # checked before any work, not at the first call
+            raise Error(f"{name} must be callable or None, got {fn!r}")
     L, V = hp.canvas_length, hp.n_vocab
     lay = None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.

@@ -301,24 +301,8 @@ class Tower:
         self._base = _ffi.from_buffer(self._mmap)
         infos = list(self._file.tensors.values())
         self._ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(infos) + 8))
-        self.weights: dict[str, Any] = {}
-        for info in infos:
-            ne = list(info.shape) + [1] * (4 - len(info.shape))
-            t = _lib.ggml_new_tensor_4d(self._ctx, info.type, *ne)
-            _lib.ggml_set_name(t, info.name.encode())
-            self.weights[info.name] = t
-        if gpu_dev is not None:
-            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(self._ctx, _lib.ggml_backend_dev_buffer_type(gpu_dev))
-            if buf == _ffi.NULL:
-                raise Error("not enough GPU memory for the vision tower")
-            for info in infos:
-                _lib.ggml_backend_tensor_set(self.weights[info.name], self._base + info.offset, 0, info.nbytes)
-        else:
-            buf = _lib.ggml_backend_cpu_buffer_from_ptr(self._base, len(self._mmap))
-            for info in infos:
-                if _lib.ggml_backend_tensor_alloc(buf, self.weights[info.name], self._base + info.offset) != 0:
-                    raise Error(f"cannot place {info.name} in the mapped file")
-        _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        self.weights, buf = B.map_weights(self._ctx, infos, self._base, len(self._mmap), gpu_dev,
+                                          oom="not enough GPU memory for the vision tower")
         self._bufs.append(buf)
         # Clamp bounds and layer scalars are graph constants read on the host (infinite bounds: no clamp).
         self.scalars = {i.name: float(self._host(i.name)[0]) for i in infos

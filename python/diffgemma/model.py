@@ -58,17 +58,17 @@ class Model:
         self.metadata: dict[str, Any] = self._file.metadata
         self.tokenizer = Tokenizer(self.metadata)
         hp = self.hparams
-        if threads is not None and threads < 1:
-            raise Error(f"threads must be >= 1, got {threads}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise Error(f"threads must be an int >= 1 or None, got {threads!r}")
         if not isinstance(n_gpu_layers, int):
             raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise Error(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise Error(f"n_ctx must be a positive int or None, got {n_ctx!r}")
-        self.kv_type = kv_type
-        self._kv_ttype = kv.kv_type_of(kv_type)
-        self.n_batch = n_batch
+        self.kv_type = kv_type.lower() if isinstance(kv_type, str) else kv_type
+        self._kv_ttype = kv.kv_type_of(self.kv_type)
+        self.n_batch = min(n_batch, n_ctx or hp.context_length)  # as llama.cpp: no chunk beyond the context
         self.threads = threads or len(os.sched_getaffinity(0))
         self._lock = threading.RLock()
         self._closed = False
@@ -145,24 +145,9 @@ class Model:
             if not group:
                 continue
             ctx = self._new_ctx(len(group))
-            for info in group:
-                ne = list(info.shape) + [1] * (4 - len(info.shape))
-                t = _lib.ggml_new_tensor_4d(ctx, info.type, *ne)
-                _lib.ggml_set_name(t, info.name.encode())
-                self.weights[info.name] = t
-            if on_gpu:
-                buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev)
-                buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
-                if buf == _ffi.NULL:
-                    raise Error("not enough GPU memory for the offloaded layers; lower n_gpu_layers")
-                for info in group:
-                    _lib.ggml_backend_tensor_set(self.weights[info.name], self._base + info.offset, 0, info.nbytes)
-            else:
-                buf = _lib.ggml_backend_cpu_buffer_from_ptr(self._base, len(self._mmap))
-                for info in group:
-                    if _lib.ggml_backend_tensor_alloc(buf, self.weights[info.name], self._base + info.offset) != 0:
-                        raise Error(f"cannot place {info.name} in the mapped file")
-            _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
+                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers")
+            self.weights.update(weights)
             self._bufs.append(buf)
 
     def _load_vision(self, path: str | os.PathLike) -> Any:
@@ -235,7 +220,10 @@ class Model:
                             f"({kv.store_bytes(hp, self._kv_ttype, hp.canvas_length + 1, room):,} bytes for one "
                             "canvas); close other programs or offload fewer layers")
         else:
-            self.n_ctx = min(n_ctx, hp.context_length)
+            if n_ctx > hp.context_length:
+                raise Error(f"n_ctx={n_ctx} is above the file's context length {hp.context_length} "
+                            "(positions past it were never trained); use n_ctx <= that, or leave it out")
+            self.n_ctx = n_ctx
             for dev, layers in groups.items():
                 if not layers:
                     continue
@@ -685,6 +673,8 @@ EMBEDDED = {"tiny": pathlib.Path(__file__).parent / "data" / "shakespeare.gguf"}
 
 def resolve(path: str | os.PathLike) -> pathlib.Path:
     """A file path, or the name of a model embedded in the package ("tiny")."""
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise Error(f"model must be a GGUF file path or {', '.join(repr(k) for k in EMBEDDED)}, got {path!r}")
     if isinstance(path, str) and path in EMBEDDED and not pathlib.Path(path).exists():
         return EMBEDDED[path]
     return pathlib.Path(path)

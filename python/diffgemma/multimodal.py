@@ -95,9 +95,27 @@ def _flatten(messages: list[Any]) -> tuple[list[dict[str, str]], list[Any]]:
     return out, found
 
 
-def has_images(prompt: Any) -> bool:
+def _has_parts(prompt: Any) -> bool:
     return isinstance(prompt, list | tuple) and any(
         isinstance(m, dict) and isinstance(m.get("content"), list) for m in prompt)
+
+
+def has_images(prompt: Any) -> bool:
+    """Whether a prompt is messages with at least one image part (text-only part lists are plain text)."""
+    return _has_parts(prompt) and any(
+        isinstance(p, dict) and p.get("type") == "image"
+        for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list) for p in m["content"])
+
+
+def text_messages(messages: Any) -> Any:
+    """Messages whose content may be a list of text parts -> the same messages with str content; an Error
+    for image parts (the caller takes the image path for those)."""
+    if not _has_parts(messages):
+        return messages
+    out, pictures = _flatten(list(messages))
+    if pictures:
+        raise Error("image parts need the image path (a model loaded with mmproj=)")
+    return out
 
 
 def build(model: Any, prompt: Any, chat: bool | None, image_budget: int) -> tuple[list[int], list[ImageSpan]]:
@@ -105,7 +123,7 @@ def build(model: Any, prompt: Any, chat: bool | None, image_budget: int) -> tupl
     from .chat import prompt_ids
 
     if not has_images(prompt):
-        return prompt_ids(model, prompt, chat), []
+        return prompt_ids(model, text_messages(prompt), chat), []
     if chat is False:
         raise Error("chat=False needs a str or token-id prompt, not messages")
     if model.vision is None:

@@ -156,6 +156,8 @@ def _parse_rules(rules: Any, origin: str, n_layer: int) -> list[_Rule]:
         return []
     if isinstance(rules, str | bytes):
         raise Error(f"{origin}: expected a list of (regex, type) rules, got the string {rules!r}")
+    if not isinstance(rules, Mapping | Sequence):
+        raise Error(f"{origin}: expected a recipe name or a list of (regex, type) rules, got {rules!r}")
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     alt = "(?:" + "|".join(str(i) for i in range(n_layer) if ftypes.more_bits(i, n_layer)) + ")"
     out = []
@@ -197,6 +199,8 @@ def _resolve_recipe(recipe: Any, type: Any, n_layer: int) -> _Spec:
         return _Spec({"type": _tn(t)}, rules=[_Rule(".", re.compile("."), t, "type")])
     if recipe is None:
         return _Spec({})
+    if isinstance(recipe, int) and not isinstance(recipe, bool):  # a llama_ftype number, as on the CLI
+        recipe = str(recipe)
     if isinstance(recipe, str):
         r = find_recipe(recipe)
         if r is not None:
@@ -706,6 +710,10 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     diffgemma.Error on bad input; never leaves a partial file (Ctrl-C and SIGTERM included).
     """
     t_start = time.perf_counter()
+    if not isinstance(dst, str | os.PathLike) or not str(dst):
+        raise Error(f"dst must be an output file path, got {dst!r}")
+    if imatrix is not None and not isinstance(imatrix, str | os.PathLike | imx.ImatrixData):
+        raise Error(f"imatrix must be an imatrix file path or ImatrixData, got {imatrix!r}")
     src_p, dst_p = resolve(src), pathlib.Path(dst)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise Error(f"threads must be a positive int, got {threads!r}")
