@@ -21,3 +21,19 @@ def random_tiny(tiny_dir) -> pathlib.Path:
     """The well-conditioned random-weight model (canvas 16, Gemma chat template) the plumbing tests run on:
     much faster than the trained embedded model ("tiny")."""
     return testing.write_random_tiny(tiny_dir / "tiny.gguf")
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[int]:
+    """The length of every Model.encode call made while the test runs (the prompt-KV store's encoder passes)."""
+    from diffgemma import model as model_mod
+
+    calls: list[int] = []
+    real = model_mod.Model.encode
+
+    def spy(self, ids, **kw):
+        calls.append(len(ids))
+        return real(self, ids, **kw)
+
+    monkeypatch.setattr(model_mod.Model, "encode", spy)
+    return calls

@@ -7,7 +7,6 @@ import pytest
 
 import diffgemma as dg
 from diffgemma import cli, kv, testing
-from diffgemma import model as model_mod
 
 INF = -np.inf
 
@@ -61,7 +60,7 @@ def test_global_store_grows_and_reset_keeps_it(tiny_f32, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_rewinding_past_the_ring_re_encodes(tiny_f32, monkeypatch):
+def test_rewinding_past_the_ring_re_encodes(tiny_f32, encoded):
     """A prefix that diverges where the ring no longer holds the window before it is encoded again from the
     start; one that diverges inside the ring encodes only the new part; both give a fresh model's logits."""
     prompt = [2] + np.random.default_rng(6).integers(10, 512, 120).tolist()
@@ -69,14 +68,7 @@ def test_rewinding_past_the_ring_re_encodes(tiny_f32, monkeypatch):
     canvas = list(range(300, 316))
     with dg.load(tiny_f32, kv_type="f32") as fresh:  # F32: chunking then changes only summation order
         want_far, want_near = fresh.logits(far_prefix, canvas), fresh.logits(near_prefix, canvas)
-    encoded = []
-    real = model_mod.Model.encode
-
-    def spy(self, ids, **kw):
-        encoded.append(len(ids))
-        return real(self, ids, **kw)
-
-    monkeypatch.setattr(model_mod.Model, "encode", spy)
+    encoded.clear()  # count only the reusing model's encoder passes
     with dg.load(tiny_f32, n_batch=32, kv_type="f32") as m:  # a ring of 7 + 32 slots
         m.logits(prompt, canvas)  # the ring then holds positions 98..136 (the canvas after 121 committed)
         far = m.logits(far_prefix, canvas)  # the window before 60 is gone: from the start
