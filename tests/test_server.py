@@ -337,6 +337,9 @@ def test_serve_parser_wiring():
     a = p.parse_args(["serve", "-m", "tiny", "--port", "0", "--queue-size", "4", "-c", "512"])
     assert a.fn is srv._cmd_serve and a.model == "tiny" and a.host == "127.0.0.1"
     assert (a.port, a.queue_size, a.n_ctx, a.n_gpu_layers, a.threads) == (0, 4, 512, -1, None)
+    assert (a.n_batch, a.kv_type) == (512, "f16")  # the same store flags as generate and chat
+    a = p.parse_args(["serve", "-b", "64", "--kv-type", "f32"])
+    assert (a.n_batch, a.kv_type) == (64, "f32")
 
 
 def test_cli_serve_finishes_open_streams_on_sigterm_and_exits_0(tmp_path):

@@ -1030,7 +1030,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     if a.queue_size < 0:
         raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
     m = load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose,
-             mmproj=a.mmproj)
+             mmproj=a.mmproj, n_batch=a.n_batch, kv_type=a.kv_type)
     try:
         srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
                      shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format)
@@ -1051,7 +1051,10 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
-    s.add_argument("-c", "--n-ctx", type=int, default=None, help="most prompt + generated tokens (default 4096)")
+    s.add_argument("-c", "--n-ctx", type=int, default=None,
+                   help="most prompt + generated tokens (default: the file's context length, as memory allows)")
+    s.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens encoded per graph (default 512)")
+    s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF: accept images (image_url data: URLs)")
     s.add_argument("--queue-size", type=int, default=16,
                    help="most requests waiting behind the running one; more get 503 (default 16)")
