@@ -98,7 +98,8 @@ def test_server_image_url(files, server):
     assert status == 200 and body["usage"]["prompt_tokens"] > 20  # the soft tokens count as prompt
     for url, why in (("https://example.com/cat.png", "does not fetch remote URLs"),
                      ("data:image/png;base64,!!!", "not valid base64"),
-                     ("data:image/png;base64," + base64.b64encode(b"garbage").decode(), "cannot read the image")):
+                     ("data:image/png;base64," + base64.b64encode(b"garbage").decode(),
+                      "cannot read the image: not in a format Pillow knows")):
         status, body = _post(server.url, {"messages": _msg(url), **fast})
         assert status == 400 and why in body["error"]["message"]
     with urllib.request.urlopen(server.url + "/health", timeout=30) as r:

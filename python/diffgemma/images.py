@@ -68,6 +68,8 @@ def open_image(image: Any) -> Any:
         img.load()
     except Error:
         raise
+    except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, not the problem
+        raise Error("cannot read the image: not in a format Pillow knows (PNG, JPEG, WebP, GIF, BMP, ...)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise Error(f"cannot read the image: {e}") from e
     if img.width <= 0 or img.height <= 0:
