@@ -12,7 +12,7 @@ from .chat import ChatReply
 from .chat_format import ToolCall, parse_chat_output
 from .converter import convert
 from .errors import Error, GGUFError
-from .generation import FROM_FILE, Generation, StepEvent
+from .generation import FROM_FILE, CanvasEvent, Generation, StepEvent, Stream
 from .layout import HParams
 from .model import Model, load, resolve
 from .quantizer import QuantizeReport, quantize, recipes
@@ -54,6 +54,31 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
     return _cached(model, n_gpu_layers).generate(prompt, **kw).text
 
 
+def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_layers: int = -1,
+           max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+           t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
+           stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
+           on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
+           template: Any = None) -> Stream:
+    """Generate text after `prompt` with `model` as a stream of events (the rest as for Model.stream).
+
+    model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
+    loaded once with `n_gpu_layers` and cached (one model at a time). prompt: a str, a list of chat messages
+    [{"role", "content"}] or a list of token ids. max_new_tokens: rounded up to whole canvases. Sampler
+    settings (steps, t_min, t_max, entropy_bound) left as None take the file's values; stability/confidence
+    =None disable the adaptive stop; seed None or -1 draws a random one (Stream.seed). chat=None applies the
+    file's chat template when it has one. on_prefill(done, total) after each encoded chunk; image_budget:
+    soft tokens per image; template: text with {{hole N ...}} tags or a list of str / Hole parts.
+    Iterating yields dg.StepEvent after every denoising step and dg.CanvasEvent (.text_delta, .tokens, ...)
+    when a canvas commits; `.generation` holds the final Generation once the loop ends. Breaking out stops
+    generation cleanly."""
+    kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
+              entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat,
+              on_prefill=on_prefill, image_budget=image_budget, template=template)
+    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
+    return m.stream(prompt, **kw)
+
+
 def _cached(model: str | os.PathLike, n_gpu_layers: int) -> Model:
     path = resolve(model)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, n_gpu_layers)
@@ -74,6 +99,7 @@ def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model = "
     return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
 
 
-__all__ = ["FROM_FILE", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole", "ImatrixReport", "Model",
-           "QuantizeReport", "StepEvent", "ToolCall", "__version__", "backends", "chat", "convert", "generate",
-           "imatrix", "load", "parse_chat_output", "parse_template", "quantize", "recipes"]
+__all__ = ["FROM_FILE", "CanvasEvent", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole",
+           "ImatrixReport", "Model", "QuantizeReport", "StepEvent", "Stream", "ToolCall", "__version__", "backends",
+           "chat", "convert", "generate", "imatrix", "load", "parse_chat_output", "parse_template", "quantize",
+           "recipes", "stream"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from .template import Hole, lay_out
 
 @dataclasses.dataclass(frozen=True)
 class StepEvent:
-    """What `on_step` receives after every denoising step."""
+    """What a stream yields (and `on_step` receives) after every denoising step."""
 
     canvas_index: int
     step: int  # 1-based step within this canvas
@@ -59,6 +60,19 @@ class Generation:
     @property
     def steps(self) -> int:
         return sum(c.steps for c in self.canvases)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanvasEvent:
+    """What a stream yields when a canvas commits, after that canvas's StepEvents."""
+
+    canvas_index: int
+    tokens: np.ndarray  # the canvas's new tokens (cut after an EOS, which is kept; a template's fixed ones too)
+    text_delta: str  # the text this canvas adds: the deltas concatenate to Generation.text
+    steps: int  # denoising steps used
+    stopped_early: bool  # stable and confident before the step budget ran out
+    eos: bool  # an end-of-sequence token ended generation in this canvas
+    timings: Timings  # of the generation so far
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,22 +149,55 @@ def resolve_seed(seed: Any) -> int:
     return int(seed)
 
 
-def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
-             seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
-             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
-             chat: bool | None = None, on_step: Callable[[StepEvent], Any] | None = None,
-             on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
-             template: Any = None) -> Generation:
-    """Generate canvases after `prompt` (see Model.generate)."""
+class Stream:
+    """The events of one generation (StepEvent after every denoising step, CanvasEvent when a canvas commits);
+    `.generation` holds the final Generation once the iteration has ended. Breaking out of the loop (or
+    close()) ends the generation between steps: nothing is left half-encoded and the model is free again."""
+
+    def __init__(self, events: Generator[StepEvent | CanvasEvent, None, Generation], seed: int) -> None:
+        self._events = events
+        self.seed = seed  # the seed in use (a fresh one when None or -1 was asked for)
+        self.generation: Generation | None = None  # set when the iteration ends
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StepEvent | CanvasEvent:
+        try:
+            return next(self._events)
+        except StopIteration as done:
+            self.generation = done.value
+            raise
+
+    def close(self) -> None:
+        """Stop generating now (also what leaving a for loop early does, when the stream is dropped)."""
+        self._events.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# The paused stream holding each model: a new generation on the model ends it first (its state would be stale).
+_paused: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def stream(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
+           seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
+           entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
+           chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
+           image_budget: int = 280, template: Any = None) -> Stream:
+    """Check the arguments and lay out the prompt now; return the Stream that generates (see Model.stream)."""
     hp = model.hparams
     cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
                    confidence=confidence)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    for name, fn in (("on_step", on_step), ("on_prefill", on_prefill)):
-        if fn is not None and not callable(fn):  # checked before any work, not at the first call
-            raise Error(f"{name} must be callable or None, got {fn!r}")
-    L, V = hp.canvas_length, hp.n_vocab
+    if on_prefill is not None and not callable(on_prefill):  # checked before any work, not at the first call
+        raise Error(f"on_prefill must be callable or None, got {on_prefill!r}")
+    L = hp.canvas_length
     lay = None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.
     alone = lay is not None and (prompt is None or prompt == "")
@@ -163,6 +210,22 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
     seed = resolve_seed(seed)
+    me: list[weakref.ref] = []
+    events = _events(model, ids, images, lay, n_canvas, cfg, seed, on_prefill, me)
+    me.append(weakref.ref(events))
+    return Stream(events, seed)
+
+
+def _text_delta(text: str, sent: int, last: bool) -> str:
+    """The part of `text` after the `sent` characters already streamed; a trailing incomplete character
+    (U+FFFD of a UTF-8 sequence cut at the canvas edge) waits for the next canvas."""
+    delta = text[sent:]
+    return delta if last else delta.rstrip("\ufffd")
+
+
+def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: Settings, seed: int,
+            on_prefill: Any, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
+    L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
 
@@ -171,16 +234,31 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
     infos: list[CanvasInfo] = []
     prefill = forward = host = 0.0
     n_steps = 0
+    sent = 0  # characters of the text streamed so far
     t_start = time.perf_counter()
+
+    def timings() -> Timings:
+        total = time.perf_counter() - t_start
+        return Timings(prefill_ms=1e3 * prefill, step_ms=1e3 * (forward + host) / max(n_steps, 1),
+                       tokens_per_s=len(new) / total if total > 0 else 0.0,
+                       forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
+
     with model._lock:
+        prev = _paused.get(model)
+        if prev is not None and (g := prev()) is not None and not g.gi_running:
+            g.close()  # a stream paused on this thread and not ended: its canvas state is about to go stale
+        _paused[model] = me[0]
         for c in range(n_canvas):
             # With a template: its fixed tokens are clamped in the canvas fed to the model and in the argmax,
             # and only the free (hole) positions take part in acceptance, the entropy sum and the stop rule.
             fixed = None if lay is None else lay.fixed[lay.canvas(c)]
+            last = c == n_canvas - 1
             if fixed is not None and fixed.all():  # nothing to denoise: commit the fixed tokens as they are
                 argmax = lay.tokens[lay.canvas(c)]
                 infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
                 committed.extend(int(t) for t in argmax)
+                text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
+                yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
                 continue
             t0 = time.perf_counter()
             model._sync_prefix(np.asarray(committed, dtype=np.int32), images, on_progress=on_prefill)
@@ -194,7 +272,6 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
             history: list[np.ndarray] = []
             argmax = z
             stopped = False
-            n = cfg.steps
             for step in range(1, cfg.steps + 1):
                 n = cfg.steps - step + 1  # remaining steps, N .. 1
                 temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
@@ -212,9 +289,9 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                     z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
                 stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
                 history.append(argmax[free])
-                if on_step is not None:
-                    on_step(StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
-                                      argmax, model.detokenize(argmax), fixed))
+                # The consumer's time with the event counts as host time, as on_step's did.
+                yield StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
+                                argmax, model.detokenize(argmax), fixed)
                 forward += t1 - t0
                 host += time.perf_counter() - t1
                 n_steps += 1
@@ -222,23 +299,43 @@ def generate(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                     break
             # With a template, the template decides where generation ends, not an EOS.
             canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
-            infos.append(CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps,
-                                    eos=hit_eos))
+            info = CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps, eos=hit_eos)
+            infos.append(info)
             new.extend(int(t) for t in canvas)
             committed.extend(int(t) for t in argmax)
+            last = last or hit_eos
+            # A template's text is only known once it is filled: it comes whole with the last canvas.
+            if lay is None:
+                text = model.detokenize(new)
+            else:
+                text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
+            delta = _text_delta(text, sent, last)
+            sent += len(delta)
+            yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings())
             if hit_eos:
                 break
-    total = time.perf_counter() - t_start
+        if _paused.get(model) is me[0]:
+            del _paused[model]
     holes: list[str] = []
     if lay is None:
         text = model.detokenize(new)
     else:
         text, holes, new = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)
-    timings = Timings(prefill_ms=1e3 * prefill, step_ms=1e3 * (forward + host) / max(n_steps, 1),
-                      tokens_per_s=len(new) / total if total > 0 else 0.0,
-                      forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
-    return Generation(text=text, tokens=new, canvases=infos, timings=timings, seed=int(seed),
+    return Generation(text=text, tokens=new, canvases=infos, timings=timings(), seed=int(seed),
                       prompt_tokens=len(ids), holes=holes)
+
+
+def generate(model: Any, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,
+             **kw: Any) -> Generation:
+    """Generate canvases after `prompt` (see Model.generate): the stream, consumed; on_step sees each StepEvent."""
+    if on_step is not None and not callable(on_step):  # checked before any work, not at the first call
+        raise Error(f"on_step must be callable or None, got {on_step!r}")
+    s = stream(model, prompt, **kw)
+    for ev in s:
+        if on_step is not None and isinstance(ev, StepEvent):
+            on_step(ev)
+    assert s.generation is not None
+    return s.generation
 
 
 def infill(model: Any, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:

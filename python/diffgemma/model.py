@@ -19,9 +19,10 @@ from gguf import quants as gq
 from . import binding as B
 from . import gguf_file, kv, layout, multimodal
 from .errors import Error, GGUFError
-from .generation import FROM_FILE, Generation
+from .generation import FROM_FILE, Generation, Stream
 from .generation import generate as _generate
 from .generation import infill as _infill
+from .generation import stream as _stream
 from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
 from .tokenizer import Tokenizer
 
@@ -562,7 +563,8 @@ class Model:
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
         adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
         denoising step, on_prefill(done, total) after every chunk of n_batch tokens encoded (the prompt, then
-        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed).
+        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed); see stream
+        for the same generation as events.
 
         template: fixed text with holes to fill (docs/templates.md): text with {{hole N ...}} tags or a list of
         str and dg.Hole parts. It is laid over as many canvases as it needs (max_new_tokens is then ignored, as
@@ -572,6 +574,26 @@ class Model:
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
                          template=template)
+
+    def stream(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+               t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
+               stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
+               on_prefill: Any = None, image_budget: int = 280, template: Any = None) -> Stream:
+        """Generation as a stream of events (arguments as for generate, which consumes this stream).
+
+        Iterate it: a dg.StepEvent after every denoising step (.canvas_index, .step, .steps, .temperature,
+        .accepted, .mean_entropy, .argmax, .text, .fixed), then a dg.CanvasEvent when the canvas commits
+        (.tokens, .text_delta, .steps, .stopped_early, .eos, .timings so far); the text deltas concatenate to
+        the final text (with a template it comes whole with the last canvas). When the iteration ends,
+        `.generation` holds the Generation, the same tokens as generate() for the same seed. Bad arguments
+        raise here, before any work. Breaking out of the loop (or .close(), or `with m.stream(...) as s`)
+        stops between steps; the model holds no half-done state and the next call works. The model is busy
+        (other threads wait) until the stream ends or is dropped; a new generation on this thread ends a
+        paused stream."""
+        self._check_open()
+        return _stream(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
+                       t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
+                       chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template)
 
     def infill(self, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
         """The text between `prefix` (the raw prompt) and `suffix`, in a hole of n_tokens. Keywords: allowed=,
