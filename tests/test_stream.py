@@ -102,3 +102,23 @@ def test_dg_stream_signature_and_help(random_tiny):
     text = "".join(e.text_delta for e in dg.stream("hi", model=str(random_tiny), max_new_tokens=16, steps=3,
                                                      seed=1) if isinstance(e, dg.CanvasEvent))
     assert text == dg.generate("hi", model=str(random_tiny), max_new_tokens=16, steps=3, seed=1)
+
+
+def test_an_on_step_that_raises_leaves_the_model_free_for_other_threads(m):
+    import threading
+
+    class Stop(Exception):
+        pass
+
+    def stop(ev):
+        raise Stop
+
+    try:
+        m.generate(PROMPT, max_new_tokens=16, steps=3, seed=1, on_step=stop)
+    except Stop as e:
+        kept = e  # a kept traceback (as a server's future holds) must not keep the model locked
+    out = []
+    t = threading.Thread(target=lambda: out.append(m.generate(PROMPT, max_new_tokens=16, steps=3, seed=1)))
+    t.start()
+    t.join(60)
+    assert out and kept.__traceback__ is not None

@@ -330,10 +330,10 @@ def generate(model: Any, prompt: Any, *, on_step: Callable[[StepEvent], Any] | N
     """Generate canvases after `prompt` (see Model.generate): the stream, consumed; on_step sees each StepEvent."""
     if on_step is not None and not callable(on_step):  # checked before any work, not at the first call
         raise Error(f"on_step must be callable or None, got {on_step!r}")
-    s = stream(model, prompt, **kw)
-    for ev in s:
-        if on_step is not None and isinstance(ev, StepEvent):
-            on_step(ev)
+    with stream(model, prompt, **kw) as s:  # closed even when on_step raises: a kept traceback holds no model
+        for ev in s:
+            if on_step is not None and isinstance(ev, StepEvent):
+                on_step(ev)
     assert s.generation is not None
     return s.generation
 
