@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import weakref
@@ -27,8 +28,13 @@ class StepEvent:
     accepted: int  # positions that kept their sampled token
     mean_entropy: float
     argmax: np.ndarray  # the current argmax canvas (token ids)
-    text: str  # the argmax canvas as text (control tokens dropped)
     fixed: np.ndarray | None = None  # with a template: which positions hold its fixed tokens
+    detokenize: Callable[[np.ndarray], str] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The argmax canvas as text (control tokens dropped); detokenized only when read, off the step loop."""
+        return self.detokenize(self.argmax) if self.detokenize is not None else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +297,7 @@ def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: i
                 history.append(argmax[free])
                 # The consumer's time with the event counts as host time, as on_step's did.
                 yield StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
-                                argmax, model.detokenize(argmax), fixed)
+                                argmax, fixed, model.detokenize)
                 forward += t1 - t0
                 host += time.perf_counter() - t1
                 n_steps += 1
