@@ -5,6 +5,7 @@ command line in a subprocess to check graceful shutdown. Generations are kept sh
 """
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -326,6 +328,84 @@ def test_metrics(client, server):
     assert float(values['diffgemma_canvas_steps_bucket{le="+Inf"}']) == float(values["diffgemma_canvas_steps_count"])
     assert values["diffgemma_queue_depth"] == "0" and values["diffgemma_queue_capacity"] == str(QUEUE)
     assert "# TYPE diffgemma_canvas_steps histogram" in text
+
+
+# ---- the engine: one request's run, fed its stream's events ---------------------------------------------------
+
+
+def recorded_job(model, ids, **body):
+    """A job as the HTTP side makes it, whose events are kept in .sent instead of going to an asyncio loop."""
+    params = {**srv._parse_common(body, model.hparams), "template": None}
+    sent = []
+    job = types.SimpleNamespace(ids=ids, p=params, cancelled=threading.Event(), sent=sent,
+                                put=lambda kind, payload=None: sent.append((kind, payload)))
+    return job
+
+
+def test_a_stop_sequence_ends_the_stream_and_reports_its_timings(model):
+    ids = model.tokenize("abc")
+    text = model.detokenize(model.generate(ids, max_new_tokens=48, seed=8, **FAST).tokens)
+    stop = text[20:23]  # inside the second of three canvases
+    job = recorded_job(model, ids, max_tokens=48, seed=8, stop=[stop], **FAST)
+    run = srv._Run(job, model, srv.Metrics(), model.tokenizer.token_text)
+    canvases = []
+    with model.stream(run.prompt, **run.stream_kw) as s:  # the engine's loop, with the canvases kept
+        for ev in s:
+            canvases += [ev] if isinstance(ev, diffgemma.CanvasEvent) else []
+            if not run.on_event(ev):
+                break
+    assert s.generation is None and len(canvases) == 2  # no third canvas was denoised
+    done = run.finish(s.generation)
+    assert job.sent[-1] == ("done", done) and done["finish_reason"] == "stop" and done["text"] == text[:20]
+    want = {k: round(v, 3) for k, v in vars(canvases[-1].timings).items()}
+    assert done["diffusion"]["timings"] == want and want["prefill_ms"] > 0 and want["forward_ms"] > 0
+    assert [c["steps"] for c in done["diffusion"]["canvases"]] == [2, 2]
+
+
+def test_finished_runs_report_the_generations_timings(model):
+    ids = model.tokenize("abc")
+    job = recorded_job(model, ids, max_tokens=20, seed=3, **FAST)
+    run = srv._Run(job, model, srv.Metrics(), model.tokenizer.token_text)
+    with model.stream(run.prompt, **run.stream_kw) as s:
+        assert all(run.on_event(ev) for ev in s)
+    done = run.finish(s.generation)
+    assert done["diffusion"]["timings"] == {k: round(v, 3) for k, v in vars(s.generation.timings).items()}
+    assert done["usage"]["completion_tokens"] == 20 and done["text"] == model.detokenize(s.generation.tokens[:20])
+
+
+def test_a_cancelled_run_closes_its_stream_and_the_next_one_runs(model, monkeypatch):
+    engine = srv.Engine(model, 1, srv.Metrics())
+    streams = []
+    real = model.stream
+    monkeypatch.setattr(model, "stream", lambda *a, **kw: streams.append(real(*a, **kw)) or streams[-1])
+    job = recorded_job(model, model.tokenize("abc"), max_tokens=4000, seed=1, stream=True, diffusion_frames=True,
+                       steps=48, stability=None)
+    put = job.put
+    job.put = lambda kind, payload=None: (put(kind, payload), kind == "frame" and job.cancelled.set())
+    engine._run(job)  # the client leaves after the first frame
+    assert [k for k, _ in job.sent] == ["frame"] and engine.metrics.cancelled == 1
+    assert streams[0].generation is None and inspect.getgeneratorstate(streams[0]._events) == "GEN_CLOSED"
+    job2 = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
+    engine._run(job2)
+    kind, done = job2.sent[-1]
+    assert kind == "done" and done["text"] == expected_text(model, model.tokenize("abc"), 16, 1, **FAST)[0]
+
+
+def test_a_failing_generation_is_a_500_and_the_worker_goes_on(model, monkeypatch):
+    engine = srv.Engine(model, 1, srv.Metrics())
+
+    def broken(*a, **kw):
+        raise diffgemma.Error("out of device memory")
+
+    monkeypatch.setattr(model, "denoise_step", broken)
+    job = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
+    engine._run(job)
+    kind, err = job.sent[-1]
+    assert kind == "error" and err.status == 500 and "out of device memory" in err.message
+    monkeypatch.undo()
+    job2 = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
+    engine._run(job2)
+    assert job2.sent[-1][0] == "done"
 
 
 # ---- the command line ----------------------------------------------------------------------------------------

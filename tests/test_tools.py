@@ -60,15 +60,22 @@ class Scripted:
         self.n_prompt = 0
         self.canvas = 0
         L = model.hparams.canvas_length
-        real_generate, real_sync = model.generate, model._sync_prefix
+        real_generate, real_stream, real_sync = model.generate, model.stream, model._sync_prefix
 
-        def generate(prompt, **kw):
+        def script(prompt):
             text = model.detokenize(prompt, special=True)
             self.prompts.append(text)
             ids = model.tokenize(reply_for(text), add_special=False) + [testing.EOS]
             self.script = ids + [testing.EOS] * (-len(ids) % L)
             self.n_prompt = len(prompt)
+
+        def generate(prompt, **kw):  # m.chat
+            script(prompt)
             return real_generate(prompt, **kw)
+
+        def stream(prompt, **kw):  # the server
+            script(prompt)
+            return real_stream(prompt, **kw)
 
         def sync_prefix(committed, *args, **kw):
             self.canvas = (len(committed) - self.n_prompt) // L
@@ -78,7 +85,8 @@ class Scripted:
             c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
             return c, np.zeros(L, np.float32), c
 
-        model.generate, model._sync_prefix, model.denoise_step = generate, sync_prefix, denoise_step
+        model.generate, model.stream, model._sync_prefix, model.denoise_step = (generate, stream, sync_prefix,
+                                                                               denoise_step)
 
 
 @pytest.fixture(scope="module")

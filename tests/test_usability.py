@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 import diffgemma as dg
@@ -217,17 +218,18 @@ def test_reports_have_a_short_repr_and_a_full_table(tmp_path, random_tiny, k_sha
 def test_chat_help_progress_and_cancelled_reply(capsys, monkeypatch, random_tiny):
     lines = iter(["/help", "/nonsense", "first", "second", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    real = dg.Model.generate
+    real = dg.Model.stream
     calls = []
 
-    def generate(self, messages, **kw):
-        calls.append([m["content"] for m in messages])
-        if len(calls) == 1:
-            kw["on_step"](type("Ev", (), {"canvas_index": 0, "step": 1, "steps": 2, "mean_entropy": 1.0})())
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the first reply
-        return real(self, messages, **kw)
+    def interrupted():
+        yield dg.StepEvent(0, 1, 2, 1.0, 3, 1.0, np.zeros(4, np.int64))  # the progress bar shows this step
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the first reply
 
-    monkeypatch.setattr(dg.Model, "generate", generate)
+    def stream(self, messages, **kw):
+        calls.append([m["content"] for m in messages])
+        return dg.Stream(interrupted(), seed=0) if len(calls) == 1 else real(self, messages, **kw)
+
+    monkeypatch.setattr(dg.Model, "stream", stream)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: progress is shown
     rc = cli.main(["chat", "-m", str(random_tiny), "-n", "4", "--steps", "1"])
     err = capsys.readouterr().err

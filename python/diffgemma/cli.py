@@ -14,6 +14,7 @@ from typing import Any
 
 from . import outputs
 from .errors import Error
+from .generation import CanvasEvent, Generation, StepEvent
 
 
 def _fmt_bytes(n: float) -> str:
@@ -213,7 +214,9 @@ class _LiveCanvas:
         self.out = out or sys.stdout
         self.lines = 0
 
-    def __call__(self, ev: Any) -> None:
+    def show(self, ev: StepEvent | CanvasEvent) -> None:
+        if not isinstance(ev, StepEvent):
+            return  # the canvas stays on screen until the next one's first step repaints it
         width = shutil.get_terminal_size((100, 20)).columns
         text = ev.text.replace("\n", "\u21b5 ")
         body = [f"canvas {ev.canvas_index + 1}  step {ev.step}/{ev.steps}  T={ev.temperature:.3f}  "
@@ -239,10 +242,12 @@ class _StepBar:
 
         self.bar = tqdm(total=n_canvas, unit="canvas", desc="denoising", leave=False, file=sys.stderr)
 
-    def __call__(self, ev: Any) -> None:
-        self.bar.set_postfix_str(f"canvas {ev.canvas_index + 1} step {ev.step}/{ev.steps} H={ev.mean_entropy:.3f}")
-        self.bar.n = ev.canvas_index
-        self.bar.refresh()
+    def show(self, ev: StepEvent | CanvasEvent) -> None:
+        if isinstance(ev, StepEvent):
+            self.bar.set_postfix_str(f"canvas {ev.canvas_index + 1} step {ev.step}/{ev.steps} "
+                                     f"H={ev.mean_entropy:.3f}")
+        else:  # a canvas committed
+            self.bar.update(1)
 
     def clear(self) -> None:
         self.bar.close()
@@ -255,6 +260,24 @@ def _live_display(a: argparse.Namespace, m: Any, n_canvas: int | None = None) ->
     if sys.stderr.isatty():
         return _StepBar(n_canvas or -(-a.max_new_tokens // m.hparams.canvas_length))
     return None
+
+
+def _generate_live(m: Any, prompt: Any, a: argparse.Namespace, live: _LiveCanvas | _StepBar | None,
+                   **kw: Any) -> Generation:
+    """m.stream(prompt) with the command line's settings, every event shown on `live`, the prompt's encoding
+    on a progress bar; both are cleared however it ends (Ctrl-C closes the stream)."""
+    prefill = _PrefillBar(m.n_batch)
+    try:
+        with m.stream(prompt, on_prefill=prefill, image_budget=a.image_budget, **kw, **_sampler_kw(a)) as s:
+            for ev in s:
+                if live is not None:
+                    live.show(ev)
+    finally:
+        prefill.close()
+        if live is not None:
+            live.clear()
+    assert s.generation is not None
+    return s.generation
 
 
 def _stats(g: Any) -> str:
@@ -293,15 +316,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
         layout = lay_out(m, text)  # bad templates fail here, before any denoising
     live = _live_display(a, m, None if layout is None else layout.n_canvas)
-    prefill = _PrefillBar(m.n_batch)
-    try:
-        g = m.generate(prompt, chat=False if a.no_chat else None, on_step=live, on_prefill=prefill,
-                       image_budget=a.image_budget, template=layout,
-                       **_sampler_kw(a))
-    finally:
-        prefill.close()
-        if live is not None:
-            live.clear()
+    g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
     if a.json:
         out = {"text": g.text, "tokens": g.tokens, "seed": g.seed,
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
@@ -403,23 +418,16 @@ def _cmd_chat(a: argparse.Namespace) -> int:
         n_before = len(messages)
         messages += _image_message(line, pending) if pending else [{"role": "user", "content": line}]
         pending = []
-        live = None if tools else _live_display(a, m)
-        prefill = _PrefillBar(m.n_batch)
         try:
             if tools:
                 _tool_turn(m, messages, tools, a)
                 continue
-            g = m.generate(messages, on_step=live, on_prefill=prefill, image_budget=a.image_budget,
-                           **_sampler_kw(a))
+            g = _generate_live(m, messages, a, _live_display(a, m))
         except KeyboardInterrupt:  # cancels this reply, not the chat
             del messages[n_before:]
-            m.reset()  # the prompt-KV store may hold part of an encode: start clean next turn
+            m.reset()  # Ctrl-C may have come inside an encode: start the prompt-KV store clean next turn
             print("\n(reply cancelled)", file=sys.stderr)
             continue
-        finally:
-            prefill.close()
-            if live is not None:
-                live.clear()
         print(g.text.strip())
         if sys.stdout.isatty():
             print(_stats(g), file=sys.stderr)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -28,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import Error
+from .generation import CanvasEvent, Generation, StepEvent
 
 if TYPE_CHECKING:
     from .model import Model
@@ -62,11 +64,7 @@ def _shutting_down() -> ApiError:
 
 
 class _Cancelled(Exception):
-    """Raised from on_step to abandon a generation whose client went away (or on shutdown)."""
-
-
-class _StopHit(Exception):
-    """Raised from on_step when committed text reached a stop sequence: no need to denoise further."""
+    """Raised in a request's handler when its client went away."""
 
 
 # ---- request parsing -----------------------------------------------------------------------------------------
@@ -457,6 +455,140 @@ class _Text:
         return delta
 
 
+class _Run:
+    """One request's side of a generation, fed the events of its stream: `on_event(ev)` for each (False: stop
+    now, the client left or the text reached a stop sequence), then `finish(generation)` (None when stopped
+    early) or `error(e)`. Whoever iterates the stream owns it; a _Run only turns events into the job's
+    frames, text deltas and final answer."""
+
+    def __init__(self, job: _Job, model: "Model", metrics: Metrics, piece: Callable[[int], str]):
+        from .chat import output_text
+        from .chat_format import OutputStream
+
+        self.job, self.metrics, self.piece = job, metrics, piece
+        p = job.p
+        self.chat = chat = p.get("chat")  # a chat request: the output is parsed into content, reasoning, calls
+        if chat is None:
+            self.text = _Text(model, p["max_tokens"], p["stop"])
+        else:
+            self.text = _Text(model, p["max_tokens"], p["stop"], lambda toks: output_text(model, toks),
+                              chat["prefix"])
+            self.parsed = OutputStream(tools=bool(chat["tools"]), reasoning=chat["reasoning"],
+                                       max_calls=chat["max_calls"])
+        # Text goes out per canvas when streamed or checked for stops; a template's is whole only at the end.
+        self.per_canvas = bool(p["stream"] or p["stop"]) and p.get("template") is None
+        # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
+        self.prompt: Any = p["messages"] if p.get("messages") is not None else job.ids
+        self.stream_kw = {"max_new_tokens": p["max_tokens"], "seed": p["seed"],
+                          "image_budget": p.get("image_budget", 280), "template": p.get("template"), **p["sampler"]}
+        self.committed: list[int] = []
+        self.canvases: list[CanvasEvent] = []
+        self.cancelled = False
+        self.t0 = time.perf_counter()
+
+    def on_event(self, ev: StepEvent | CanvasEvent) -> bool:
+        """Take one event of the stream; False when the generation should stop here."""
+        if self.job.cancelled.is_set():
+            self.cancelled = True
+            return False
+        if isinstance(ev, StepEvent):
+            if self.job.p["frames"]:
+                self.job.put("frame", self._frame(ev))
+            return True
+        self.canvases.append(ev)
+        self.committed.extend(int(t) for t in ev.tokens)
+        if self.per_canvas:
+            self._send(self.text.update(self.committed, final=False), False)
+        return not self.text.hit_stop
+
+    def _frame(self, ev: StepEvent) -> dict:
+        ids = [int(t) for t in ev.argmax]
+        return {"type": "frame", "canvas": ev.canvas_index, "step": ev.step, "steps": ev.steps,
+                "temperature": round(ev.temperature, 5), "accepted": ev.accepted,
+                "mean_entropy": round(ev.mean_entropy, 5), "text": ev.text, "tokens": ids,
+                "pieces": [self.piece(t) for t in ids],
+                "elapsed_ms": round(1e3 * (time.perf_counter() - self.t0), 2),
+                **({} if ev.fixed is None else {"fixed": [int(f) for f in ev.fixed]})}
+
+    def _send(self, delta: str, final: bool) -> None:
+        job, p = self.job, self.job.p
+        if self.chat is None:
+            if delta and p["stream"]:
+                job.put("delta", delta)
+            return
+        d = self.parsed.update(self.text.text if final else self.text.sent, final)
+        if not p["stream"]:
+            return
+        if d.reasoning:
+            job.put("delta", {"reasoning_content": d.reasoning})
+        if d.content:
+            job.put("delta", {"content": d.content})
+        n = len(self.parsed.calls) - len(d.tool_calls)
+        for k, call in enumerate(d.tool_calls):  # a call is sent whole, once its canvas closed it
+            job.put("delta", {"tool_calls": [{"index": n + k, **call.to_dict()}]})
+
+    def finish(self, g: Generation | None, *, shutting_down: bool = False) -> dict | None:
+        """End the request: the `done` payload (also returned) for a generation that ran to its end (g) or
+        stopped at a stop sequence (None); nothing but the count (or a 503 on shutdown) when cancelled."""
+        job, p, text = self.job, self.job.p, self.text
+        if self.cancelled:
+            if shutting_down:  # cancelled by shutdown, not by its client: tell the client why it ends
+                job.put("error", _shutting_down())
+            else:
+                self.metrics.count_cancelled()
+            return None
+        if g is not None and p.get("template") is not None:  # the filled template, whatever its length
+            delta = text.text = text.sent = g.holes[0] if p.get("infill") else g.text
+            text.tokens = g.tokens
+            eos = True
+        else:
+            delta = text.update(self.committed, final=True)
+            eos = g is not None and g.canvases[-1].eos and len(g.tokens) <= p["max_tokens"]  # not when cut off
+        # The stream's own timings: of the whole generation, or up to the canvas that reached a stop sequence.
+        timings = {k: round(v, 3) for k, v in dataclasses.asdict(
+            g.timings if g is not None else self.canvases[-1].timings).items()}
+        canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in self.canvases]
+        self._send(delta, True)
+        n_out = len(text.tokens)
+        self.metrics.observe([c.steps for c in self.canvases], timings["step_ms"], len(job.ids), n_out,
+                             timings["tokens_per_s"])
+        message = None if self.chat is None else self._message()
+        finish = "tool_calls" if message and "tool_calls" in message else "stop" if eos or text.hit_stop else "length"
+        done = {
+            "text": text.text,
+            "message": message,
+            "finish_reason": finish,
+            "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
+                      "total_tokens": len(job.ids) + n_out},
+            "diffusion": {"seed": p["seed"], "canvases": canvases, "timings": timings,
+                          "elapsed_ms": round(1e3 * (time.perf_counter() - self.t0), 3)},
+        }
+        job.put("done", done)
+        return done
+
+    def _message(self) -> dict:
+        """A chat request's answer: content, thinking and tool calls as parsed from the text."""
+        parsed = self.parsed
+        message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+        if parsed.thinking:
+            message["reasoning_content"] = parsed.thinking
+        if parsed.calls:
+            message["tool_calls"] = [c.to_dict() for c in parsed.calls]
+            message["content"] = parsed.content if parsed.content.strip() else None
+        return message
+
+    def error(self, e: Exception) -> None:
+        """End the request with a 500: the generation raised."""
+        self.job.put("error", _failure(e))
+
+
+def _failure(e: Exception) -> ApiError:
+    if isinstance(e, Error):  # requests were validated up front, so what is left is on our side (e.g. memory)
+        return ApiError(500, str(e), type="server_error")
+    log.exception("generation failed", exc_info=e)
+    return ApiError(500, f"generation failed: {e}", type="server_error")
+
+
 class Engine:
     """The model, a bounded FIFO of jobs and the one thread that runs them."""
 
@@ -530,8 +662,7 @@ class Engine:
             try:
                 self._run(job)
             except Exception as e:  # never let one request kill the worker
-                log.exception("generation failed")
-                job.put("error", ApiError(500, f"generation failed: {e}", type="server_error"))
+                job.put("error", _failure(e))
             finally:
                 job.finished = True
                 with self._cv:
@@ -546,121 +677,16 @@ class Engine:
         return p
 
     def _run(self, job: _Job) -> None:
-        from .chat import output_text
-        from .chat_format import OutputStream
-
-        p, m = job.p, self.model
-        chat = p.get("chat")  # a chat request: the output is parsed into content, reasoning and tool calls
-        if chat is None:
-            text = _Text(m, p["max_tokens"], p["stop"])
-        else:
-            text = _Text(m, p["max_tokens"], p["stop"], lambda toks: output_text(m, toks), chat["prefix"])
-            parsed = OutputStream(tools=bool(chat["tools"]), reasoning=chat["reasoning"], max_calls=chat["max_calls"])
-
-        def send(delta: str, final: bool) -> None:
-            if chat is None:
-                if delta and p["stream"]:
-                    job.put("delta", delta)
-                return
-            d = parsed.update(text.text if final else text.sent, final)
-            if not p["stream"]:
-                return
-            if d.reasoning:
-                job.put("delta", {"reasoning_content": d.reasoning})
-            if d.content:
-                job.put("delta", {"content": d.content})
-            n = len(parsed.calls) - len(d.tool_calls)
-            for k, call in enumerate(d.tool_calls):  # a call is sent whole, once its canvas closed it
-                job.put("delta", {"tool_calls": [{"index": n + k, **call.to_dict()}]})
-
-        committed: list[int] = []
-        canvas_steps: list[int] = []
-        last: list[Any] = [None]  # the argmax of the latest step: what gets committed when the canvas ends
-        t0 = time.perf_counter()
-
-        def on_step(ev: Any) -> None:
-            if job.cancelled.is_set():
-                raise _Cancelled
-            if ev.canvas_index == len(canvas_steps):  # a new canvas began: the previous one was committed
-                if last[0] is not None:
-                    committed.extend(int(t) for t in last[0])
-                    # (a template's text is whole only at the end: fixed text verbatim, fillers dropped)
-                    if (p["stream"] or p["stop"]) and p.get("template") is None:
-                        send(text.update(committed, final=False), False)
-                        if text.hit_stop:
-                            raise _StopHit
-                canvas_steps.append(0)
-            canvas_steps[-1] += 1
-            last[0] = ev.argmax
-            if p["frames"]:
-                ids = [int(t) for t in ev.argmax]
-                job.put("frame", {"type": "frame", "canvas": ev.canvas_index, "step": ev.step, "steps": ev.steps,
-                                  "temperature": round(ev.temperature, 5), "accepted": ev.accepted,
-                                  "mean_entropy": round(ev.mean_entropy, 5), "text": ev.text, "tokens": ids,
-                                  "pieces": [self._piece(t) for t in ids],
-                                  "elapsed_ms": round(1e3 * (time.perf_counter() - t0), 2),
-                                  **({} if ev.fixed is None else {"fixed": [int(f) for f in ev.fixed]})})
-
+        run = _Run(job, self.model, self.metrics, self._piece)
         try:
-            # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
-            prompt = p["messages"] if p.get("messages") is not None else job.ids
-            g = m.generate(prompt, max_new_tokens=p["max_tokens"], seed=p["seed"], on_step=on_step,
-                           image_budget=p.get("image_budget", 280), template=p.get("template"), **p["sampler"])
-        except _Cancelled:
-            if self._closing:  # cancelled by shutdown, not by its client: tell the client why it ends
-                job.put("error", _shutting_down())
-            else:
-                self.metrics.count_cancelled()
+            with self.model.stream(run.prompt, **run.stream_kw) as events:
+                for ev in events:
+                    if not run.on_event(ev):
+                        break  # leaving the loop closes the stream: the model is free for the next request
+        except Exception as e:
+            run.error(e)
             return
-        except _StopHit:
-            g = None
-        except Error as e:  # requests were validated up front, so what is left is on our side (e.g. memory)
-            job.put("error", ApiError(500, str(e), type="server_error"))
-            return
-        elapsed = time.perf_counter() - t0
-        if g is not None and p.get("template") is not None:  # the filled template, whatever its length
-            delta = text.text = text.sent = g.holes[0] if p.get("infill") else g.text
-            text.tokens = g.tokens
-            eos = True
-            canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
-            timings = {k: round(v, 3) for k, v in vars(g.timings).items()}
-            canvas_steps = [c.steps for c in g.canvases]
-        elif g is not None:
-            delta = text.update(g.tokens, final=True)
-            eos = g.canvases[-1].eos and len(g.tokens) <= p["max_tokens"]  # not when max_tokens cut it off
-            canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in g.canvases]
-            timings = {k: round(v, 3) for k, v in vars(g.timings).items()}
-            canvas_steps = [c.steps for c in g.canvases]
-        else:  # ended early on a stop sequence: the library's timings are lost with it, so measure our own
-            delta = text.update(committed, final=True)
-            eos = False
-            budget = p["sampler"]["steps"] or m.hparams.steps
-            canvases = [{"steps": s, "stopped_early": s < budget, "eos": False} for s in canvas_steps]
-            timings = {"prefill_ms": None, "step_ms": round(1e3 * elapsed / max(sum(canvas_steps), 1), 3),
-                       "tokens_per_s": round(len(committed) / elapsed, 3) if elapsed > 0 else 0.0,
-                       "forward_ms": None, "host_ms": None}
-        send(delta, True)
-        n_out = len(text.tokens)
-        self.metrics.observe(canvas_steps, timings["step_ms"], len(job.ids), n_out, timings["tokens_per_s"])
-        finish = "stop" if (eos or text.hit_stop) else "length"
-        message = None
-        if chat is not None:
-            message = {"role": "assistant", "content": parsed.content}
-            if parsed.thinking:
-                message["reasoning_content"] = parsed.thinking
-            if parsed.calls:
-                message["tool_calls"] = [c.to_dict() for c in parsed.calls]
-                message["content"] = parsed.content if parsed.content.strip() else None
-                finish = "tool_calls"
-        job.put("done", {
-            "text": text.text,
-            "message": message,
-            "finish_reason": finish,
-            "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
-                      "total_tokens": len(job.ids) + n_out},
-            "diffusion": {"seed": p["seed"], "canvases": canvases, "timings": timings,
-                          "elapsed_ms": round(1e3 * elapsed, 3)},
-        })
+        run.finish(events.generation, shutting_down=self._closing)
 
 
 # ---- the HTTP app ------------------------------------------------------------------------------------------
