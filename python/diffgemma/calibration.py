@@ -30,6 +30,7 @@ from .errors import Error
 from .generation import resolve_seed
 from .graph import Ctx, Graphs
 from .kv import F16, PromptKV
+from .weights import ModelWeights
 
 _lib, _ffi = B.lib, B.ffi
 _OBSERVED_PREFIXES = (b"blk.", b"self_cond_")
@@ -186,8 +187,8 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
         sc_state = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
-        scalars = {n: 1.0 for n in w if n.endswith("layer_output_scale.weight")}
-        return expected_weights(Graphs(w, hp, False, 1.0, scalars), kv, hp.canvas_length, embd_t, sc_state)
+        graphs = Graphs(ModelWeights.build(hp, w, lambda name: 1.0), hp, False, 1.0)
+        return expected_weights(graphs, kv, hp.canvas_length, embd_t, sc_state)
     finally:
         kv.free()
         _lib.ggml_free(ctx)

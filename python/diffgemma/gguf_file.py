@@ -138,7 +138,7 @@ def validate(gf: GGUFFile) -> layout.HParams:
     toks = gf.metadata.get("tokenizer.ggml.tokens")
     if isinstance(toks, list) and len(toks) != hp.n_vocab:
         problems.append(f"tokenizer has {len(toks)} tokens but token_embd has {hp.n_vocab} rows")
-    fused = "blk.0.ffn_gate_exps.weight" not in gf.tensors
+    fused = layout.fused_gate_up(gf.tensors)
     expected = layout.tensor_specs(hp, fused_gate_up=fused)
     names = {s.name for s in expected}
     for spec in expected:

@@ -6,6 +6,10 @@ Two passes share one set of weights (see ../shared/spec/model.md):
 - `decode`: bidirectional pass over a canvas that reads the store (global layers: every committed key;
   sliding layers: the last W-1), with the self-conditioning input path and soft-capped logits.
 Shapes are in ggml order: activations are [features, tokens].
+
+Nodes are named as llama.cpp's `cb(cur, name, il)` names them ("attn_norm-3", "attn_out-3", "l_out-3"), and
+every weight product after its weight ("attn_q-3", "ffn_gate_up_exps-3", "self_cond_gate"; see
+weights.product_name), so the profiler and the imatrix collector find nodes by name.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from . import binding as B
 from .kv import PromptKV
 from .layout import HParams
+from .weights import ModelWeights, product_name
 
 _lib, _ffi = B.lib, B.ffi
 F32, F16, I32 = 0, 1, 26
@@ -57,6 +62,22 @@ class Ctx:
         return lambda *args: fn(ctx, *args)
 
 
+def named(t: Any, name: str, il: int = -1) -> Any:
+    """Name node t "<name>-<il>" inside layer il, "<name>" outside the layers (llama.cpp's scheme)."""
+    _lib.ggml_set_name(t, (name if il < 0 else f"{name}-{il}").encode())
+    return t
+
+
+def product(g: Ctx, w: Any, x: Any) -> Any:
+    """w x, the node named after the weight w (weights.product_name)."""
+    return named(g.mul_mat(w, x), product_name(_ffi.string(w.name).decode()))
+
+
+def product_id(g: Ctx, w: Any, x: Any, ids: Any) -> Any:
+    """The experts' product (ggml_mul_mat_id) of w chosen by ids, named after w."""
+    return named(g.mul_mat_id(w, x, ids), product_name(_ffi.string(w.name).decode()))
+
+
 def rms(g: Ctx, x: Any, eps: float, w: Any = None) -> Any:
     """RMS norm over ne0, weight used as is (x * w, not x * (1 + w))."""
     y = g.rms_norm(x, eps)
@@ -84,7 +105,7 @@ def mul_scalar(g: Ctx, x: Any, s: Any) -> Any:
 
 
 def mlp(g: Ctx, x: Any, gate: Any, up: Any, down: Any) -> Any:
-    return g.mul_mat(down, g.mul(gelu_tanh(g, g.mul_mat(gate, x)), g.mul_mat(up, x)))
+    return product(g, down, g.mul(gelu_tanh(g, product(g, gate, x)), product(g, up, x)))
 
 
 def attention(g: Ctx, q: Any, k: Any, v: Any, mask: Any, flash: bool) -> Any:
@@ -105,67 +126,67 @@ def attention(g: Ctx, q: Any, k: Any, v: Any, mask: Any, flash: bool) -> Any:
 
 
 class Graphs:
-    """Builds the encoder and decoder graphs of one model (weights by GGUF name, hyper-parameters)."""
+    """Builds the encoder and decoder graphs of one model (its weight records, hyper-parameters)."""
 
-    def __init__(self, w: dict[str, Any], hp: HParams, flash: bool, embd_scale: float, scalars: dict[str, float]):
-        """scalars: the per-layer output scalars by weight name, read on the host (graph constants)."""
-        self.w, self.hp, self.flash, self.embd_scale, self.scalars = w, hp, flash, embd_scale, scalars
+    def __init__(self, w: ModelWeights, hp: HParams, flash: bool, embd_scale: float):
+        self.w, self.hp, self.flash, self.embd_scale = w, hp, flash, embd_scale
 
     def _qkv(self, g: Ctx, il: int, a: Any, pos: Any, n: int) -> tuple[Any, Any, Any]:
         """Projected, normed and roped q, k and normed v of one layer: [d, heads, n]."""
-        hp, w, p = self.hp, self.w, f"blk.{il}."
+        hp, L = self.hp, self.w.layers[il]
         d, n_kv = hp.layer_head_dim(il), hp.n_head_kv[il]
         swa = hp.is_swa(il)
-        q = g.reshape_3d(g.mul_mat(w[p + "attn_q.weight"], a), d, hp.n_head, n)
-        k_raw = g.reshape_3d(g.mul_mat(w[p + "attn_k.weight"], a), d, n_kv, n)
+        q = g.reshape_3d(product(g, L.attn_q, a), d, hp.n_head, n)
+        k_raw = g.reshape_3d(product(g, L.attn_k, a), d, n_kv, n)
         # Global layers have no v_proj: V is the raw K projection (before k_norm and RoPE).
-        v_raw = g.reshape_3d(g.mul_mat(w[p + "attn_v.weight"], a), d, n_kv, n) if swa else k_raw
-        q = rms(g, q, hp.rms_eps, w[p + "attn_q_norm.weight"])
-        k = rms(g, k_raw, hp.rms_eps, w[p + "attn_k_norm.weight"])
-        freqs = _ffi.NULL if swa else w["rope_freqs.weight"]  # proportional RoPE: pairs past n_rot frozen
+        v_raw = k_raw if L.attn_v is None else g.reshape_3d(product(g, L.attn_v, a), d, n_kv, n)
+        q = named(rms(g, q, hp.rms_eps, L.attn_q_norm), "Qcur_normed", il)
+        k = named(rms(g, k_raw, hp.rms_eps, L.attn_k_norm), "Kcur_normed", il)
+        freqs = _ffi.NULL if swa else self.w.rope_freqs  # proportional RoPE: pairs past n_rot frozen
         base = hp.rope_base_swa if swa else hp.rope_base
-        q = g.rope_ext(q, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
-        k = g.rope_ext(k, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0)
-        v = rms(g, v_raw, hp.rms_eps)
+        q = named(g.rope_ext(q, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0), "Qcur_pos", il)
+        k = named(g.rope_ext(k, pos, freqs, d, B.GGML_ROPE_TYPE_NEOX, 0, base, 1.0, 0.0, 1.0, 0.0, 0.0), "Kcur_pos", il)
+        v = named(rms(g, v_raw, hp.rms_eps), "Vcur_normed", il)
         return q, k, v
 
     def _ffn(self, g: Ctx, il: int, h1: Any, n: int) -> Any:
         """Dense MLP + MoE, both from h1, each with its own pre/post norms; returns their normed sum."""
-        hp, w, p = self.hp, self.w, f"blk.{il}."
+        hp, L = self.hp, self.w.layers[il]
         eps = hp.rms_eps
-        dense = mlp(g, rms(g, h1, eps, w[p + "ffn_norm.weight"]),
-                    w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"])
-        dense = rms(g, dense, eps, w[p + "post_ffw_norm_1.weight"])
+        dense = mlp(g, named(rms(g, h1, eps, L.ffn_norm), "ffn_norm_1", il), L.ffn_gate, L.ffn_up, L.ffn_down)
+        dense = named(rms(g, dense, eps, L.post_ffw_norm_1), "ffn_mlp", il)
 
         # Router on the raw residual: softmax over all experts, top-k, renormalise, then per-expert scale.
-        r = g.scale(g.mul(g.rms_norm(h1, eps), w[p + "ffn_gate_inp.scale"]), hp.n_embd ** -0.5)
-        probs = g.soft_max(g.mul_mat(w[p + "ffn_gate_inp.weight"], r))  # [E, n]
+        r = g.scale(g.mul(g.rms_norm(h1, eps), L.ffn_gate_inp_scale), hp.n_embd ** -0.5)
+        probs = named(g.soft_max(product(g, L.ffn_gate_inp, r)), "ffn_moe_probs", il)  # [E, n]
         k = hp.n_expert_used
-        ids = g.cont(g.argsort_top_k(probs, k))  # [k, n]; contiguous so the imatrix collector can read it
-        wts = g.get_rows(g.reshape_3d(probs, 1, hp.n_expert, n), ids)  # [1, k, n]
-        wts = g.div(wts, g.reshape_3d(g.sum_rows(g.reshape_2d(wts, k, n)), 1, 1, n))
+        # [k, n]; contiguous so the imatrix collector can read it
+        ids = named(g.cont(g.argsort_top_k(probs, k)), "ffn_moe_topk", il)
+        wts = named(g.get_rows(g.reshape_3d(probs, 1, hp.n_expert, n), ids), "ffn_moe_weights", il)  # [1, k, n]
+        wts = named(g.div(wts, g.reshape_3d(g.sum_rows(g.reshape_2d(wts, k, n)), 1, 1, n)), "ffn_moe_weights_norm", il)
         flat_ids = g.reshape_1d(ids, k * n)
-        scale = g.get_rows(g.reshape_2d(w[p + "ffn_down_exps.scale"], 1, hp.n_expert), flat_ids)
-        wts = g.mul(wts, g.reshape_3d(scale, 1, k, n))
+        scale = g.get_rows(g.reshape_2d(L.ffn_down_exps_scale, 1, hp.n_expert), flat_ids)
+        wts = named(g.mul(wts, g.reshape_3d(scale, 1, k, n)), "ffn_moe_weights_scaled", il)
 
-        x = g.reshape_3d(rms(g, h1, eps, w[p + "pre_ffw_norm_2.weight"]), hp.n_embd, 1, n)
+        x = g.reshape_3d(named(rms(g, h1, eps, L.pre_ffw_norm_2), "ffn_norm_2", il), hp.n_embd, 1, n)
         fe = hp.n_ff_exp
-        if p + "ffn_gate_up_exps.weight" in w:
-            gu = g.mul_mat_id(w[p + "ffn_gate_up_exps.weight"], x, ids)  # [2*fe, k, n]: gate rows, then up rows
+        if L.ffn_gate_up_exps is not None:
+            gu = product_id(g, L.ffn_gate_up_exps, x, ids)  # [2*fe, k, n]: gate rows, then up rows
             gate = g.view_3d(gu, fe, k, n, gu.nb[1], gu.nb[2], 0)
             up = g.view_3d(gu, fe, k, n, gu.nb[1], gu.nb[2], fe * gu.nb[0])
         else:
-            gate = g.mul_mat_id(w[p + "ffn_gate_exps.weight"], x, ids)
-            up = g.mul_mat_id(w[p + "ffn_up_exps.weight"], x, ids)
+            gate = product_id(g, L.ffn_gate_exps, x, ids)
+            up = product_id(g, L.ffn_up_exps, x, ids)
         # Routing weights scale the down projection's input (linear, so the same as scaling its output): a
         # row-broadcast multiply costs per element on the CPU backend, and fe < H elements are fewer.
-        act = g.mul(g.mul(gelu_tanh(g, g.cont(gate)), up), wts)
-        experts = g.mul_mat_id(w[p + "ffn_down_exps.weight"], act, ids)  # [H, k, n]
+        act = named(g.mul(g.mul(gelu_tanh(g, g.cont(gate)), up), wts), "ffn_moe_weighted", il)
+        experts = product_id(g, L.ffn_down_exps, act, ids)  # [H, k, n]
         moe = g.view_2d(experts, hp.n_embd, n, experts.nb[2], 0)
         for j in range(1, k):
             moe = g.add(moe, g.view_2d(experts, hp.n_embd, n, experts.nb[2], j * experts.nb[1]))
-        moe = rms(g, moe, eps, w[p + "post_ffw_norm_2.weight"])
-        return rms(g, g.add(dense, moe), eps, w[p + "post_ffw_norm.weight"])
+        moe = named(rms(g, moe, eps, L.post_ffw_norm_2), "ffn_moe", il)
+        both = named(g.add(dense, moe), "ffn_moe_combined", il)
+        return named(rms(g, both, eps, L.post_ffw_norm), "ffn_post_norm", il)
 
     def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any) -> tuple[Any, Any]:
         """Write the n new K/V of layer il into the store's slots after the committed tokens (a ring write may
@@ -195,32 +216,32 @@ class Graphs:
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
         masks = {kind: self._mask_input(g, kind, kv, n) for kind in ("swa", "full")}
-        h = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
+        h = named(g.scale(g.get_rows(w.token_embd, ids), self.embd_scale), "inp_scaled")
         extra = {}
         if images:  # image rows take the tower's embeddings as they are (no embedding scale)
             extra = {"text_keep": g.input("text_keep", F32, 1, n),
                      "image_embd": g.input("image_embd", F32, hp.n_embd, n)}
             h = g.add(g.mul(h, extra["text_keep"]), extra["image_embd"])
-        for il in range(hp.n_layer):
-            p = f"blk.{il}."
-            a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
+        for il, L in enumerate(w.layers):
+            a = named(rms(g, h, hp.rms_eps, L.attn_norm), "attn_norm", il)
             q, k, v = self._qkv(g, il, a, pos, n)
             k, v = self._store_and_read(g, kv, il, k, v)
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
             mask = masks["swa" if hp.is_swa(il) else "full"]
-            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
-            h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
-            h = g.scale(g.add(h1, self._ffn(g, il, h1, n)), self.scalars[p + "enc_layer_output_scale.weight"])
+            o = product(g, L.attn_output, named(attention(g, q, k, v, mask, self.flash), "kqv_out", il))
+            h1 = named(g.add(h, named(rms(g, o, hp.rms_eps, L.post_attention_norm), "attn_post_norm", il)),
+                       "attn_out", il)
+            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, n)), L.enc_layer_output_scale), "l_out", il)
         return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}, **extra}
 
     def self_cond(self, g: Ctx, sc_probs: Any, embd_t: Any) -> Any:
         """MLP_sc(pre_norm(softmax(prev scaled logits) . E . s_e)): [V, L] -> [H, L]. sc_probs holds that
         softmax already (the previous step's sampling computed it), in E^T's type."""
         w, hp = self.w, self.hp
-        soft = g.scale(g.mul_mat(embd_t, sc_probs), self.embd_scale)  # embd_t is E^T [V, H]
-        soft = rms(g, soft, hp.rms_eps, w["self_cond_pre_norm.weight"])
-        return mlp(g, soft, w["self_cond_gate.weight"], w["self_cond_up.weight"], w["self_cond_down.weight"])
+        soft = g.scale(product(g, embd_t, sc_probs), self.embd_scale)  # embd_t is E^T [V, H]
+        soft = named(rms(g, soft, hp.rms_eps, w.self_cond_pre_norm), "self_cond_in")
+        return mlp(g, soft, w.self_cond_gate, w.self_cond_up, w.self_cond_down)
 
     def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any, sc_state: Any, vocab_bias: Any = None
                ) -> dict[str, Any]:
@@ -242,22 +263,22 @@ class Graphs:
         inv_temp = g.input("inv_temp", F32, 1)
         uniform = g.input("uniform", F32, 1, L)
         mask_swa = self._mask_input(g, "swa", kv, L)
-        hard = g.scale(g.get_rows(w["token_embd.weight"], ids), self.embd_scale)
-        sc = mul_scalar(g, self.self_cond(g, sc_state, embd_t), sc_gate)
-        h = g.rms_norm(g.add(hard, sc), hp.rms_eps)  # self_conditioning.post_norm has no weight
-        for il in range(hp.n_layer):
-            p = f"blk.{il}."
-            a = rms(g, h, hp.rms_eps, w[p + "attn_norm.weight"])
+        hard = named(g.scale(g.get_rows(w.token_embd, ids), self.embd_scale), "inp_scaled")
+        sc = named(mul_scalar(g, self.self_cond(g, sc_state, embd_t), sc_gate), "self_cond_out")
+        h = named(g.rms_norm(g.add(hard, sc), hp.rms_eps), "inp_embd")  # self_conditioning.post_norm has no weight
+        for il, Lw in enumerate(w.layers):
+            a = named(rms(g, h, hp.rms_eps, Lw.attn_norm), "attn_norm", il)
             q, k, v = self._qkv(g, il, a, pos, L)
             k, v = self._store_and_read(g, kv, il, k, v)
             # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
             # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
             mask = mask_swa if hp.is_swa(il) else _ffi.NULL
-            o = g.mul_mat(w[p + "attn_output.weight"], attention(g, q, k, v, mask, self.flash))
-            h1 = g.add(h, rms(g, o, hp.rms_eps, w[p + "post_attention_norm.weight"]))
-            h = g.scale(g.add(h1, self._ffn(g, il, h1, L)), self.scalars[p + "layer_output_scale.weight"])
-        h = rms(g, h, hp.rms_eps, w["output_norm.weight"])
-        logits = g.mul_mat(w["token_embd.weight"], h)  # tied LM head
+            o = product(g, Lw.attn_output, named(attention(g, q, k, v, mask, self.flash), "kqv_out", il))
+            h1 = named(g.add(h, named(rms(g, o, hp.rms_eps, Lw.post_attention_norm), "attn_post_norm", il)),
+                       "attn_out", il)
+            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, L)), Lw.layer_output_scale), "l_out", il)
+        h = named(rms(g, h, hp.rms_eps, w.output_norm), "result_norm")
+        logits = product(g, w.token_embd, h)  # tied LM head
         logits = softcap(g, logits, hp.softcap)
         g.output(logits, "logits")
         io = {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,

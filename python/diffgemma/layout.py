@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .errors import GGUFError
@@ -295,3 +295,8 @@ def check_hparams_or_raise(hp: HParams) -> HParams:
     if problems:
         raise GGUFError("invalid hyper-parameters:\n  " + "\n  ".join(problems))
     return hp
+
+
+def fused_gate_up(names: Iterable[str]) -> bool:
+    """Whether a file stores the experts' gate and up fused (ffn_gate_up_exps, as published) or split."""
+    return "blk.0.ffn_gate_exps.weight" not in names

@@ -25,6 +25,7 @@ from .generation import infill as _infill
 from .generation import stream as _stream
 from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
 from .tokenizer import Tokenizer
+from .weights import ModelWeights
 
 _lib, _ffi = B.lib, B.ffi
 GRAPH_NODES = 32768
@@ -82,11 +83,7 @@ class Model:
         # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
         if self._file.tensors["token_embd.weight"].type == int(QT.BF16):
             scale = _bf16_round(scale)
-        # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
-        # on the CPU backend, ggml_scale is vectorized.
-        scalars = {n: float(self._host_array(n)[0]) for n in self._file.tensors
-                   if n.endswith("layer_output_scale.weight")}
-        self._graphs = Graphs(self.weights, hp, self.flash, scale, scalars)
+        self._graphs = Graphs(self.weights, hp, self.flash, scale)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._alloc_prompt_kv(n_ctx)
         self._image_cache: dict[tuple, np.ndarray] = {}
@@ -133,12 +130,13 @@ class Model:
         return ctx
 
     def _load_weights(self) -> None:
-        """Memory-map the file; CPU weights point into the mapping (no copy), GPU weights are uploaded."""
+        """Memory-map the file; CPU weights point into the mapping (no copy), GPU weights are uploaded; then the
+        typed records (weights.ModelWeights) over those tensors."""
         infos = list(self._file.tensors.values())
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base = _ffi.from_buffer(self._mmap)
-        self.weights: dict[str, Any] = {}
+        tensors: dict[str, Any] = {}
         groups = {False: [], True: []}
         for info in infos:
             groups[self._on_gpu(info.name)].append(info)
@@ -148,8 +146,11 @@ class Model:
             ctx = self._new_ctx(len(group))
             weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
                                          oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers")
-            self.weights.update(weights)
+            tensors.update(weights)
             self._bufs.append(buf)
+        # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
+        # on the CPU backend, ggml_scale is vectorized.
+        self.weights = ModelWeights.build(self.hparams, tensors, lambda name: float(self._host_array(name)[0]))
 
     def _load_vision(self, path: str | os.PathLike) -> Any:
         """The image tower of an mmproj file, on the same devices as the text weights."""

@@ -319,7 +319,7 @@ def _choose(gf: gguf_file.GGUFFile, hp: layout.HParams, out_names: dict[str, str
             has_imatrix: bool) -> list[_Plan]:
     """Each kept tensor's output type: norms, scales and the router keep theirs (llama.cpp never quantizes
     them); matrices follow the file type's mixture or the first matching rule."""
-    fused = "blk.0.ffn_gate_exps.weight" not in gf.tensors
+    fused = layout.fused_gate_up(gf.tensors)
     roles = {s.name: s.role for s in layout.tensor_specs(hp, fused_gate_up=fused)}
     kept = [info for info in gf.tensors.values() if info.name in out_names]
     matrices = [info for info in kept if roles[info.name] in (layout.MATRIX, layout.EMBED)]
