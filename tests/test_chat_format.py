@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from diffgemma import Error, ToolCall, parse_chat_output
+from diffgemma import Error, ToolCall, chat_format, parse_chat_output
 from diffgemma.chat import render
 from diffgemma.chat_format import OutputStream, check_tool_choice, check_tools, forced_prefix, format_value, parse_call
 
@@ -66,6 +66,16 @@ def test_fallback_plain_messages_and_thinking_switches():
     assert render(None, msgs, enable_thinking=False).endswith("<|turn>model\n<|channel>thought\n<channel|>")
     old = [*msgs, {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Hello."}, *msgs]
     assert "hmm" not in render(None, old)  # thoughts of earlier answers are not carried
+
+
+def test_the_plain_template_is_the_fallback_format():
+    """chat_format.PLAIN_TEMPLATE (the template tiny test files store) renders plain messages exactly as the
+    built-in fallback does: one format, written once."""
+    msgs = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "more\n"}]
+    for gen in (True, False):
+        plain = render(chat_format.PLAIN_TEMPLATE, msgs, add_generation_prompt=gen)
+        assert plain == render(None, msgs, add_generation_prompt=gen)
 
 
 def test_a_tool_message_needs_a_call_before_it():

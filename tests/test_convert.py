@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from diffgemma import converter as conv
-from diffgemma import layout
+from diffgemma import gguf_file, layout
 from diffgemma.errors import Error, GGUFError
 
 Q = gguf.GGMLQuantizationType
+T = gguf.TokenType
 
 # The tiny model of hf_reference with its defaults, written out by hand (independently of the converter).
 EXPECTED_HP = layout.HParams(
@@ -216,11 +217,11 @@ def test_tokenizer_metadata(hf_tiny: dict[str, Any]) -> None:
     types = md["tokenizer.ggml.token_type"]
     assert len(types) == len(md["tokenizer.ggml.scores"]) == 512
     for i in range(len(ref.SPECIAL_TOKENS)):
-        assert types[i] == (conv.TOKEN_UNKNOWN if i == ref.UNK_ID else conv.TOKEN_CONTROL), i
-    assert types[ref.USER_TOKEN_ID] == conv.TOKEN_USER_DEFINED
-    assert all(types[ref.BYTE_TOKEN_BASE + b] == conv.TOKEN_BYTE for b in range(256))
+        assert types[i] == (T.UNKNOWN if i == ref.UNK_ID else T.CONTROL), i
+    assert types[ref.USER_TOKEN_ID] == T.USER_DEFINED
+    assert all(types[ref.BYTE_TOKEN_BASE + b] == T.BYTE for b in range(256))
     assert tokens[ref.BYTE_TOKEN_BASE + 0x41] == "<0x41>"
-    assert set(types[ref.BYTE_TOKEN_BASE + 256:]) == {conv.TOKEN_NORMAL}
+    assert set(types[ref.BYTE_TOKEN_BASE + 256:]) == {T.NORMAL}
     tj = json.loads((hf_tiny["dir"] / "tokenizer.json").read_text())
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     assert md["tokenizer.ggml.merges"] == merges and len(merges) > 100
@@ -241,7 +242,7 @@ def test_read_tokenizer_pads_and_rejects(hf_tiny: dict[str, Any]) -> None:
     assert len(data.tokens) == len(data.token_types) == len(data.scores) == 520
     assert data.tokens[ref.USER_TOKEN_ID] == "<unused0>"
     assert data.tokens[512:] == [f"<unused{i}>" for i in range(1, 9)]  # names never collide
-    assert set(data.token_types[512:]) == {conv.TOKEN_USER_DEFINED}
+    assert set(data.token_types[512:]) == {T.USER_DEFINED}
     with pytest.raises(Error, match="vocab_size is 500"):
         conv.read_tokenizer(hf_tiny["dir"], 500)
 
@@ -403,13 +404,21 @@ def test_bf16_checkpoint(tmp_path: Path) -> None:
             np.testing.assert_array_equal(np_data(t16), want)
 
 
-def test_f32_to_bf16_rounding() -> None:
+def test_bf16_codec() -> None:
+    """The one bf16 codec (gguf_file): torch's rounding, ggml's quiet NaNs (bit for bit what gguf.quants writes,
+    which the tiny-model and mmproj writers used before), and an exact decode."""
     x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.4e38, np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-40],
                  dtype=np.float32)
+    x = np.concatenate([x, np.random.default_rng(0).standard_normal(4096, dtype=np.float32)])
     want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    got = conv.f32_to_bf16_bits(x)
+    got = gguf_file.f32_to_bf16_bits(x)
     np.testing.assert_array_equal(got[~np.isnan(x)], want[~np.isnan(x)])
-    assert np.isnan((got[np.isnan(x)].astype(np.uint32) << 16).view(np.float32)).all()
+    np.testing.assert_array_equal(got, gguf.quants.quantize(x, Q.BF16).view(np.uint16))
+    np.testing.assert_array_equal(gguf_file.encode(x, Q.BF16), got)
+    back = gguf_file.bf16_bits_to_f32(got)
+    assert back.dtype == np.float32 and np.isnan(back[np.isnan(x)]).all()
+    np.testing.assert_array_equal(back[~np.isnan(x)], torch.from_numpy(want.view(np.int16)).view(torch.bfloat16)
+                                  .float().numpy()[~np.isnan(x)])
 
 
 def test_output_directory_and_progress(hf_tiny: dict[str, Any], tmp_path: Path) -> None:

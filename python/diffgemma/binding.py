@@ -13,6 +13,7 @@ import pathlib
 import threading
 
 import cffi
+from gguf import GGMLQuantizationType as QT
 
 from .errors import Error
 
@@ -310,15 +311,15 @@ int32_t llama_detokenize(const struct llama_vocab * vocab, const llama_token * t
                          int32_t text_len_max, bool remove_special, bool unparse_special);
 """
 
-# ggml enum values used by the rest of the package (from ggml.h / ggml-backend.h / gguf.h).
+# ggml enum values used by the rest of the package (from ggml.h / ggml-backend.h; tensor and GGUF value types
+# come from the gguf package's enums: GGMLQuantizationType, GGUFValueType).
 GGML_ROPE_TYPE_NEOX = 2
 GGML_PREC_F32 = 10
 GGML_BACKEND_BUFFER_USAGE_WEIGHTS = 1
 DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
-GGUF_TYPE_UINT8, GGUF_TYPE_INT8, GGUF_TYPE_UINT16, GGUF_TYPE_INT16 = 0, 1, 2, 3
-GGUF_TYPE_UINT32, GGUF_TYPE_INT32, GGUF_TYPE_FLOAT32, GGUF_TYPE_BOOL = 4, 5, 6, 7
-GGUF_TYPE_STRING, GGUF_TYPE_ARRAY, GGUF_TYPE_UINT64, GGUF_TYPE_INT64, GGUF_TYPE_FLOAT64 = 8, 9, 10, 11, 12
 GGML_TYPE_COUNT = 43
+# The tensor types graphs and buffers are built with, as the plain ints ggml's C calls take.
+F32, F16, BF16, I32 = int(QT.F32), int(QT.F16), int(QT.BF16), int(QT.I32)
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object): offs, size, next, type + padding
 
 ffi = cffi.FFI()

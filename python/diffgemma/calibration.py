@@ -29,7 +29,7 @@ from . import imatrix_file, outputs, sampler
 from .errors import Error
 from .generation import resolve_seed
 from .graph import Ctx, Graphs
-from .kv import F16, PromptKV
+from .kv import PromptKV
 from .weights import ModelWeights
 
 _lib, _ffi = B.lib, B.ffi
@@ -56,7 +56,7 @@ def _read(t: Any, dtype: Any = np.float32) -> np.ndarray:
     ne = [int(t.ne[i]) for i in range(4)]
     out = np.empty(ne[::-1], dtype=dtype)
     isz = out.itemsize
-    if t.type != {np.float32: 0, np.int32: 26}[dtype] or not (
+    if t.type != {np.float32: B.F32, np.int32: B.I32}[dtype] or not (
             t.nb[0] == isz and t.nb[1] == isz * ne[0] and t.nb[2] == t.nb[1] * ne[1] and t.nb[3] == t.nb[2] * ne[2]):
         raise Error(f"imatrix: cannot read {_ffi.string(t.name).decode()} (type {t.type}, not contiguous?)")
     _lib.ggml_backend_tensor_get(t, _ffi.from_buffer(out), 0, out.nbytes)
@@ -175,7 +175,7 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
     gf = gguf_file.read(path)
     hp = gguf_file.validate(gf)
     ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(gf.tensors) + 8))
-    kv = PromptKV(hp, n_ctx=2 * hp.canvas_length + 8, room=hp.canvas_length, ttype=F16, buffer_type=None)
+    kv = PromptKV(hp, n_ctx=2 * hp.canvas_length + 8, room=hp.canvas_length, ttype=B.F16, buffer_type=None)
     try:
         w = {}
         for info in gf.tensors.values():
@@ -184,8 +184,8 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
             _lib.ggml_set_name(t, info.name.encode())
             w[info.name] = t
         kv.n = 4
-        embd_t = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.n_embd)
-        sc_state = _lib.ggml_new_tensor_2d(ctx, 1, hp.n_vocab, hp.canvas_length)
+        embd_t = _lib.ggml_new_tensor_2d(ctx, B.F16, hp.n_vocab, hp.n_embd)
+        sc_state = _lib.ggml_new_tensor_2d(ctx, B.F16, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
         graphs = Graphs(ModelWeights.build(hp, w, lambda name: 1.0), hp, False, 1.0)
         return expected_weights(graphs, kv, hp.canvas_length, embd_t, sc_state)

@@ -33,6 +33,13 @@ QUOTE = '<|"|>'  # Gemma 4's string delimiter (no escapes inside)
 THINK = "<|think|>"  # in the system turn: thinking on
 THOUGHT = "thought"  # the channel the model thinks in
 
+# render()'s plain turn format as a Hugging Face chat template (what files made by diffgemma.testing store).
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}" + TURN + "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] | trim }}" + TURN_END + "\n{% endfor %}{% if add_generation_prompt %}" + TURN + "model\n"
+    "{% endif %}"
+)
+
 # Control tokens that generated text keeps for parsing (detokenize drops control tokens otherwise).
 OUTPUT_MARKERS = (CALL, CALL_END, CHANNEL, CHANNEL_END, QUOTE, RESPONSE)
 

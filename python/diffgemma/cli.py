@@ -573,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma on ggml: generate, quantize, "
                                 "calibrate and inspect block-diffusion models.")
     from . import __version__
+    from .converter import OUTTYPES
 
     p.add_argument("--version", action="version", version=f"diffgemma {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -691,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="Hugging Face DiffusionGemma checkpoint -> GGUF")
     s.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     s.add_argument("out", help="the GGUF to write, or a directory (named after the checkpoint)")
-    s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
+    s.add_argument("--outtype", choices=list(OUTTYPES), default="bf16",
                    help="type of the matrices (default bf16; norms and the router stay f32)")
     s.add_argument("--mmproj", default=None, metavar="OUT", help="also write the vision tower (gemma4v mmproj)")
     s.add_argument("--force", action="store_true", help="replace an existing output (and --mmproj)")

@@ -29,26 +29,17 @@ from typing import Any
 
 import gguf
 import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import TokenType
 
-from . import layout, outputs
+from . import ftypes, gguf_file, layout, outputs
 from .errors import Error, GGUFError
 
 HF_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 
 # outtype → (ggml type of the matrices, llama ftype written as general.file_type)
-OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, int]] = {
-    "f32": (gguf.GGMLQuantizationType.F32, 0),
-    "f16": (gguf.GGMLQuantizationType.F16, 1),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, 7),
-    "bf16": (gguf.GGMLQuantizationType.BF16, 32),
-}
-
-# Token types of `tokenizer.ggml.token_type` (llama.cpp's llama_token_type).
-TOKEN_NORMAL = 1
-TOKEN_UNKNOWN = 2
-TOKEN_CONTROL = 3
-TOKEN_USER_DEFINED = 4
-TOKEN_BYTE = 6
+OUTTYPES: dict[str, tuple[QT, int]] = {n: (QT[n.upper()], ftypes.FILE_TYPES[n].ftype)
+                                       for n in ("f32", "f16", "bf16", "q8_0")}
 
 _CONTROL_SCORE = -1000.0  # score stored for control tokens (the published files do the same)
 _CHUNK_ELEMS = 1 << 23  # elements converted at once (32 MiB of float32)
@@ -489,18 +480,18 @@ def read_tokenizer(hf_dir: str | os.PathLike[str], n_vocab: int) -> TokenizerDat
         t = by_id.get(i)
         if t is None:
             tokens.append(placeholder())
-            types.append(TOKEN_USER_DEFINED)
+            types.append(TokenType.USER_DEFINED)
             continue
         tokens.append(t)
         if i in added:
-            types.append(TOKEN_CONTROL if added[i] else TOKEN_USER_DEFINED)
+            types.append(TokenType.CONTROL if added[i] else TokenType.USER_DEFINED)
         elif _BYTE_TOKEN.match(t):
-            types.append(TOKEN_BYTE)
+            types.append(TokenType.BYTE)
         else:
-            types.append(TOKEN_NORMAL)
+            types.append(TokenType.NORMAL)
     if unk_content is not None and unk_content in present:
-        types[tokens.index(unk_content)] = TOKEN_UNKNOWN
-    scores = [_CONTROL_SCORE if ty == TOKEN_CONTROL else 0.0 for ty in types]
+        types[tokens.index(unk_content)] = TokenType.UNKNOWN
+    scores = [_CONTROL_SCORE if ty == TokenType.CONTROL else 0.0 for ty in types]
 
     merges: list[str] = []
     for m in model.get("merges") or []:
@@ -673,61 +664,36 @@ class _Mapper:
 # ---- numeric conversion ------------------------------------------------------------------------------
 
 
-def _to_f32(a: np.ndarray[Any, Any], st_dtype: str) -> np.ndarray[Any, np.dtype[np.float32]]:
-    if st_dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
+def to_f32(a: np.ndarray[Any, Any], st_dtype: str) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """A safetensors array (BF16 given as raw uint16 bits) as float32."""
+    return gguf_file.bf16_bits_to_f32(a) if st_dtype == "BF16" else a.astype(np.float32)
 
 
-def f32_to_bf16_bits(x: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint16]]:
-    """float32 → bfloat16 bit patterns, rounding to nearest even (NaNs stay quiet NaNs)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bias = np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    rounded = ((u + bias) >> np.uint32(16)).astype(np.uint16)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    return rounded
-
-
-def _encode_rows(x: np.ndarray[Any, Any], qtype: gguf.GGMLQuantizationType) -> np.ndarray[Any, Any]:
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return x
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return x.astype(np.float16)
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        return f32_to_bf16_bits(x)
-    return gguf.quants.quantize(x, qtype)
-
-
-def _out_row(ne0: int, qtype: gguf.GGMLQuantizationType) -> tuple[int, np.dtype[Any]]:
+def _out_row(ne0: int, qtype: QT) -> tuple[int, np.dtype[Any]]:
     """(items per output row, numpy dtype of the output array)"""
-    if qtype == gguf.GGMLQuantizationType.F32:
+    if qtype == QT.F32:
         return ne0, np.dtype(np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
+    if qtype == QT.F16:
         return ne0, np.dtype(np.float16)
-    if qtype == gguf.GGMLQuantizationType.BF16:
+    if qtype == QT.BF16:
         return ne0, np.dtype(np.uint16)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return ne0 // block * size, np.dtype(np.uint8)
 
 
-def convert_array(
-    src: np.ndarray[Any, Any], st_dtype: str, qtype: gguf.GGMLQuantizationType
-) -> np.ndarray[Any, Any]:
+def convert_array(src: np.ndarray[Any, Any], st_dtype: str, qtype: QT) -> np.ndarray[Any, Any]:
     """Encode a source array (numpy order; BF16 given as raw uint16 bits) as `qtype`, row chunk by row chunk.
     Returns a 2-D array [rows, items per row] (bytes per row for block types)."""
     ne0 = src.shape[-1] if src.ndim else 1
     rows = src.reshape(-1, ne0)
-    same = {("F32", gguf.GGMLQuantizationType.F32), ("F16", gguf.GGMLQuantizationType.F16),
-            ("BF16", gguf.GGMLQuantizationType.BF16)}
+    same = {("F32", QT.F32), ("F16", QT.F16), ("BF16", QT.BF16)}
     if (st_dtype, qtype) in same:
         return rows  # stored bytes are already what the GGUF wants
     n_row, dtype = _out_row(ne0, qtype)
     out = np.empty((rows.shape[0], n_row), dtype=dtype)
     step = max(1, _CHUNK_ELEMS // max(ne0, 1))
     for i in range(0, rows.shape[0], step):
-        out[i:i + step] = _encode_rows(_to_f32(rows[i:i + step], st_dtype), qtype)
+        out[i:i + step] = gguf_file.encode(to_f32(rows[i:i + step], st_dtype), qtype)
     return out
 
 
@@ -737,7 +703,7 @@ def convert_array(
 @dataclasses.dataclass
 class _Planned:
     spec: layout.TensorSpec
-    qtype: gguf.GGMLQuantizationType
+    qtype: QT
     source: SourceTensor | None = None
     generated: np.ndarray[Any, Any] | None = None
 
@@ -767,12 +733,15 @@ def _source_candidates(spec: layout.TensorSpec) -> list[str]:
     return cands
 
 
-def _tensor_type(spec: layout.TensorSpec, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+def stored_type(spec: layout.TensorSpec, outtype: str) -> QT:
+    """The ggml type of a tensor in a file whose matrices are `outtype`: norms, scales and the router stay F32; a
+    matrix whose rows are not whole blocks of the outtype is stored F16."""
+    qtype = OUTTYPES[outtype][0]
     if spec.role in (layout.VECTOR, layout.ROUTER) or len(spec.shape) == 1:
-        return gguf.GGMLQuantizationType.F32
+        return QT.F32
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if spec.shape[0] % block:
-        return gguf.GGMLQuantizationType.F16
+        return QT.F16
     return qtype
 
 
@@ -781,13 +750,12 @@ def plan_tensors(
 ) -> list[_Planned]:
     """Match every tensor of the layout with its source, in layout order; raise GGUFError listing what is
     missing or misshapen."""
-    qtype = OUTTYPES[outtype][0]
     plans: list[_Planned] = []
     missing: list[str] = []
     mismatched: list[str] = []
     used: set[str] = set()
     for spec in layout.tensor_specs(hp):
-        p = _Planned(spec, _tensor_type(spec, qtype))
+        p = _Planned(spec, stored_type(spec, outtype))
         if spec.name == "rope_freqs.weight":
             p.generated = np.asarray(layout.rope_freq_factors(hp, partial_rotary_factor), dtype=np.float32)
             plans.append(p)
@@ -822,35 +790,10 @@ def plan_tensors(
 # ---- metadata ---------------------------------------------------------------------------------------
 
 
-def _add_kv(w: gguf.GGUFWriter, key: str, val: Any) -> None:
-    T = gguf.GGUFValueType
-    if isinstance(val, (np.generic,)):
-        val = val.item()
-    if isinstance(val, bool):
-        w.add_key_value(key, val, T.BOOL)
-    elif isinstance(val, int):
-        w.add_key_value(key, val, T.UINT32 if 0 <= val < 2**32 else T.INT64)
-    elif isinstance(val, float):
-        w.add_key_value(key, val, T.FLOAT32)
-    elif isinstance(val, str):
-        w.add_key_value(key, val, T.STRING)
-    elif isinstance(val, (list, tuple)):
-        if not val:
-            return
-        first = val[0]
-        sub = (T.BOOL if isinstance(first, bool) else T.INT32 if isinstance(first, int)
-               else T.FLOAT32 if isinstance(first, float) else T.STRING if isinstance(first, str) else None)
-        if sub is None:
-            raise Error(f"cannot store metadata {key}: unsupported array element {type(first).__name__}")
-        w.add_key_value(key, list(val), T.ARRAY, sub_type=sub)
-    else:
-        raise Error(f"cannot store metadata {key}: unsupported value {type(val).__name__}")
-
-
 def build_metadata(hp: layout.HParams, tok: TokenizerData, *, name: str, outtype: str) -> dict[str, Any]:
     """All key/values of the output file, in the order they are written."""
-    md: dict[str, Any] = {"general.name": name}
-    md.update({k: v for k, v in layout.hparams_to_metadata(hp).items() if k != "general.architecture"})
+    md: dict[str, Any] = {"general.architecture": layout.ARCH, "general.name": name}
+    md.update(layout.hparams_to_metadata(hp))
     md["general.file_type"] = OUTTYPES[outtype][1]
     md["general.quantization_version"] = gguf.GGML_QUANT_VERSION
     md.update(tok.metadata())
@@ -924,35 +867,16 @@ def convert(
 
 
 def _write(out_path: Path, metadata: Mapping[str, Any], plans: Sequence[_Planned], progress: bool) -> None:
+    """Stream the planned tensors, one at a time, into a complete file (or none: see gguf_file.Writer)."""
+    writer = gguf_file.Writer(out_path)
+    writer.set_all(metadata)
+    for p in plans:
+        writer.add_tensor(p.spec.name, p.spec.shape, p.qtype)
+    by_name = {p.spec.name: p for p in plans}
     mapper = _Mapper()
-    bar = None
+    bar = _progress(sum(p.nbytes for p in plans), progress, out_path.name)
     try:
-        with outputs.atomic(out_path) as tmp:
-            writer = gguf.GGUFWriter(tmp, layout.ARCH)
-            try:
-                for k, v in metadata.items():
-                    _add_kv(writer, k, v)
-                for p in plans:
-                    Q = gguf.GGMLQuantizationType
-                    if p.qtype in (Q.F32, Q.F16):
-                        dt = np.dtype(np.float32 if p.qtype == Q.F32 else np.float16)
-                        writer.add_tensor_info(p.spec.name, p.np_shape, dt, p.nbytes)
-                    elif p.qtype == Q.BF16:
-                        u16 = np.dtype(np.uint16)
-                        writer.add_tensor_info(p.spec.name, p.np_shape, u16, p.nbytes, raw_dtype=Q.BF16)
-                    else:
-                        shape = gguf.quant_shape_to_byte_shape(p.np_shape, p.qtype)
-                        writer.add_tensor_info(p.spec.name, shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.qtype)
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                bar = _progress(sum(p.nbytes for p in plans), progress, out_path.name)
-                for p in plans:
-                    writer.write_tensor_data(_encode(p, mapper))
-                    if bar is not None:
-                        bar.update(p.nbytes)
-            finally:
-                writer.close()
+        writer.write(lambda name: _encode(by_name[name], mapper), progress=None if bar is None else bar.update)
     except OSError as e:
         raise Error(f"writing {out_path} failed: {e.strerror or e}") from e
     finally:
@@ -962,7 +886,7 @@ def _write(out_path: Path, metadata: Mapping[str, Any], plans: Sequence[_Planned
 
 
 def _encode(p: _Planned, mapper: _Mapper) -> np.ndarray[Any, Any]:
-    """The bytes of one planned tensor, as an array ready for GGUFWriter.write_tensor_data."""
+    """The bytes of one planned tensor (an array in its stored type)."""
     if p.generated is not None:
         return convert_array(p.generated, "F32", p.qtype)
     assert p.source is not None

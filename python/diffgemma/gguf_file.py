@@ -9,6 +9,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType as VT
+from gguf import quants as gq
 
 from . import binding as B
 from . import layout, outputs
@@ -17,15 +20,42 @@ from .errors import GGUFError
 _ffi, _lib = B.ffi, B.lib
 
 _NUMPY_OF_GGUF = {
-    B.GGUF_TYPE_UINT8: np.uint8, B.GGUF_TYPE_INT8: np.int8, B.GGUF_TYPE_UINT16: np.uint16,
-    B.GGUF_TYPE_INT16: np.int16, B.GGUF_TYPE_UINT32: np.uint32, B.GGUF_TYPE_INT32: np.int32,
-    B.GGUF_TYPE_FLOAT32: np.float32, B.GGUF_TYPE_BOOL: np.bool_, B.GGUF_TYPE_UINT64: np.uint64,
-    B.GGUF_TYPE_INT64: np.int64, B.GGUF_TYPE_FLOAT64: np.float64,
+    VT.UINT8: np.uint8, VT.INT8: np.int8, VT.UINT16: np.uint16, VT.INT16: np.int16, VT.UINT32: np.uint32,
+    VT.INT32: np.int32, VT.FLOAT32: np.float32, VT.BOOL: np.bool_, VT.UINT64: np.uint64, VT.INT64: np.int64,
+    VT.FLOAT64: np.float64,
 }
 
 # Types ggml can use as a weight of get_rows / mul_mat (integer and intermediate types are not weights).
-_FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16
-_NOT_WEIGHT_TYPES = {15, 24, 25, 26, 27, 28}  # Q8_K, I8, I16, I32, I64, F64
+FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+NOT_WEIGHT_TYPES = frozenset({QT.Q8_K, QT.I8, QT.I16, QT.I32, QT.I64, QT.F64})
+
+
+def f32_to_bf16_bits(x: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.uint16]]:
+    """float32 -> bfloat16 bit patterns, rounding to nearest even (NaNs stay quiet NaNs), as ggml stores BF16."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bias = np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    rounded = ((u + bias) >> np.uint32(16)).astype(np.uint16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def bf16_bits_to_f32(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """bfloat16 bit patterns (any integer array of them, e.g. a uint16 view of stored bytes) -> float32 (exact)."""
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def encode(x: np.ndarray[Any, Any], ggml_type: int) -> np.ndarray[Any, Any]:
+    """float32 values as the stored data of `ggml_type`: F32, F16, BF16 or any type the gguf package quantizes."""
+    t = QT(ggml_type)
+    if t == QT.F32:
+        return np.asarray(x, dtype=np.float32)
+    if t == QT.F16:
+        return x.astype(np.float16)
+    if t == QT.BF16:
+        return f32_to_bf16_bits(x)
+    return gq.quantize(x, t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +83,11 @@ class GGUFFile:
 
 def _value(ctx: Any, i: int) -> Any:
     t = _lib.gguf_get_kv_type(ctx, i)
-    if t == B.GGUF_TYPE_STRING:
+    if t == VT.STRING:
         return B.ffi.string(_lib.gguf_get_val_str(ctx, i)).decode("utf-8", "replace")
-    if t == B.GGUF_TYPE_ARRAY:
+    if t == VT.ARRAY:
         at, n = _lib.gguf_get_arr_type(ctx, i), _lib.gguf_get_arr_n(ctx, i)
-        if at == B.GGUF_TYPE_STRING:
+        if at == VT.STRING:
             get = _lib.gguf_get_arr_str
             return [_ffi.string(get(ctx, i, j)).decode("utf-8", "replace") for j in range(n)]
         if at not in _NUMPY_OF_GGUF:
@@ -117,10 +147,10 @@ def read(path: str | os.PathLike) -> GGUFFile:
 def _type_ok(role: str, t: TensorInfo) -> str | None:
     """None if the stored type suits the tensor's role, else why not."""
     if role == layout.VECTOR:
-        return None if t.type == 0 else f"{t.name}: type {t.type_name} not allowed (norms/scales must be f32)"
+        return None if t.type == QT.F32 else f"{t.name}: type {t.type_name} not allowed (norms/scales must be f32)"
     if role == layout.ROUTER:
-        return None if t.type in _FLOAT_TYPES else f"{t.name}: type {t.type_name} not allowed (router: f32/f16/bf16)"
-    if t.type in _NOT_WEIGHT_TYPES or not t.type_name:
+        return None if t.type in FLOAT_TYPES else f"{t.name}: type {t.type_name} not allowed (router: f32/f16/bf16)"
+    if t.type in NOT_WEIGHT_TYPES or not t.type_name:
         return f"{t.name}: type {t.type_name or t.type} cannot be a weight"
     blk = _lib.ggml_blck_size(t.type)
     if t.shape[0] % blk:
@@ -205,11 +235,11 @@ def _set_kv(ctx: Any, key: str, value: Any) -> None:
             _lib.gguf_set_arr_str(ctx, k, _ffi.new("const char *[]", keep), len(keep))
             return
         if vals and all(isinstance(v, bool | np.bool_) for v in vals):
-            arr, t = np.asarray(vals, dtype=np.uint8), B.GGUF_TYPE_BOOL
+            arr, t = np.asarray(vals, dtype=np.uint8), VT.BOOL
         elif all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in vals):
-            arr, t = np.asarray(vals, dtype=np.int32), B.GGUF_TYPE_INT32
+            arr, t = np.asarray(vals, dtype=np.int32), VT.INT32
         else:
-            arr, t = np.asarray(vals, dtype=np.float32), B.GGUF_TYPE_FLOAT32
+            arr, t = np.asarray(vals, dtype=np.float32), VT.FLOAT32
         arr = np.ascontiguousarray(arr)
         _lib.gguf_set_arr_data(ctx, k, t, _ffi.from_buffer(arr), len(arr))
     else:

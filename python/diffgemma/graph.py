@@ -18,12 +18,12 @@ import math
 from typing import Any
 
 from . import binding as B
+from .binding import F16, F32, I32
 from .kv import PromptKV
 from .layout import HParams
 from .weights import ModelWeights, product_name
 
 _lib, _ffi = B.lib, B.ffi
-F32, F16, I32 = 0, 1, 26
 GELU_C = math.sqrt(2.0 / math.pi)
 MASKED_LOGIT = -1e30  # a disallowed token's logit bias: its probability underflows to exactly 0, yet finite (0 * s = 0)
 

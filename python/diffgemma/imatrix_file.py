@@ -179,7 +179,7 @@ def _load_gguf(p: pathlib.Path) -> ImatrixData:
         if ts is None or tc is None:
             raise GGUFError(f"{p}: imatrix entry {name} has {'no sums' if ts is None else 'no counts'}")
         for t in (ts, tc):
-            if t.type != 0:
+            if t.type != B.F32:
                 raise GGUFError(f"{p}: {t.name} is {t.type_name}, imatrix tensors must be f32")
         ne0 = ts.shape[0]
         n_mat = int(np.prod(ts.shape[1:], dtype=np.int64))
@@ -291,8 +291,8 @@ def _save_gguf(p: pathlib.Path, entries: dict[str, Entry], datasets: list[str], 
     data: dict[str, np.ndarray] = {}
     for name in sorted(entries):
         e = entries[name]
-        w.add_tensor(name + SUM_SUFFIX, (e.ne0, e.n_mat), 0)
-        w.add_tensor(name + COUNT_SUFFIX, (1, e.n_mat), 0)
+        w.add_tensor(name + SUM_SUFFIX, (e.ne0, e.n_mat), B.F32)
+        w.add_tensor(name + COUNT_SUFFIX, (1, e.n_mat), B.F32)
         data[name + SUM_SUFFIX] = np.ascontiguousarray(e.sums, dtype="<f4")
         data[name + COUNT_SUFFIX] = np.ascontiguousarray(e.counts, dtype="<f4")
     w.write(lambda n: data[n])

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from . import binding as B
+from .binding import F16, F32
 from .errors import Error
 from .layout import HParams
 
 _lib, _ffi = B.lib, B.ffi
-F32, F16 = 0, 1
 KV_TYPES = {"f16": F16, "f32": F32}
 GROW_TOKENS = 4096  # the global layers' store grows in multiples of this many tokens
 COPY_CHUNK = 64 << 20  # bytes staged through the host per copy when the store grows

@@ -16,12 +16,13 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import quants as gq
 
 from . import binding as B
 from . import gguf_file
+from .converter import OUTTYPES, read_checkpoint_index, to_f32
 from .errors import Error, GGUFError
 from .gguf_file import GGUFFile, Writer
 
@@ -199,9 +200,8 @@ def _type_ok(spec: TensorSpec, t: gguf_file.TensorInfo) -> str | None:
     if spec.role in (VECTOR, SCALAR):
         return None if t.type == int(QT.F32) else f"{t.name}: type {t.type_name} not allowed (must be f32)"
     if spec.name == "v.position_embd.weight":  # read with get_rows: float types only
-        ok = t.type in (int(QT.F32), int(QT.F16), int(QT.BF16))
-        return None if ok else f"{t.name}: type {t.type_name} not allowed (f32/f16/bf16)"
-    if not t.type_name or t.type in (15, 24, 25, 26, 27, 28):
+        return None if t.type in gguf_file.FLOAT_TYPES else f"{t.name}: type {t.type_name} not allowed (f32/f16/bf16)"
+    if not t.type_name or t.type in gguf_file.NOT_WEIGHT_TYPES:
         return f"{t.name}: type {t.type_name or t.type} cannot be a weight"
     if t.shape[0] % _lib.ggml_blck_size(t.type):
         return f"{t.name}: row length {t.shape[0]} is not a multiple of the {t.type_name} block"
@@ -248,7 +248,7 @@ def stored_type(spec: TensorSpec, wtype: str) -> int:
     """The GGML type of a tensor in a file whose matrices are `wtype` (f32, f16, bf16, q8_0)."""
     if spec.role != MATRIX or spec.name == "v.position_embd.weight":
         return int(QT.F32)  # llama.cpp forces the position table to F32 too
-    t = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}[wtype]
+    t = OUTTYPES[wtype][0]
     if t == QT.Q8_0 and (spec.shape[0] % 32 or spec.name == "v.patch_embd.weight"):
         t = QT.F16  # patch_embd is a conv kernel for llama.cpp (ne0 = patch size): float only
     return int(t)
@@ -257,27 +257,18 @@ def stored_type(spec: TensorSpec, wtype: str) -> int:
 def write(path: str | os.PathLike, hp: VisionHParams, weights: Mapping[str, np.ndarray], *, wtype: str = "f32",
           name: str = "diffgemma-vision") -> pathlib.Path:
     """Write an mmproj file from F32 arrays in numpy order (reversed ggml shape), keyed by GGUF name."""
-    if wtype not in ("f32", "f16", "bf16", "q8_0"):
-        raise Error(f"mmproj type must be f32, f16, bf16 or q8_0, got {wtype!r}")
+    if wtype not in OUTTYPES:
+        raise Error(f"mmproj type must be one of {', '.join(OUTTYPES)}, got {wtype!r}")
     w = Writer(path)
     w.set_all(metadata(hp, name))
-    w.set("general.file_type", {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[wtype])
-    w.set("general.quantization_version", 2)
+    w.set("general.file_type", OUTTYPES[wtype][1])
+    w.set("general.quantization_version", gguf.GGML_QUANT_VERSION)
     specs = tensor_specs(hp)
     types = {s.name: stored_type(s, wtype) for s in specs}
     for s in specs:
         w.add_tensor(s.name, s.shape, types[s.name])
 
-    def data(n: str) -> np.ndarray:
-        a = np.ascontiguousarray(weights[n], dtype=np.float32)
-        t = types[n]
-        if t == QT.F32:
-            return a
-        if t == QT.F16:
-            return a.astype(np.float16)
-        return gq.quantize(a, QT(t))
-
-    w.write(data)
+    w.write(lambda n: gguf_file.encode(np.ascontiguousarray(weights[n], dtype=np.float32), types[n]))
     return pathlib.Path(path)
 
 
@@ -473,7 +464,7 @@ class _HFWeights(Mapping[str, np.ndarray]):
             raise Error(f"{src.name}: dtype {src.dtype} is not a float type")
         raw = np.memmap(src.path, dtype=np.uint8, mode="r", offset=src.offset, shape=(src.nbytes,))
         a = raw.view(_FLOAT_DTYPES[src.dtype])
-        a = (a.astype(np.uint32) << 16).view(np.float32) if src.dtype == "BF16" else a.astype(np.float32)
+        a = to_f32(a, src.dtype)
         if name == "v.patch_embd.weight":  # (D, p*p*3) raster/RGB -> (D, 3, p, p): the conv kernel's OIHW
             p = self.hp.patch_size
             return a.reshape(-1, p, p, 3).transpose(0, 3, 1, 2)
@@ -489,8 +480,6 @@ class _HFWeights(Mapping[str, np.ndarray]):
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f16") -> pathlib.Path:
     """Write the vision tower of a Hugging Face DiffusionGemma (or Gemma-4) checkpoint as a gemma4v mmproj."""
     import json
-
-    from .converter import read_checkpoint_index
 
     d = pathlib.Path(hf_dir)
     try:

@@ -32,12 +32,6 @@ GRAPH_NODES = 32768
 N_BATCH = 512  # default committed tokens encoded per graph (bounds the compute buffer)
 
 
-def _bf16_round(x: float) -> float:
-    b = np.array([x], dtype=np.float32).view(np.uint32)
-    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-    return float(b.view(np.float32)[0])
-
-
 @dataclasses.dataclass
 class _Graph:
     key: tuple
@@ -82,7 +76,7 @@ class Model:
         scale = math.sqrt(hp.n_embd)
         # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
         if self._file.tensors["token_embd.weight"].type == int(QT.BF16):
-            scale = _bf16_round(scale)
+            scale = float(gguf_file.bf16_bits_to_f32(gguf_file.f32_to_bf16_bits([scale]))[0])
         self._graphs = Graphs(self.weights, hp, self.flash, scale)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._alloc_prompt_kv(n_ctx)

@@ -44,8 +44,6 @@ from .model import resolve
 
 _lib, _ffi = B.lib, B.ffi
 
-F32, F16, BF16 = 0, 1, 30
-
 # Target types: every ggml type with a quantizer that the CPU backend can use as a weight.
 TYPE_NAMES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K",
               "q6_K", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m",
@@ -566,12 +564,12 @@ def _size(n: int) -> str:
 
 def _to_f32(t: int, raw: np.ndarray, n: int) -> np.ndarray:
     """`n` f32 values from the raw bytes of whole rows of type `t`."""
-    if t == F32:
+    if t == B.F32:
         return raw.view(np.float32)  # zero-copy view of the memory map
-    if t == F16:
+    if t == B.F16:
         return raw.view(np.float16).astype(np.float32)
-    if t == BF16:
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if t == B.BF16:
+        return gguf_file.bf16_bits_to_f32(raw.view(np.uint16))
     out = np.empty(n, dtype=np.float32)
     _lib.ggml_get_type_traits(t).to_float(_ffi.from_buffer(raw), _ffi.from_buffer("float[]", out), n)
     return out

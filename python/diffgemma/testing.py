@@ -14,25 +14,19 @@ import re
 from collections import Counter
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import quants as gq
+from gguf import TokenType
 
-from . import layout
+from . import chat_format as cf
+from . import gguf_file, layout
+from .converter import OUTTYPES, stored_type
 from .gguf_file import Writer
 
-# Token types as the GGUF tokenizer stores them.
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
-
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|channel>", "<channel|>",
-                  "<|tool_response>", "<tool_response|>", "<|tool_call>", "<tool_call|>", "<|tool>", "<tool|>", '<|"|>',
-                  "<|think|>"]
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", cf.TURN, cf.TURN_END, cf.CHANNEL, cf.CHANNEL_END,
+                  cf.RESPONSE, cf.RESPONSE_END, cf.CALL, cf.CALL_END, cf.TOOL, cf.TOOL_END, cf.QUOTE, cf.THINK]
 PAD, EOS, BOS, UNK, MASK, TURN_START, TURN_END = range(7)
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
 
 _CORPUS = """
 The quick brown fox jumps over the lazy dog. A diffusion model does not write from left to right: it starts
@@ -64,7 +58,7 @@ class Vocab:
             "tokenizer.ggml.mask_token_id": MASK,
             "tokenizer.ggml.add_bos_token": True,
             "tokenizer.ggml.add_eos_token": False,
-            "tokenizer.chat_template": CHAT_TEMPLATE,
+            "tokenizer.chat_template": cf.PLAIN_TEMPLATE,
             "diffusion.eos_token_ids": [EOS, TURN_END],
         }
 
@@ -73,14 +67,14 @@ def tiny_vocab(n_vocab: int = 512, corpus: str = _CORPUS) -> Vocab:
     """A gemma4-style BPE vocabulary: Gemma special/control tokens, 256 byte-fallback tokens `<0xNN>`,
     metaspace `▁` words, and merges learned on `corpus` until `n_vocab` tokens."""
     tokens = list(SPECIAL_TOKENS)
-    types = [CONTROL] * len(tokens)
-    types[UNK] = UNKNOWN
+    types = [TokenType.CONTROL] * len(tokens)
+    types[UNK] = TokenType.UNKNOWN
     tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [BYTE] * 256
+    types += [TokenType.BYTE] * 256
     text = corpus.strip().replace(" ", "▁").replace("\n", "▁")
     chars = sorted(set(text) | {"\n"})
     tokens += chars
-    types += [NORMAL] * len(chars)
+    types += [TokenType.NORMAL] * len(chars)
     if len(tokens) > n_vocab:
         raise ValueError(f"n_vocab={n_vocab} is too small for the base vocabulary ({len(tokens)} tokens)")
     # Byte-pair merges learned on the corpus (words split at the metaspace, kept with it as a prefix).
@@ -99,7 +93,7 @@ def tiny_vocab(n_vocab: int = 512, corpus: str = _CORPUS) -> Vocab:
         new = a + b
         if new not in have:
             tokens.append(new)
-            types.append(NORMAL)
+            types.append(TokenType.NORMAL)
             have.add(new)
         merged: Counter = Counter()
         for w, c in words.items():
@@ -115,7 +109,7 @@ def tiny_vocab(n_vocab: int = 512, corpus: str = _CORPUS) -> Vocab:
         words = merged
     while len(tokens) < n_vocab:
         tokens.append(f"<unused{len(tokens)}>")
-        types.append(USER_DEFINED)
+        types.append(TokenType.USER_DEFINED)
     return Vocab(tokens, [float(-i) for i in range(len(tokens))], types, merges)
 
 
@@ -132,9 +126,6 @@ def tiny_hparams(**overrides: Any) -> layout.HParams:
     )
     base.update(overrides)
     return layout.check_hparams_or_raise(layout.HParams(**base))
-
-
-_GGML_TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0}
 
 
 def random_weights(hp: layout.HParams, seed: int = 0, calm: bool = False) -> dict[str, np.ndarray]:
@@ -165,24 +156,6 @@ def random_weights(hp: layout.HParams, seed: int = 0, calm: bool = False) -> dic
     return out
 
 
-def stored_type(spec: layout.TensorSpec, wtype: str) -> int:
-    """GGML type a tensor gets in a file whose matrices are `wtype` (vectors and the router stay F32)."""
-    if spec.role in (layout.VECTOR, layout.ROUTER):
-        return int(QT.F32)
-    t = _GGML_TYPES[wtype]
-    if t == QT.Q8_0 and spec.shape[0] % 32:
-        t = QT.F16
-    return int(t)
-
-
-def _encode(w: np.ndarray, t: int) -> np.ndarray:
-    if t == QT.F32:
-        return w
-    if t == QT.F16:
-        return w.astype(np.float16)
-    return gq.quantize(w, QT(t))
-
-
 def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wtype: str = "f32", seed: int = 0,
                 weights: dict[str, np.ndarray] | None = None, sparse: bool = False, vocab: Vocab | None = None,
                 extra_metadata: dict[str, Any] | None = None, types: dict[str, int] | None = None
@@ -194,8 +167,8 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
     size checks of the full 26B-A4B model).
     """
     hp = hp or tiny_hparams()
-    if wtype not in _GGML_TYPES:
-        raise ValueError(f"wtype must be one of {sorted(_GGML_TYPES)}")
+    if wtype not in OUTTYPES:
+        raise ValueError(f"wtype must be one of {sorted(OUTTYPES)}")
     if vocab is None:
         vocab = tiny_vocab(hp.n_vocab) if hp.n_vocab <= 4096 else _placeholder_vocab(hp.n_vocab)
     if len(vocab.tokens) != hp.n_vocab:
@@ -203,8 +176,8 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
     w = Writer(path)
     w.set("general.architecture", layout.ARCH)
     w.set("general.name", "diffgemma-testing")
-    w.set("general.file_type", {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[wtype])
-    w.set("general.quantization_version", 2)
+    w.set("general.file_type", OUTTYPES[wtype][1])
+    w.set("general.quantization_version", gguf.GGML_QUANT_VERSION)
     w.set_all(layout.hparams_to_metadata(hp))
     w.set_all(vocab.metadata())
     w.set_all(extra_metadata or {})
@@ -216,7 +189,7 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
         w.write(sparse=True)
         return pathlib.Path(path)
     weights = weights if weights is not None else random_weights(hp, seed)
-    w.write(lambda name: np.ascontiguousarray(_encode(weights[name], types[name])))
+    w.write(lambda name: np.ascontiguousarray(gguf_file.encode(weights[name], types[name])))
     return pathlib.Path(path)
 
 
@@ -246,27 +219,27 @@ def write_synthetic(path: str | os.PathLike, hp: layout.HParams, types: dict[str
     w = Writer(path)
     w.set("general.architecture", layout.ARCH)
     w.set("general.name", "diffgemma-synthetic")
-    w.set("general.quantization_version", 2)
+    w.set("general.quantization_version", gguf.GGML_QUANT_VERSION)
     w.set_all(layout.hparams_to_metadata(hp))
     w.set_all((tiny_vocab(hp.n_vocab) if hp.n_vocab <= 4096 else _placeholder_vocab(hp.n_vocab)).metadata())
     specs = {s.name: s for s in layout.tensor_specs(hp)}
     for s in specs.values():
-        w.add_tensor(s.name, s.shape, types.get(s.name, 0))
+        w.add_tensor(s.name, s.shape, types.get(s.name, QT.F32))
     freqs = np.asarray(layout.rope_freq_factors(hp), np.float32)
 
     def data(name: str) -> np.ndarray:
-        s, t = specs[name], types.get(name, 0)
+        s, t = specs[name], types.get(name, QT.F32)
         if name == "rope_freqs.weight":
             return freqs
-        if t == 0 and s.role == layout.VECTOR:
+        if t == QT.F32 and s.role == layout.VECTOR:
             return rng.uniform(0.5, 1.5, s.shape[::-1]).astype(np.float32)
         n_rows = int(np.prod(s.shape[1:]))
-        if t == 0:
+        if t == QT.F32:
             return (rng.standard_normal((min(n_rows, 64), s.shape[0]), dtype=np.float32) * 0.02)[
                 np.arange(n_rows) % min(n_rows, 64)]
-        if t in (1, 30):
+        if t in (QT.F16, QT.BF16):
             f = rng.standard_normal((min(n_rows, 64), s.shape[0]), dtype=np.float32) * 0.02
-            return np.tile(_encode(f, t), (-(-n_rows // len(f)), 1))[:n_rows]
+            return np.tile(gguf_file.encode(f, t), (-(-n_rows // len(f)), 1))[:n_rows]
         return _tile_rows(t, s.shape[0], n_rows, rng)
 
     w.write(data, progress=progress)
@@ -279,7 +252,8 @@ def _placeholder_vocab(n_vocab: int) -> Vocab:
     base = tiny_vocab(512)
     extra = n_vocab - len(base.tokens)
     tokens = base.tokens + [f"<unused{i}>" for i in range(len(base.tokens), n_vocab)]
-    return Vocab(tokens, [float(-i) for i in range(n_vocab)], base.types + [USER_DEFINED] * extra, base.merges)
+    types = base.types + [TokenType.USER_DEFINED] * extra
+    return Vocab(tokens, [float(-i) for i in range(n_vocab)], types, base.merges)
 
 
 def write_random_mmproj(path: str | os.PathLike, n_proj: int, *, seed: int = 0,

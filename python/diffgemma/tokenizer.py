@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import numpy as np
+from gguf import TokenType
 
 from . import binding as B
 from . import layout
@@ -61,7 +62,7 @@ class Tokenizer:
         self.eos = int(_lib.llama_vocab_eos(self._vocab))
         self.pad = int(_lib.llama_vocab_pad(self._vocab))
         types = metadata.get("tokenizer.ggml.token_type") or []
-        self.control_ids = frozenset(i for i, t in enumerate(types) if t == 3)
+        self.control_ids = frozenset(i for i, t in enumerate(types) if t == TokenType.CONTROL)
         self._lock = threading.Lock()
 
     def __del__(self) -> None:

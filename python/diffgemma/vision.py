@@ -13,7 +13,8 @@ import math
 from typing import Any
 
 from . import binding as B
-from .graph import F32, I32, Ctx, attention, gelu_tanh, rms
+from .binding import F32, I32
+from .graph import Ctx, attention, gelu_tanh, rms
 from .mmproj import ROPE_THETA, VisionHParams
 
 _ffi = B.ffi
