@@ -4,7 +4,6 @@ The server runs in this process on a background thread (127.0.0.1, a free port);
 command line in a subprocess to check graceful shutdown. Generations are kept short (few steps, few canvases).
 """
 
-import argparse
 import inspect
 import json
 import os
@@ -21,6 +20,7 @@ import urllib.request
 import pytest
 
 import diffgemma
+from diffgemma import cli
 from diffgemma import server as srv
 from diffgemma.chat import output_text
 
@@ -412,10 +412,10 @@ def test_a_failing_generation_is_a_500_and_the_worker_goes_on(model, monkeypatch
 
 
 def test_serve_parser_wiring():
-    p = argparse.ArgumentParser()
-    srv.add_serve_parser(p.add_subparsers(dest="cmd"))
+    p = cli.build_parser()  # serve is one of the CLI's subcommands, with the same model flags as the others
     a = p.parse_args(["serve", "-m", "tiny", "--port", "0", "--queue-size", "4", "-c", "512"])
-    assert a.fn is srv._cmd_serve and a.model == "tiny" and a.host == "127.0.0.1"
+    assert a.fn is cli._cmd_serve and a.model == "tiny" and a.host == "127.0.0.1"
+    assert (a.alias, a.shutdown_timeout, a.reasoning_format, a.mmproj, a.verbose) == (None, 10.0, "auto", None, False)
     assert (a.port, a.queue_size, a.n_ctx, a.n_gpu_layers, a.threads) == (0, 4, 512, -1, None)
     assert (a.n_batch, a.kv_type) == (512, "f16")  # the same store flags as generate and chat
     a = p.parse_args(["serve", "-b", "64", "--kv-type", "f32"])

@@ -142,6 +142,9 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+
+
+def _image_budget_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
 
 
@@ -569,6 +572,40 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .server import Server
+
+    if a.queue_size < 0:
+        raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
+    m = _load(a)
+    try:
+        srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
+                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format)
+        print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
+              file=sys.stderr, flush=True)
+        srv.run()
+    finally:
+        m.close()
+    return 0
+
+
+def _add_serve_parser(sub: Any) -> None:
+    from .server import REASONING_FORMATS
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
+    _model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    s.add_argument("--queue-size", type=int, default=16,
+                   help="most requests waiting behind the running one; more get 503 (default 16)")
+    s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")
+    s.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
+                   help="auto: the thinking channel goes to reasoning_content; none: it stays in the content")
+    s.set_defaults(fn=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma on ggml: generate, quantize, "
                                 "calibrate and inspect block-diffusion models.")
@@ -588,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text", nargs="?", help="the prompt (or -p)")
     s.add_argument("-p", "--prompt", default=None, help="the prompt (instead of the positional TEXT)")
     _model_args(s)
+    _image_budget_arg(s)
     _sampler_args(s)
     s.add_argument("--no-chat", action="store_true", help="do not apply the file's chat template")
     s.add_argument("--template", metavar="FILE", default=None,
@@ -602,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal (/clear, /exit)")
     _model_args(s)
+    _image_budget_arg(s)
     _sampler_args(s)
     s.add_argument("--system", default=None, help="a system message")
     s.add_argument("--tools", default=None, metavar="FILE.json",
@@ -609,12 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--visual", action="store_true", help="watch each reply's canvas denoise (on a terminal)")
     s.set_defaults(fn=_cmd_chat)
 
-    from .server import add_serve_parser
-
-    add_serve_parser(sub)
+    _add_serve_parser(sub)
 
     s = sub.add_parser("bench", help="prefill and per-step latency, optionally against transformers")
     _model_args(s)
+    _image_budget_arg(s)
     s.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens prefilled (default 128)")
     s.add_argument("--steps", type=int, default=16, help="denoising steps timed (fixed, no early stop)")
     s.add_argument("--compare", choices=["transformers"], default=None,

@@ -8,7 +8,6 @@ fastapi and uvicorn are imported lazily so that `diffgemma` (and its CLI) work w
 `from __future__ import annotations` here: FastAPI reads the handlers' annotations (Request) at runtime.
 """
 
-import argparse
 import asyncio
 import base64
 import collections
@@ -41,6 +40,7 @@ POLL_S = 0.25  # how often a waiting handler checks whether its client is still 
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 CANVAS_STEP_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_NEEDS_FASTAPI = "diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)"
 REASONING_FORMATS = ("auto", "none")  # thinking in `reasoning_content` | left in the content, markers and all
 
 
@@ -725,30 +725,242 @@ class _CountRequests:
             self.metrics.count_request(path if path in ENDPOINTS else "other", status[0])
 
 
+class _Api:
+    """What the endpoints do, FastAPI aside: parse a request, tokenize its prompt, queue it on the engine, and
+    answer it (one JSON body, or SSE chunks per committed canvas)."""
+
+    def __init__(self, model: "Model", engine: Engine, *, name: str, queue_size: int, reasoning_format: str):
+        self.model, self.hp, self.engine = model, model.hparams, engine
+        self.name, self.queue_size, self.reasoning_format = name, queue_size, reasoning_format
+        self.created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
+
+    # -- the two generating endpoints --
+
+    async def chat_completions(self, request: Any) -> Any:
+        from . import multimodal
+
+        body = await _json_body(request)
+        _unsupported(body, _CHAT_UNSUPPORTED)
+        messages = _messages(body)
+        params = _parse_common(body, self.hp)
+        budget = _opt_int(body, "image_budget", lo=1)
+        params["image_budget"] = 280 if budget is None else budget
+        params["chat"] = opts = _chat_options(body, self.reasoning_format)
+        ids = await self.tokenize(messages, None, "messages", params["image_budget"], tools=opts["tools"] or None,
+                                  template_kwargs=opts["template_kwargs"], prefix=opts["prefix"])
+        params["messages"] = messages if multimodal.has_images(messages) else None
+        return await self.run(request, "chat", ids, await self.with_template(body, ids, params))
+
+    async def completions(self, request: Any) -> Any:
+        body = await _json_body(request)
+        _unsupported(body, _COMPLETION_UNSUPPORTED)
+        params = _parse_common(body, self.hp)
+        suffix = body.get("suffix")
+        if suffix:  # OpenAI's insertion: the text between prompt and suffix, as a hole of up to max_tokens
+            if not isinstance(suffix, str) or body.get("template") is not None:
+                raise _bad("'suffix' must be a string, and cannot be combined with 'template'", "suffix")
+            body = {**body, "template": [{"hole": params["max_tokens"], "empty": True}, suffix]}
+            params["infill"] = True
+        if body.get("template") is not None and body.get("prompt") in (None, ""):
+            ids = self.model.tokenize("")  # a template alone: its canvases follow BOS
+        else:  # raw text: no chat template on the completions endpoint
+            ids = await self.tokenize(_completion_prompt(body), False, "prompt")
+        return await self.run(request, "completion", ids, await self.with_template(body, ids, params))
+
+    async def tokenize(self, prompt: Any, chat: bool | None, param: str, image_budget: int = 280,
+                       **kw: Any) -> list[int]:
+        """The prompt's token ids, checked against the context before queueing: errors are 400s, no waiting."""
+        from . import multimodal
+        from .chat import prompt_ids
+
+        model, L = self.model, self.hp.canvas_length
+        try:
+            if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
+                if any(kw.values()):
+                    raise Error("tools, tool_choice and chat_template_kwargs cannot be combined with images yet")
+                ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
+            else:
+                ids = await asyncio.to_thread(prompt_ids, model, prompt, chat, **kw)
+        except Error as e:
+            raise _bad(str(e), param) from e
+        if len(ids) + L > model.n_ctx:
+            raise _bad(f"the prompt is {len(ids)} tokens; with a canvas of {L} that exceeds the context of "
+                       f"{model.n_ctx} tokens (start the server with a larger --n-ctx, up to "
+                       f"{self.hp.context_length})", param, "context_length_exceeded")
+        return ids
+
+    async def with_template(self, body: dict, ids: list[int], params: dict) -> dict:
+        """params with the request's template laid out for the model (None without one): errors are 400s."""
+        from .template import lay_out
+
+        template = _template_field(body)
+        if template is not None:
+            if params["stop"]:
+                raise _bad("'stop' does not apply to a template (the template decides where the text ends)", "stop")
+            try:
+                template = await asyncio.to_thread(lay_out, self.model, template)
+            except Error as e:
+                raise _bad(str(e), "template") from e
+            L = self.hp.canvas_length
+            if len(ids) + template.n_canvas * L > self.model.n_ctx:
+                raise _bad(f"the prompt ({len(ids)} tokens) and the template ({template.n_canvas} canvases of "
+                           f"{L}) exceed the context of {self.model.n_ctx} tokens", "template",
+                           "context_length_exceeded")
+        return {**params, "template": template}
+
+    # -- answers --
+
+    async def run(self, request: Any, kind: str, ids: list[int], params: dict) -> Any:
+        """Queue the job and answer: an SSE stream, or one JSON body once it is done."""
+        from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+        job = _Job(asyncio.get_running_loop(), ids, params)
+        self.engine.submit(job)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        t = int(time.time())
+        if params["stream"]:
+            return StreamingResponse(self.sse(request, job, kind, rid, t), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            while True:
+                ev, payload = await _next_event(request, job)
+                if ev == "error":
+                    raise payload
+                if ev == "done":
+                    break
+        except _Cancelled:
+            return PlainTextResponse("client disconnected", status_code=499)
+        finally:
+            self.engine.cancel(job)
+        return JSONResponse(self.answer(kind, rid, t, payload))
+
+    def answer(self, kind: str, rid: str, t: int, done: dict) -> dict:
+        """The body of a non-streamed answer, from the engine's `done` payload."""
+        if kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": done["message"], "logprobs": None,
+                                      "finish_reason": done["finish_reason"]}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": done["text"], "logprobs": None, "finish_reason": done["finish_reason"]}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": t, "model": self.name, "choices": [choice],
+                "usage": done["usage"], "diffusion": done["diffusion"]}
+
+    def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False) -> dict:
+        """One SSE chunk: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or completion text."""
+        if kind == "chat":
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            d.update(delta or {})
+            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": self.name,
+                    "choices": [choice]}
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": "text_completion", "created": t, "model": self.name, "choices": [choice]}
+
+    async def sse(self, request: Any, job: _Job, kind: str, rid: str, t: int) -> AsyncIterator[str]:
+        """The job's events as SSE: a chunk per text delta, frames as comment lines, then usage and [DONE]."""
+        try:
+            if kind == "chat":
+                yield _sse(self.chunk(kind, rid, t, None, None, role=True))
+            while True:
+                ev, payload = await _next_event(request, job)
+                if ev == "frame":
+                    yield _frame(payload)
+                elif ev == "delta":
+                    yield _sse(self.chunk(kind, rid, t, payload, None))
+                elif ev == "error":
+                    yield _sse(payload.body())  # the openai client raises APIError on an "error" event
+                    return
+                elif ev == "done":
+                    for line in self.closing(kind, rid, t, job.p, payload):
+                        yield line
+                    return
+        finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generation stops
+            self.engine.cancel(job)
+
+    def closing(self, kind: str, rid: str, t: int, p: dict, done: dict) -> list[str]:
+        """The last SSE lines: the finish chunk, the usage (if asked for), the frames' summary, [DONE]."""
+        lines = [_sse(self.chunk(kind, rid, t, None, done["finish_reason"]))]
+        if p["include_usage"]:
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+            lines.append(_sse({"id": rid, "object": obj, "created": t, "model": self.name, "choices": [],
+                               "usage": done["usage"]}))
+        if p["frames"]:
+            lines.append(_frame({"type": "done", **done["diffusion"], "usage": done["usage"],
+                                 "finish_reason": done["finish_reason"]}))
+        return [*lines, "data: [DONE]\n\n"]
+
+    # -- the others --
+
+    def models(self) -> dict:
+        hp = self.hp
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "diffgemma",
+                                            "meta": {"canvas_length": hp.canvas_length, "n_ctx": self.model.n_ctx,
+                                                     "steps": hp.steps, "n_vocab": hp.n_vocab}}]}
+
+    def health(self) -> dict:
+        hp, model = self.hp, self.model
+        waiting, running = self.engine.depth()
+        return {"status": "ok", "model": self.name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
+                "steps": hp.steps, "entropy_bound": hp.entropy_bound, "t_min": hp.t_min, "t_max": hp.t_max,
+                "devices": list(getattr(model, "devices", [])),
+                "vision": getattr(model, "vision", None) is not None,
+                "queue": {"waiting": waiting, "running": running, "capacity": self.queue_size}}
+
+    def prometheus(self) -> str:
+        waiting, running = self.engine.depth()
+        return self.engine.metrics.render(waiting, running, self.queue_size)
+
+
+async def _json_body(request: Any) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    return body
+
+
+async def _next_event(request: Any, job: _Job) -> tuple[str, Any]:
+    """The job's next event; _Cancelled once its client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise _Cancelled from None
+
+
 def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None = None,
                reasoning_format: str = "auto") -> Any:
     """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs.
     reasoning_format: "auto" puts thinking in `reasoning_content`, "none" leaves it in the content (a request's
     own reasoning_format wins)."""
     try:
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-        from starlette.exceptions import HTTPException
+        from fastapi import FastAPI
     except ImportError as e:
-        raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
-    from . import multimodal
-    from .chat import prompt_ids
-
+        raise Error(_NEEDS_FASTAPI) from e
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
         raise Error(f"queue_size must be an int >= 0, got {queue_size!r}")
     if reasoning_format not in REASONING_FORMATS:
         raise Error(f"reasoning_format must be one of {list(REASONING_FORMATS)}, got {reasoning_format!r}")
-    hp = model.hparams
-    name = model_name or model.path.stem
-    created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
     metrics = Metrics()
     engine = Engine(model, queue_size, metrics)
-    page = importlib.resources.files("diffgemma").joinpath("web/index.html").read_text(encoding="utf-8")
+    api = _Api(model, engine, name=model_name or model.path.stem, queue_size=queue_size,
+               reasoning_format=reasoning_format)
+    app = FastAPI(title="diffgemma", version=_version(), lifespan=_lifespan(engine), docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(_CountRequests, metrics=metrics)
+    _add_error_handlers(app)
+    _add_routes(app, api)
+    return app
+
+
+def _lifespan(engine: Engine) -> Callable[[Any], Any]:
+    """The app's lifespan: the engine's thread runs while the app does."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -759,10 +971,14 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
             # By now uvicorn has drained (or given up on) open connections: cancel what is left, stop the thread.
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="diffgemma", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
-    app.state.metrics = metrics
-    app.add_middleware(_CountRequests, metrics=metrics)
+    return lifespan
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Every error as an OpenAI-style body: ours (ApiError) and Starlette's (404, 405)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Any:
@@ -774,179 +990,37 @@ def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None =
         code = "not_found" if e.status_code == 404 else None
         return JSONResponse(ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
 
-    async def json_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise _bad("the request body must be a JSON object")
-        return body
 
-    async def tokenize(prompt: Any, chat: bool | None, param: str, image_budget: int = 280, **kw: Any) -> list[int]:
-        try:
-            if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
-                if any(kw.values()):
-                    raise Error("tools, tool_choice and chat_template_kwargs cannot be combined with images yet")
-                ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
-            else:
-                ids = await asyncio.to_thread(prompt_ids, model, prompt, chat, **kw)
-        except Error as e:
-            raise _bad(str(e), param) from e
-        if len(ids) + hp.canvas_length > model.n_ctx:  # checked before queueing: a clear 400, no waiting
-            raise _bad(f"the prompt is {len(ids)} tokens; with a canvas of {hp.canvas_length} that exceeds the "
-                       f"context of {model.n_ctx} tokens (start the server with a larger --n-ctx, up to "
-                       f"{hp.context_length})", param, "context_length_exceeded")
-        return ids
+def _add_routes(app: Any, api: _Api) -> None:
+    """The endpoints (ENDPOINTS), each handed to _Api; FastAPI reads the handlers' `Request` annotations."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, PlainTextResponse
 
-    async def next_event(request: Request, job: _Job) -> tuple[str, Any]:
-        while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise _Cancelled from None
-
-    def chunk(kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False) -> dict:
-        if kind == "chat":  # delta: {"content" | "reasoning_content" | "tool_calls": ...}
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            d.update(delta or {})
-            choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": name, "choices": [choice]}
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        return {"id": rid, "object": "text_completion", "created": t, "model": name, "choices": [choice]}
-
-    async def stream(request: Request, job: _Job, kind: str, rid: str, t: int) -> AsyncIterator[str]:
-        try:
-            if kind == "chat":
-                yield _sse(chunk(kind, rid, t, None, None, role=True))
-            while True:
-                ev, payload = await next_event(request, job)
-                if ev == "frame":
-                    yield _frame(payload)
-                elif ev == "delta":
-                    yield _sse(chunk(kind, rid, t, payload, None))
-                elif ev == "error":
-                    yield _sse(payload.body())  # the openai client raises APIError on an "error" event
-                    return
-                elif ev == "done":
-                    yield _sse(chunk(kind, rid, t, None, payload["finish_reason"]))
-                    if job.p["include_usage"]:
-                        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-                        yield _sse({"id": rid, "object": obj, "created": t, "model": name, "choices": [],
-                                    "usage": payload["usage"]})
-                    if job.p["frames"]:
-                        yield _frame({"type": "done", **payload["diffusion"], "usage": payload["usage"],
-                                      "finish_reason": payload["finish_reason"]})
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generation stops
-            engine.cancel(job)
-
-    async def with_template(body: dict, ids: list[int], params: dict) -> dict:
-        """params with the request's template laid out for the model (None without one): errors are 400s."""
-        from .template import lay_out
-
-        template = _template_field(body)
-        if template is not None:
-            if params["stop"]:
-                raise _bad("'stop' does not apply to a template (the template decides where the text ends)", "stop")
-            try:
-                template = await asyncio.to_thread(lay_out, model, template)
-            except Error as e:
-                raise _bad(str(e), "template") from e
-            if len(ids) + template.n_canvas * hp.canvas_length > model.n_ctx:
-                raise _bad(f"the prompt ({len(ids)} tokens) and the template ({template.n_canvas} canvases of "
-                           f"{hp.canvas_length}) exceed the context of {model.n_ctx} tokens", "template",
-                           "context_length_exceeded")
-        return {**params, "template": template}
-
-    async def run(request: Request, kind: str, ids: list[int], params: dict) -> Any:
-        job = _Job(asyncio.get_running_loop(), ids, params)
-        engine.submit(job)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        t = int(time.time())
-        if params["stream"]:
-            return StreamingResponse(stream(request, job, kind, rid, t), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            while True:
-                ev, payload = await next_event(request, job)
-                if ev == "error":
-                    raise payload
-                if ev == "done":
-                    break
-        except _Cancelled:
-            return PlainTextResponse("client disconnected", status_code=499)
-        finally:
-            engine.cancel(job)
-        if kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": payload["message"], "logprobs": None,
-                                      "finish_reason": payload["finish_reason"]}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": payload["text"], "logprobs": None, "finish_reason": payload["finish_reason"]}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": t, "model": name, "choices": [choice],
-                             "usage": payload["usage"], "diffusion": payload["diffusion"]})
+    page = importlib.resources.files("diffgemma").joinpath("web/index.html").read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await json_body(request)
-        _unsupported(body, _CHAT_UNSUPPORTED)
-        messages = _messages(body)
-        params = _parse_common(body, hp)
-        budget = _opt_int(body, "image_budget", lo=1)
-        params["image_budget"] = 280 if budget is None else budget
-        params["chat"] = opts = _chat_options(body, reasoning_format)
-        ids = await tokenize(messages, None, "messages", params["image_budget"], tools=opts["tools"] or None,
-                             template_kwargs=opts["template_kwargs"], prefix=opts["prefix"])
-        params["messages"] = messages if multimodal.has_images(messages) else None
-        return await run(request, "chat", ids, await with_template(body, ids, params))
+        return await api.chat_completions(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await json_body(request)
-        _unsupported(body, _COMPLETION_UNSUPPORTED)
-        params = _parse_common(body, hp)
-        suffix = body.get("suffix")
-        if suffix:  # OpenAI's insertion: the text between prompt and suffix, as a hole of up to max_tokens
-            if not isinstance(suffix, str) or body.get("template") is not None:
-                raise _bad("'suffix' must be a string, and cannot be combined with 'template'", "suffix")
-            body = {**body, "template": [{"hole": params["max_tokens"], "empty": True}, suffix]}
-            params["infill"] = True
-        if body.get("template") is not None and body.get("prompt") in (None, ""):
-            ids = model.tokenize("")  # a template alone: its canvases follow BOS
-        else:  # raw text: no chat template on the completions endpoint
-            ids = await tokenize(_completion_prompt(body), False, "prompt")
-        return await run(request, "completion", ids, await with_template(body, ids, params))
+        return await api.completions(request)
 
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "diffgemma",
-                                            "meta": {"canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
-                                                     "steps": hp.steps, "n_vocab": hp.n_vocab}}]}
+        return api.models()
 
     @app.get("/health")
     async def health() -> Any:
-        waiting, running = engine.depth()
-        return {"status": "ok", "model": name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
-                "steps": hp.steps, "entropy_bound": hp.entropy_bound, "t_min": hp.t_min, "t_max": hp.t_max,
-                "devices": list(getattr(model, "devices", [])),
-                "vision": getattr(model, "vision", None) is not None,
-                "queue": {"waiting": waiting, "running": running, "capacity": queue_size}}
+        return api.health()
 
     @app.get("/metrics")
     async def prometheus() -> Any:
-        waiting, running = engine.depth()
-        return PlainTextResponse(metrics.render(waiting, running, queue_size),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(api.prometheus(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
     async def index() -> Any:
         return HTMLResponse(page)
-
-    return app
 
 
 def _version() -> str:
@@ -968,7 +1042,7 @@ class Server:
         try:
             import uvicorn
         except ImportError as e:
-            raise Error("diffgemma serve needs fastapi and uvicorn (pip install fastapi uvicorn)") from e
+            raise Error(_NEEDS_FASTAPI) from e
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise Error(f"port must be in 0..65535, got {port!r}")
         self.app = create_app(model, queue_size=queue_size, model_name=model_name, reasoning_format=reasoning_format)
@@ -1047,64 +1121,7 @@ class Server:
         self.stop()
 
 
-# ---- command line ------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m diffgemma.server ...`: the serve subcommand on its own
+    from diffgemma.cli import main
 
-
-def _cmd_serve(a: argparse.Namespace) -> int:
-    from .model import load
-
-    if a.queue_size < 0:
-        raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
-    m = load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, n_ctx=a.n_ctx, verbose=a.verbose,
-             mmproj=a.mmproj, n_batch=a.n_batch, kv_type=a.kv_type)
-    try:
-        srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
-                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format)
-        print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
-              file=sys.stderr, flush=True)
-        srv.run()
-    finally:
-        m.close()
-    return 0
-
-
-def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register `diffgemma serve` on the CLI's subparsers (handler: s.set_defaults(fn=...))."""
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
-    s.add_argument("-m", "--model", default="tiny",
-                   help='GGUF file (default: "tiny", the embedded Shakespeare model)')
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
-    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
-    s.add_argument("-c", "--n-ctx", type=int, default=None,
-                   help="most prompt + generated tokens (default: the file's context length, as memory allows)")
-    s.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens encoded per graph (default 512)")
-    s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
-    s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF: accept images (image_url data: URLs)")
-    s.add_argument("--queue-size", type=int, default=16,
-                   help="most requests waiting behind the running one; more get 503 (default 16)")
-    s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
-    s.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")
-    s.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
-                   help="auto: the thinking channel goes to reasoning_content; none: it stays in the content")
-    s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
-    s.set_defaults(fn=_cmd_serve)
-    return s
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m diffgemma.server ...`: the serve subcommand on its own."""
-    p = argparse.ArgumentParser(prog="diffgemma")
-    add_serve_parser(p.add_subparsers(dest="cmd", required=True))
-    a = p.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(a.fn(a) or 0)
-    except Error as e:
-        print(f"diffgemma: error: {e.cli or e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["serve", *sys.argv[1:]]))
