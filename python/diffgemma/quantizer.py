@@ -672,6 +672,126 @@ def _n_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _check_arguments(src: Any, dst: Any, imatrix: Any, threads: Any) -> tuple[pathlib.Path, pathlib.Path]:
+    """The source and output paths; arguments of the wrong kind are Errors before any file is read."""
+    if not isinstance(dst, str | os.PathLike) or not str(dst):
+        raise Error(f"dst must be an output file path, got {dst!r}")
+    if imatrix is not None and not isinstance(imatrix, str | os.PathLike | imx.ImatrixData):
+        raise Error(f"imatrix must be an imatrix file path or ImatrixData, got {imatrix!r}")
+    src_p, dst_p = resolve(src), pathlib.Path(dst)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise Error(f"threads must be a positive int, got {threads!r}")
+    return src_p, dst_p
+
+
+def _spec(recipe: Any, type: Any, overrides: Any, token_embedding_type: str | None, output_tensor_type: str | None,
+          pure: bool, n_layer: int) -> tuple[_Spec, list[_Rule], int | None, int | None]:
+    """The recipe, the override rules and the embedding/output types, each recorded in the recipe's description
+    (what the file's diffgemma.quantize.recipe key says was asked for)."""
+    spec = _resolve_recipe(recipe, type, n_layer)
+    ovr = _parse_rules(overrides, "overrides", n_layer)
+    tok = type_id(token_embedding_type) if token_embedding_type is not None else None
+    out_t = type_id(output_tensor_type) if output_tensor_type is not None else None
+    if spec.file_type is None and not spec.rules and not ovr and tok is None:
+        raise Error("nothing to do: give recipe=, type= or overrides=",
+                    cli="nothing to do: give a TYPE, --recipe, --type or --tensor-type")
+    if ovr:
+        spec.desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
+    for key, val in (("token_embedding_type", tok), ("output_tensor_type", out_t)):
+        if val is not None:
+            spec.desc[key] = _tn(val)
+    if pure:
+        spec.desc["pure"] = True
+    return spec, ovr, tok, out_t
+
+
+def _check_output(src_p: pathlib.Path, dst_p: pathlib.Path, overwrite: bool) -> None:
+    """dst must be a file name in an existing directory, not the source, and new unless overwrite."""
+    if not dst_p.parent.is_dir():
+        raise Error(f"{dst_p.parent}: no such directory for the output")
+    if dst_p.is_dir():
+        raise Error(f"{dst_p}: is a directory, not an output file name")
+    if dst_p.exists() and dst_p.resolve() == src_p.resolve():
+        raise Error(f"{dst_p}: the output would replace the source it is read from")
+    outputs.check_new(dst_p, overwrite)
+
+
+def _flag_notes(plans: list[_Plan], spec: _Spec, ovr: list[_Rule], leave_output_tensor: bool) -> list[str]:
+    """The report's notes on flags that change nothing; an override matching no tensor also warns (a typo)."""
+    notes: list[str] = []
+    quantizable = [p.info.name for p in plans if p.role not in (layout.VECTOR, layout.ROUTER)]
+    for r in ovr:
+        if not any(r.regex.search(n) for n in quantizable):
+            notes.append(f"override {r.pattern!r} matches no quantizable tensor")
+            warnings.warn(notes[-1], stacklevel=3)  # at quantize()'s caller
+    if leave_output_tensor:
+        notes.append("leave_output_tensor changes nothing here: the output head is token_embd (tied), as in "
+                     "llama-quantize; use token_embedding_type to keep it")
+    if spec.file_type is not None and spec.file_type.default in ("f32", "f16", "bf16") and ovr:
+        notes.append(f"overrides are ignored by the {spec.file_type.name} file type, as in llama-quantize")
+    return notes
+
+
+def _refuse_requantize(plans: list[_Plan], allow_requantize: bool) -> None:
+    """An Error when a quantized tensor would be converted to another type and that is not allowed (or not
+    possible: a type without a dequantizer)."""
+    refused = [p for p in plans if not p.copy and _lib.ggml_is_quantized(p.info.type)
+               and (not allow_requantize or _lib.ggml_get_type_traits(p.info.type).to_float == _ffi.NULL)]
+    if refused:
+        ex = ", ".join(f"{p.info.name} ({p.info.type_name}->{_tn(p.dst)})" for p in refused[:3])
+        msg = f"{len(refused)} tensor(s) would be requantized from an already quantized type, e.g. {ex}; "
+        raise Error(msg + "pass allow_requantize=True (quality suffers) or start from an f16/bf16/f32 file",
+                    cli=msg + "drop --no-requantize (quality suffers) or start from an f16/bf16/f32 file")
+
+
+def _writer(src_p: pathlib.Path, dst_p: pathlib.Path, plans: list[_Plan], spec: _Spec, ftype: int,
+            extra_md: dict[str, Any], imat: imx.ImatrixData | None, imat_name: str | None) -> gguf_file.Writer:
+    """The output's header: the source's metadata with llama-quantize's keys and ours, then every tensor."""
+    w = gguf_file.Writer(dst_p, copy_kv_from=src_p)
+    for k in ("split.no", "split.count", "split.tensors.count", *_IMATRIX_KEYS):
+        _lib.gguf_remove_key(w.ctx, k.encode())
+    w.set("general.quantization_version", 2)
+    w.set("general.file_type", ftype)
+    w.set(RECIPE_KEY, json.dumps(spec.desc))
+    for k, v in extra_md.items():  # pruned layer arrays, then --override-kv (after file_type, as llama-quantize)
+        w.set(k, v)
+    if imat is not None:
+        w.set("quantize.imatrix.file", (imat_name or "")[:127])  # llama-quantize keeps at most 127 chars
+        if imat.datasets:
+            w.set("quantize.imatrix.dataset", imat.datasets[0][:127])
+        w.set("quantize.imatrix.entries_count", len(imat.entries))
+        if imat.chunk_count > 0:
+            w.set("quantize.imatrix.chunks_count", imat.chunk_count)
+    for p in plans:
+        w.add_tensor(p.name, p.info.shape, p.dst)
+    return w
+
+
+def _write(w: gguf_file.Writer, plans: list[_Plan], src_p: pathlib.Path, dst_p: pathlib.Path, n_threads: int,
+           progress: bool) -> tuple[int, float]:
+    """Quantize every tensor on n_threads workers, streamed into the file; its size and the seconds it took."""
+    for t in sorted({p.dst for p in plans if not p.copy and _lib.ggml_is_quantized(p.dst)}):
+        _lib.ggml_quantize_init(t)  # IQ grids take seconds under a global lock: build them before the workers
+    from tqdm.auto import tqdm
+
+    mm = np.memmap(src_p, dtype=np.uint8, mode="r")
+    bar = tqdm(total=sum(p.info.nbytes for p in plans), unit="B", unit_scale=True, desc="quantize",
+               disable=not progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(n_threads, thread_name_prefix="diffgemma-quantize")
+    pipe = _Pipeline(plans, mm, pool, 2 * n_threads + 2, bar)
+    t_work = time.perf_counter()
+    try:
+        size = w.write(pipe.pieces)
+    except OSError as e:  # disk full, permissions: the partial file is already gone
+        raise Error(f"{dst_p}: cannot write the output: {e}") from e
+    finally:
+        pipe.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        del mm
+    return size, time.perf_counter() - t_work
+
+
 # ---- entry point ----------------------------------------------------------------------------------------
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Sequence[Any] | None = None,
@@ -708,37 +828,12 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     diffgemma.Error on bad input; never leaves a partial file (Ctrl-C and SIGTERM included).
     """
     t_start = time.perf_counter()
-    if not isinstance(dst, str | os.PathLike) or not str(dst):
-        raise Error(f"dst must be an output file path, got {dst!r}")
-    if imatrix is not None and not isinstance(imatrix, str | os.PathLike | imx.ImatrixData):
-        raise Error(f"imatrix must be an imatrix file path or ImatrixData, got {imatrix!r}")
-    src_p, dst_p = resolve(src), pathlib.Path(dst)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise Error(f"threads must be a positive int, got {threads!r}")
+    src_p, dst_p = _check_arguments(src, dst, imatrix, threads)
     gf = gguf_file.read(src_p)
     hp = gguf_file.validate(gf)
-    spec = _resolve_recipe(recipe, type, hp.n_layer)
-    ovr = _parse_rules(overrides, "overrides", hp.n_layer)
-    tok = type_id(token_embedding_type) if token_embedding_type is not None else None
-    out_t = type_id(output_tensor_type) if output_tensor_type is not None else None
-    if spec.file_type is None and not spec.rules and not ovr and tok is None:
-        raise Error("nothing to do: give recipe=, type= or overrides=",
-                    cli="nothing to do: give a TYPE, --recipe, --type or --tensor-type")
-    if ovr:
-        spec.desc["overrides"] = [[r.pattern, _tn(r.type)] for r in ovr]
-    for key, val in (("token_embedding_type", tok), ("output_tensor_type", out_t)):
-        if val is not None:
-            spec.desc[key] = _tn(val)
-    if pure:
-        spec.desc["pure"] = True
+    spec, ovr, tok, out_t = _spec(recipe, type, overrides, token_embedding_type, output_tensor_type, pure, hp.n_layer)
     if not dry_run:
-        if not dst_p.parent.is_dir():
-            raise Error(f"{dst_p.parent}: no such directory for the output")
-        if dst_p.is_dir():
-            raise Error(f"{dst_p}: is a directory, not an output file name")
-        if dst_p.exists() and dst_p.resolve() == src_p.resolve():
-            raise Error(f"{dst_p}: the output would replace the source it is read from")
-        outputs.check_new(dst_p, overwrite)
+        _check_output(src_p, dst_p, overwrite)
     imat, imat_name = _load_imatrix(imatrix)
     imat = _filter_imatrix(imat, include_weights, exclude_weights)
     out_names, hp_out = _pruned_names(list(gf.tensors), hp, prune_layers)
@@ -747,82 +842,22 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, *, recipe: str | Se
     extra_md = _output_metadata(gf, hp_out, bool(prune_layers), _kv_overrides(override_kv))
 
     plans = _choose(gf, hp, out_names, spec, ovr, tok, out_t, pure, has_imatrix=imat is not None)
-    fallbacks = [(p.name, _tn(p.wanted), _tn(p.dst), _shape_fallback(p.wanted, p.ne0)[1] or "")
-                 for p in plans if p.wanted != p.dst]
-
-    notes: list[str] = []
-    quantizable = [p.info.name for p in plans if p.role not in (layout.VECTOR, layout.ROUTER)]
-    for r in ovr:  # a typo in a pattern would otherwise pass silently
-        if not any(r.regex.search(n) for n in quantizable):
-            notes.append(f"override {r.pattern!r} matches no quantizable tensor")
-            warnings.warn(notes[-1], stacklevel=2)
-
-    refused = [p for p in plans if not p.copy and _lib.ggml_is_quantized(p.info.type)
-               and (not allow_requantize or _lib.ggml_get_type_traits(p.info.type).to_float == _ffi.NULL)]
-    if refused:
-        ex = ", ".join(f"{p.info.name} ({p.info.type_name}->{_tn(p.dst)})" for p in refused[:3])
-        msg = f"{len(refused)} tensor(s) would be requantized from an already quantized type, e.g. {ex}; "
-        raise Error(msg + "pass allow_requantize=True (quality suffers) or start from an f16/bf16/f32 file",
-                    cli=msg + "drop --no-requantize (quality suffers) or start from an f16/bf16/f32 file")
-
-    if leave_output_tensor:
-        notes.append("leave_output_tensor changes nothing here: the output head is token_embd (tied), as in "
-                     "llama-quantize; use token_embedding_type to keep it")
-    if spec.file_type is not None and spec.file_type.default in ("f32", "f16", "bf16") and ovr:
-        notes.append(f"overrides are ignored by the {spec.file_type.name} file type, as in llama-quantize")
+    notes = _flag_notes(plans, spec, ovr, leave_output_tensor)
+    _refuse_requantize(plans, allow_requantize)
     no_imatrix, partial = _attach_imatrix(plans, imat, spec.file_type, require_imatrix, dry_run, notes)
-
     ftype = spec.file_type.ftype if spec.file_type is not None else _ftype_for(plans)
-    w = gguf_file.Writer(dst_p, copy_kv_from=src_p)
-    for k in ("split.no", "split.count", "split.tensors.count", *_IMATRIX_KEYS):
-        _lib.gguf_remove_key(w.ctx, k.encode())
-    w.set("general.quantization_version", 2)
-    w.set("general.file_type", ftype)
-    w.set(RECIPE_KEY, json.dumps(spec.desc))
-    for k, v in extra_md.items():  # pruned layer arrays, then --override-kv (after file_type, as llama-quantize)
-        w.set(k, v)
-    if imat is not None:
-        w.set("quantize.imatrix.file", (imat_name or "")[:127])  # llama-quantize keeps at most 127 chars
-        if imat.datasets:
-            w.set("quantize.imatrix.dataset", imat.datasets[0][:127])
-        w.set("quantize.imatrix.entries_count", len(imat.entries))
-        if imat.chunk_count > 0:
-            w.set("quantize.imatrix.chunks_count", imat.chunk_count)
-    for p in plans:
-        w.add_tensor(p.name, p.info.shape, p.dst)
-
-    def report(size: int, seconds: float) -> QuantizeReport:
-        names = [_tn(p.dst) for p in plans]
-        census = dict(sorted({n: names.count(n) for n in set(names)}.items(), key=lambda kv: (-kv[1], kv[0])))
-        return QuantizeReport(
-            src=src_p, dst=dst_p, recipe=json.dumps(spec.desc), census=census,
-            tensors=[(p.name, p.info.shape, p.info.type_name, _tn(p.dst)) for p in plans],
-            size_bytes=size, fallbacks=fallbacks, no_imatrix=no_imatrix, imatrix_partial=partial,
-            warnings=notes, ftype=ftype, dry_run=dry_run, imatrix=imat_name,
-            src_bytes=sum(p.info.nbytes for p in plans), seconds=seconds)
-
+    w = _writer(src_p, dst_p, plans, spec, ftype, extra_md, imat, imat_name)
     if dry_run:
-        return report(w.predicted_size(), time.perf_counter() - t_start)
-
-    for t in sorted({p.dst for p in plans if not p.copy and _lib.ggml_is_quantized(p.dst)}):
-        _lib.ggml_quantize_init(t)  # IQ grids take seconds under a global lock: build them before the workers
-    n_threads = threads or _n_cpus()
-    from tqdm.auto import tqdm
-
-    mm = np.memmap(src_p, dtype=np.uint8, mode="r")
-    bar = tqdm(total=sum(p.info.nbytes for p in plans), unit="B", unit_scale=True, desc="quantize",
-               disable=not progress, dynamic_ncols=True)
-    pool = ThreadPoolExecutor(n_threads, thread_name_prefix="diffgemma-quantize")
-    pipe = _Pipeline(plans, mm, pool, 2 * n_threads + 2, bar)
-    t_work = time.perf_counter()
-    try:
-        size = w.write(pipe.pieces)
-    except OSError as e:  # disk full, permissions: the partial file is already gone
-        raise Error(f"{dst_p}: cannot write the output: {e}") from e
-    finally:
-        pipe.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        del mm
-    return report(size, time.perf_counter() - t_work)
+        size, seconds = w.predicted_size(), time.perf_counter() - t_start
+    else:
+        size, seconds = _write(w, plans, src_p, dst_p, threads or _n_cpus(), progress)
+    names = [_tn(p.dst) for p in plans]
+    return QuantizeReport(
+        src=src_p, dst=dst_p, recipe=json.dumps(spec.desc),
+        census=dict(sorted({n: names.count(n) for n in set(names)}.items(), key=lambda kv: (-kv[1], kv[0]))),
+        tensors=[(p.name, p.info.shape, p.info.type_name, _tn(p.dst)) for p in plans], size_bytes=size,
+        fallbacks=[(p.name, _tn(p.wanted), _tn(p.dst), _shape_fallback(p.wanted, p.ne0)[1] or "")
+                   for p in plans if p.wanted != p.dst],
+        no_imatrix=no_imatrix, imatrix_partial=partial, warnings=notes, ftype=ftype, dry_run=dry_run,
+        imatrix=imat_name, src_bytes=sum(p.info.nbytes for p in plans), seconds=seconds)
 
