@@ -144,8 +144,9 @@ def measure(v: Variant, wins: list[se.Window], prompts: list[str], ref: dict[str
         acc, acc2, mine = {}, {}, {}
         kl = {1: [0.0, 0], 2: [0.0, 0]}
         nll_sum = nll_n = 0.0
+        cfg = m.sampler_defaults
         for t in LEVELS:
-            first, second, masks = se.denoise2(m, wins, t, sampler.temperature_at(t, m.hparams.t_min, m.hparams.t_max))
+            first, second, masks = se.denoise2(m, wins, t, sampler.temperature_at(t, cfg.t_min, cfg.t_max))
             acc[t] = se.accuracy(first, masks, wins)
             acc2[t] = se.accuracy(second, masks, wins)
             s, n = nll(first, wins)

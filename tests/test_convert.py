@@ -16,6 +16,7 @@ import torch
 from diffgemma import converter as conv
 from diffgemma import gguf_file, layout
 from diffgemma.errors import Error, GGUFError
+from diffgemma.sampler import SamplerSettings
 
 Q = gguf.GGMLQuantizationType
 T = gguf.TokenType
@@ -26,9 +27,10 @@ EXPECTED_HP = layout.HParams(
     n_ff=96, n_ff_exp=32, n_expert=4, n_expert_used=2, sliding_window=8,
     swa_layers=(True, False, True, False),
     rope_base=1e6, rope_base_swa=1e4, rope_dim=32, rope_dim_swa=16, rms_eps=1e-6, softcap=30.0,
-    canvas_length=16, context_length=1024, steps=12, t_min=0.3, t_max=0.9, entropy_bound=0.2, stability=2,
-    confidence=0.01,
+    canvas_length=16, context_length=1024,
 )
+# hf_reference's generation_config.json settings (all different from the reference defaults).
+EXPECTED_SAMPLER = SamplerSettings(steps=12, t_min=0.3, t_max=0.9, entropy_bound=0.2, stability=2, confidence=0.01)
 
 # GGUF name → HF checkpoint name, written out independently of the converter's own table.
 _PER_LAYER = {
@@ -128,9 +130,10 @@ def test_hparams_from_config(hf_tiny: dict[str, Any]) -> None:
     config = json.loads((hf_tiny["dir"] / "config.json").read_text())
     gen = json.loads((hf_tiny["dir"] / "generation_config.json").read_text())
     assert "per_layer_config" in config["text_config"]  # what save_pretrained writes
-    hp, prf = conv.hparams_from_hf(config, gen)
+    hp, prf = conv.hparams_from_hf(config)
     assert hp == EXPECTED_HP
     assert prf == 0.25
+    assert conv.sampler_from_hf(gen) == EXPECTED_SAMPLER
 
 
 def test_hparams_of_released_style_config() -> None:
@@ -152,13 +155,15 @@ def test_hparams_of_released_style_config() -> None:
     gen = {"max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
            "confidence_threshold": 0.005, "eos_token_id": [1, 106, 50], "pad_token_id": 0,
            "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1}}
-    hp, prf = conv.hparams_from_hf(config, gen)
+    hp, prf = conv.hparams_from_hf(config)
     assert hp == layout.full_26b_a4b()
     assert prf == 0.25
     assert layout.rope_freq_factors(hp, prf) == [1.0] * 64 + [1e30] * 192
+    s = conv.sampler_from_hf(gen)
+    assert (s.steps, s.t_min, s.t_max, s.entropy_bound, s.stability, s.confidence) == (48, 0.4, 0.8, 0.1, 1, 0.005)
     # null / absent sampler settings fall back to the published defaults
-    hp2, _ = conv.hparams_from_hf(config, {"max_denoising_steps": None, "sampler_config": None})
-    assert (hp2.steps, hp2.t_min, hp2.t_max, hp2.entropy_bound, hp2.stability, hp2.confidence) == (
+    s2 = conv.sampler_from_hf({"max_denoising_steps": None, "sampler_config": None})
+    assert (s2.steps, s2.t_min, s2.t_max, s2.entropy_bound, s2.stability, s2.confidence) == (
         48, 0.4, 0.8, 0.1, 1, 0.005)
 
 
@@ -181,7 +186,7 @@ def test_hparams_rejects_unsupported_configs(
     config = json.loads((hf_tiny["dir"] / "config.json").read_text())
     config["text_config"].update(edit)
     with pytest.raises(Error, match=message):
-        conv.hparams_from_hf(config, {})
+        conv.hparams_from_hf(config)
 
 
 def test_metadata_keys(hf_tiny: dict[str, Any]) -> None:
@@ -190,7 +195,7 @@ def test_metadata_keys(hf_tiny: dict[str, Any]) -> None:
     assert md["general.name"] == "tiny-dg"
     assert md["general.file_type"] == 0
     assert md["general.quantization_version"] == 2
-    for key, want in layout.hparams_to_metadata(EXPECTED_HP).items():
+    for key, want in {**layout.hparams_to_metadata(EXPECTED_HP), **EXPECTED_SAMPLER.to_metadata()}.items():
         assert key in md, key
         got = md[key]
         if isinstance(want, float):
@@ -201,9 +206,9 @@ def test_metadata_keys(hf_tiny: dict[str, Any]) -> None:
     assert problems == []
     assert hp is not None
     for f in ("n_layer", "n_embd", "n_vocab", "n_head", "n_head_kv", "head_dim", "head_dim_swa", "n_ff",
-              "n_ff_exp", "n_expert", "n_expert_used", "sliding_window", "swa_layers", "canvas_length",
-              "steps", "stability"):
+              "n_ff_exp", "n_expert", "n_expert_used", "sliding_window", "swa_layers", "canvas_length"):
         assert getattr(hp, f) == getattr(EXPECTED_HP, f), f
+    assert SamplerSettings.from_metadata(md) == EXPECTED_SAMPLER
 
 
 def test_tokenizer_metadata(hf_tiny: dict[str, Any]) -> None:

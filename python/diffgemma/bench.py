@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import binding as B
-from . import layout, sampler
+from . import sampler
 from .errors import Error
 
 VALIDATION_PROMPTS = {
@@ -62,11 +62,12 @@ def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, 
 
     noise = rng.integers(0, hp.n_vocab, L)
     history: list[np.ndarray] = []
+    cfg = m.sampler_defaults
 
     def step() -> None:  # a whole denoising step as generate runs it: device pass, then the host rules
         argmax, entropy, sampled = m.denoise_step(canvas, 0.7, True, u)
-        sampler.renoise(sampler.accept(entropy, hp.entropy_bound), sampled, noise)
-        sampler.should_stop(history, argmax, entropy, hp.stability, hp.confidence)
+        sampler.renoise(sampler.accept(entropy, cfg.entropy_bound), sampled, noise)
+        sampler.should_stop(history, argmax, entropy, cfg.stability, cfg.confidence)
 
     prefill()  # warm-up (graph build and allocation)
     prefill_ms = _timed(prefill, 3)
@@ -161,11 +162,11 @@ def transformers_step(model: Any, *, prompt_tokens: int, canvas: int, vocab: int
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(5, vocab, (1, prompt_tokens), generator=g)
     cv = torch.randint(0, vocab, (1, canvas), generator=g)
-    d = layout.SAMPLER_DEFAULTS  # the released checkpoint's sampler settings
+    d = sampler.SamplerSettings()  # the reference settings, which the released checkpoint uses
     gc = DiffusionGemmaGenerationConfig(
-        max_denoising_steps=d["steps"], t_min=d["t_min"], t_max=d["t_max"],
-        sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": d["entropy_bound"]},
-        stability_threshold=d["stability"], confidence_threshold=d["confidence"])
+        max_denoising_steps=d.steps, t_min=d.t_min, t_max=d.t_max,
+        sampler_config={"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": d.entropy_bound},
+        stability_threshold=d.stability, confidence_threshold=d.confidence)
     with torch.no_grad():
         def prefill() -> Any:
             return model(input_ids=prompt, decoder_input_ids=cv)

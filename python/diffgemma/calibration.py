@@ -235,7 +235,7 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
         raise Error(f"mode must be 'denoise' or 'unified', got {mode!r}")
     outputs.check_new(out, overwrite)
     m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers)
-    hp = m.hparams
+    hp, cfg = m.hparams, m.sampler_defaults
     L = hp.canvas_length
     size = chunk_size or 2 * L
     if size <= L:
@@ -280,11 +280,11 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
                 m._sync_prefix(prompt)
                 u = rng.random(L, dtype=np.float32)
                 if mode == "unified":
-                    m.denoise_step(target, hp.t_max, False, u)
+                    m.denoise_step(target, cfg.t_max, False, u)
                 else:
                     level = rng.uniform(EPS, 1.0)
                     noisy = np.where(rng.random(L) < level, rng.integers(0, hp.n_vocab, L), target)
-                    temp = sampler.temperature_at(level, hp.t_min, hp.t_max)
+                    temp = sampler.temperature_at(level, cfg.t_min, cfg.t_max)
                     m.denoise_step(noisy, temp, False, u)
                     col.record_self_cond = True
                     m.denoise_step(noisy, temp, True, u)

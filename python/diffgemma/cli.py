@@ -29,12 +29,14 @@ def info_text(path: str) -> str:
     """What `diffgemma info FILE` prints: architecture, hyper-parameters, sampler defaults, census, size."""
     from . import gguf_file
     from .model import resolve
+    from .sampler import SamplerSettings
 
     gf = gguf_file.read(resolve(path))
     if gf.metadata.get("general.architecture") == "clip":
         return mmproj_text(gf)
     hp = gguf_file.validate(gf)
     md = gf.metadata
+    sp = SamplerSettings.from_metadata(md)
     n_params = sum(math.prod(t.shape) for t in gf.tensors.values())
     data = sum(t.nbytes for t in gf.tensors.values())
     bpw = gguf_file.bits_per_weight((t.shape, t.type) for t in gf.tensors.values())
@@ -56,8 +58,8 @@ def info_text(path: str) -> str:
         f"rms eps {hp.rms_eps:g}   context {hp.context_length}",
         *_kv_lines(hp, data),
         "sampler defaults (diffusion.*)",
-        f"  canvas {hp.canvas_length}   steps {hp.steps}   t {hp.t_max:g} -> {hp.t_min:g}   entropy bound "
-        f"{hp.entropy_bound:g}   stability {hp.stability}   confidence {hp.confidence:g}",
+        f"  canvas {hp.canvas_length}   steps {sp.steps}   t {sp.t_max:g} -> {sp.t_min:g}   entropy bound "
+        f"{sp.entropy_bound:g}   stability {sp.stability}   confidence {sp.confidence:g}",
     ]
     return "\n".join(lines)
 
@@ -121,9 +123,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
             print(json.dumps(mmproj.describe(gf, mmproj.validate(gf)), indent=1))
             return 0
         hp = gguf_file.validate(gf)
-        import dataclasses
+        from .sampler import SamplerSettings
 
         print(json.dumps({"hparams": dataclasses.asdict(hp),
+                          "sampler": dataclasses.asdict(SamplerSettings.from_metadata(gf.metadata)),
                           "census": gguf_file.census(t.type_name for t in gf.tensors.values()),
                           "tensors": len(gf.tensors), "size_bytes": gf.file_size}, indent=1))
     else:
@@ -149,29 +152,21 @@ def _image_budget_arg(s: argparse.ArgumentParser) -> None:
 
 
 def _sampler_args(s: argparse.ArgumentParser) -> None:
+    from .sampler import SamplerSettings
+
     s.add_argument("-n", "--max-new-tokens", type=int, default=256, help="rounded up to whole canvases")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default: from the file)")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
-    s.add_argument("--t-min", type=float, default=None,
-                   help="temperature at the last step of the linear schedule (default: from the file)")
-    s.add_argument("--t-max", type=float, default=None,
-                   help="temperature at the first step of the linear schedule (default: from the file)")
-    s.add_argument("--entropy-bound", type=float, default=None,
-                   help="each step keeps sampled tokens, lowest entropy first, while the entropy summed before "
-                        "them is at most this bound; the rest are re-noised (default: from the file)")
-    s.add_argument("--stability", type=int, default=None,
-                   help="stop a canvas early once its argmax is unchanged for this many steps and confident "
-                        "(default: from the file)")
-    s.add_argument("--confidence", type=float, default=None,
-                   help="...and its mean entropy is below this (default: from the file)")
+    for f in dataclasses.fields(SamplerSettings):  # --steps, --t-min, ...: one flag per setting
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (default: from the file)")
 
 
 def _sampler_kw(a: argparse.Namespace) -> dict:
-    kw = {k: getattr(a, k) for k in ("max_new_tokens", "steps", "seed", "t_min", "t_max", "entropy_bound")}
-    for k in ("stability", "confidence"):  # None on the command line means "from the file"
-        if getattr(a, k) is not None:
-            kw[k] = getattr(a, k)
-    return kw
+    from .sampler import SamplerSettings
+
+    # A flag left out takes the file's value (so the command line cannot switch the adaptive stop off).
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SamplerSettings)}
+    return {"max_new_tokens": a.max_new_tokens, "seed": a.seed, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _load(a: argparse.Namespace) -> Any:

@@ -34,6 +34,7 @@ from gguf import TokenType
 
 from . import ftypes, gguf_file, layout, outputs
 from .errors import Error, GGUFError
+from .sampler import SamplerSettings
 
 HF_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 
@@ -214,32 +215,29 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, float, _RopeInfo]:
     return base, base_swa, _RopeInfo(prf)
 
 
-def _sampler_settings(gen: Mapping[str, Any]) -> dict[str, Any]:
-    d = layout.SAMPLER_DEFAULTS
+def sampler_from_hf(gen: Mapping[str, Any]) -> SamplerSettings:
+    """The sampler settings of a parsed generation_config.json (written as the file's diffusion.eb_* keys); the
+    reference default for each absent or null one."""
     what = "generation_config.json"
-    sampler = gen.get("sampler_config") or {}
-    if not isinstance(sampler, dict):
-        raise Error(f"{what}: sampler_config must be an object")
-    vals = {
-        "steps": _num(gen, "max_denoising_steps", d["steps"], int, what),
-        "t_min": _num(gen, "t_min", d["t_min"], float, what),
-        "t_max": _num(gen, "t_max", d["t_max"], float, what),
-        "entropy_bound": _num(sampler, "entropy_bound", d["entropy_bound"], float, what),
-        "stability": _num(gen, "stability_threshold", d["stability"], int, what),
-        "confidence": _num(gen, "confidence_threshold", d["confidence"], float, what),
-    }
-    if vals["steps"] <= 0 or vals["stability"] < 0 or vals["entropy_bound"] <= 0 or vals["confidence"] <= 0:
-        raise Error(f"{what}: sampler settings out of range: {vals}")
-    if not 0 <= vals["t_min"] < vals["t_max"]:
-        raise Error(f"{what}: need 0 <= t_min < t_max, got t_min={vals['t_min']} t_max={vals['t_max']}")
-    return vals
+    vals: dict[str, Any] = {}
+    for f in dataclasses.fields(SamplerSettings):
+        *parents, key = f.metadata["hf"].split(".")  # entropy_bound sits in sampler_config
+        d = gen
+        for p in parents:
+            d = d.get(p) or {}
+            if not isinstance(d, dict):
+                raise Error(f"{what}: {p} must be an object")
+        v = _num(d, key, None, type(f.default), what)
+        if v is not None:
+            vals[f.name] = v
+    try:
+        return SamplerSettings(**vals)
+    except Error as e:
+        raise Error(f"{what}: {e}") from None
 
 
-def hparams_from_hf(
-    config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None
-) -> tuple[layout.HParams, float]:
-    """(hyper-parameters, partial rotary factor of the global layers) from a parsed config.json (and
-    generation_config.json, for the `diffusion.eb_*` sampler settings)."""
+def hparams_from_hf(config: Mapping[str, Any]) -> tuple[layout.HParams, float]:
+    """(hyper-parameters, partial rotary factor of the global layers) from a parsed config.json."""
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or HF_ARCHITECTURE not in archs:
         raise Error(f"config.json: architectures is {archs!r}; expected it to contain {HF_ARCHITECTURE!r}")
@@ -311,7 +309,6 @@ def hparams_from_hf(
         softcap=softcap,
         canvas_length=_num(cfg, "canvas_length", 256, int, what),
         context_length=_num(cfg, "max_position_embeddings", 131072, int, what),
-        **_sampler_settings(generation_config or {}),
     )
     layout.check_hparams_or_raise(hp)
     return hp, rope.partial_rotary_factor
@@ -790,10 +787,12 @@ def plan_tensors(
 # ---- metadata ---------------------------------------------------------------------------------------
 
 
-def build_metadata(hp: layout.HParams, tok: TokenizerData, *, name: str, outtype: str) -> dict[str, Any]:
+def build_metadata(hp: layout.HParams, sampler: SamplerSettings, tok: TokenizerData, *, name: str,
+                   outtype: str) -> dict[str, Any]:
     """All key/values of the output file, in the order they are written."""
     md: dict[str, Any] = {"general.architecture": layout.ARCH, "general.name": name}
     md.update(layout.hparams_to_metadata(hp))
+    md.update(sampler.to_metadata())
     md["general.file_type"] = OUTTYPES[outtype][1]
     md["general.quantization_version"] = gguf.GGML_QUANT_VERSION
     md.update(tok.metadata())
@@ -848,11 +847,12 @@ def convert(
     if not isinstance(config, dict):
         raise Error(f"{d / 'config.json'} does not hold a JSON object")
     gen = _read_optional_json(d / "generation_config.json", "generation config")
-    hp, prf = hparams_from_hf(config, gen)
+    hp, prf = hparams_from_hf(config)
+    sampler = sampler_from_hf(gen)
     tok = read_tokenizer(d, hp.n_vocab)
     plans = plan_tensors(hp, read_checkpoint_index(d), outtype, prf)
     out_path = outputs.check_new(_resolve_out(d, Path(out), outtype), overwrite)
-    metadata = build_metadata(hp, tok, name=d.resolve().name, outtype=outtype)
+    metadata = build_metadata(hp, sampler, tok, name=d.resolve().name, outtype=outtype)
     if mmproj is not None:
         from . import mmproj as vision_file
 

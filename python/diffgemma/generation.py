@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 import weakref
 from collections.abc import Callable, Generator
@@ -14,6 +13,7 @@ import numpy as np
 
 from . import multimodal, sampler
 from .errors import Error
+from .sampler import FROM_FILE, SamplerSettings
 from .template import Hole, lay_out
 
 
@@ -81,56 +81,6 @@ class CanvasEvent:
     timings: Timings  # of the generation so far
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    steps: int
-    t_min: float
-    t_max: float
-    entropy_bound: float
-    stability: int | None
-    confidence: float | None
-
-
-class _FromFile:
-    """The default of stability/confidence: take the file's value (None switches the adaptive stop off)."""
-
-    def __repr__(self) -> str:
-        return "FROM_FILE"
-
-
-FROM_FILE: Any = _FromFile()
-
-
-def settings(hp: Any, *, steps: Any = None, t_min: Any = None, t_max: Any = None, entropy_bound: Any = None,
-             stability: Any = FROM_FILE, confidence: Any = FROM_FILE) -> Settings:
-    """Sampler settings: explicit values, else the file's diffusion.eb_* keys (else the reference defaults).
-    stability/confidence may be passed as None to switch the adaptive stop off."""
-    s = Settings(
-        steps=hp.steps if steps is None else steps,
-        t_min=hp.t_min if t_min is None else t_min,
-        t_max=hp.t_max if t_max is None else t_max,
-        entropy_bound=hp.entropy_bound if entropy_bound is None else entropy_bound,
-        stability=hp.stability if stability is FROM_FILE else stability,
-        confidence=hp.confidence if confidence is FROM_FILE else confidence,
-    )
-    if isinstance(s.steps, bool) or not isinstance(s.steps, int | np.integer) or s.steps <= 0:
-        raise Error(f"steps must be a positive int, got {s.steps!r}")
-    for name in ("t_min", "t_max", "entropy_bound"):
-        v = getattr(s, name)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise Error(f"{name} must be a finite number, got {v!r}")
-    if s.t_min < 0 or s.t_max <= s.t_min:
-        raise Error(f"need 0 <= t_min < t_max, got t_min={s.t_min}, t_max={s.t_max}")
-    if s.entropy_bound <= 0:
-        raise Error(f"entropy_bound must be > 0, got {s.entropy_bound}")
-    if s.stability is not None and (isinstance(s.stability, bool) or not isinstance(s.stability, int)
-                                    or s.stability < 0):
-        raise Error(f"stability must be an int >= 0 or None, got {s.stability!r}")
-    if s.confidence is not None and (not isinstance(s.confidence, int | float) or s.confidence <= 0):
-        raise Error(f"confidence must be a number > 0 or None, got {s.confidence!r}")
-    return s
-
-
 def eos_ids(model: Any) -> frozenset[int]:
     """End-of-sequence ids: the file's generation-config list if stored, else every end-of-generation token
     libllama knows for the vocabulary."""
@@ -194,11 +144,14 @@ def stream(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | N
            seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
            entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
            chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
-           image_budget: int = 280, template: Any = None) -> Stream:
+           image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None) -> Stream:
     """Check the arguments and lay out the prompt now; return the Stream that generates (see Model.stream)."""
     hp = model.hparams
-    cfg = settings(hp, steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
-                   confidence=confidence)
+    if sampler is not None and not isinstance(sampler, SamplerSettings):
+        raise Error(f"sampler must be a dg.SamplerSettings or None, got {sampler!r}")
+    cfg = (model.sampler_defaults if sampler is None else sampler).override(
+        steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
+        confidence=confidence)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if on_prefill is not None and not callable(on_prefill):  # checked before any work, not at the first call
@@ -229,7 +182,7 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: Settings, seed: int,
+def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings, seed: int,
             on_prefill: Any, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))

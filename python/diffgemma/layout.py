@@ -11,24 +11,16 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from . import sampler
 from .errors import GGUFError
 
 ARCH = "diffusion-gemma"
 
-# Published defaults of the optional keys (reference defaults of transformers' generation config).
-SAMPLER_DEFAULTS = {
-    "steps": 48,
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "entropy_bound": 0.1,
-    "stability": 1,
-    "confidence": 0.005,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class HParams:
-    """Hyper-parameters of a DiffusionGemma text model, read from (or written to) GGUF metadata."""
+    """Hyper-parameters of a DiffusionGemma text model (its architecture), read from (or written to) GGUF
+    metadata. The sampler's settings are sampler.SamplerSettings."""
 
     n_layer: int
     n_embd: int
@@ -51,12 +43,6 @@ class HParams:
     softcap: float = 30.0
     canvas_length: int = 256
     context_length: int = 262144
-    steps: int = SAMPLER_DEFAULTS["steps"]
-    t_min: float = SAMPLER_DEFAULTS["t_min"]
-    t_max: float = SAMPLER_DEFAULTS["t_max"]
-    entropy_bound: float = SAMPLER_DEFAULTS["entropy_bound"]
-    stability: int = SAMPLER_DEFAULTS["stability"]
-    confidence: float = SAMPLER_DEFAULTS["confidence"]
 
     def is_swa(self, il: int) -> bool:
         return self.swa_layers[il]
@@ -108,13 +94,7 @@ _KEYS: list[tuple[str, str, bool]] = [
     ("rope_dim_swa", _k("rope.dimension_count_swa"), False),
     ("softcap", _k("final_logit_softcapping"), False),
     ("canvas_length", "diffusion.canvas_length", True),
-    ("steps", "diffusion.eb_max_steps", False),
-    ("t_min", "diffusion.eb_t_min", False),
-    ("t_max", "diffusion.eb_t_max", False),
-    ("entropy_bound", "diffusion.eb_entropy_bound", False),
-    ("stability", "diffusion.eb_stability_threshold", False),
-    ("confidence", "diffusion.eb_confidence_threshold", False),
-]
+]  # the sampler's diffusion.eb_* keys: sampler.SamplerSettings
 
 def metadata_key(field: str) -> str:
     """The GGUF key that stores HParams field `field`, e.g. 'n_layer' -> 'diffusion-gemma.block_count'."""
@@ -143,6 +123,7 @@ def hparams_from_metadata(md: Mapping[str, Any], n_vocab: int | None = None) -> 
     for a, b in _EQUAL_KEYS:
         if a in md and b in md and md[a] != md[b]:
             problems.append(f"{a}={md[a]} differs from {b}={md[b]}")
+    problems += sampler.metadata_problems(md)  # so that a file which loads has usable sampler defaults
     if n_vocab is None:
         toks = md.get("tokenizer.ggml.tokens")
         n_vocab = len(toks) if isinstance(toks, list) else None
@@ -160,8 +141,7 @@ def hparams_from_metadata(md: Mapping[str, Any], n_vocab: int | None = None) -> 
             problems.append(f"{field} has {len(v)} entries, expected block_count={n_layer}")
         vals[field] = tuple(bool(x) if field == "swa_layers" else int(x) for x in v)
     ints = {"n_vocab", "n_layer", "n_embd", "n_head", "head_dim", "head_dim_swa", "n_ff", "n_ff_exp", "n_expert",
-            "n_expert_used", "sliding_window", "rope_dim", "rope_dim_swa", "canvas_length", "context_length",
-            "steps", "stability"}
+            "n_expert_used", "sliding_window", "rope_dim", "rope_dim_swa", "canvas_length", "context_length"}
     for f in dataclasses.fields(HParams):
         if f.name in vals and f.name not in ("n_head_kv", "swa_layers"):
             try:

@@ -24,6 +24,7 @@ from .generation import generate as _generate
 from .generation import infill as _infill
 from .generation import stream as _stream
 from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
+from .sampler import SamplerSettings
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
@@ -252,6 +253,12 @@ class Model:
         less the CPU weights (their mapped pages must stay resident to run at speed)."""
         weights = 0 if on_gpu else sum(i.nbytes for i in self._file.tensors.values() if not self._on_gpu(i.name))
         return self._free_bytes(on_gpu) - weights - kv.RESERVE_BYTES
+
+    @property
+    def sampler_defaults(self) -> SamplerSettings:
+        """The sampler settings generation uses where none are given: the file's diffusion.eb_* keys, the
+        reference defaults for absent ones (checked when the file was loaded)."""
+        return SamplerSettings.from_metadata(self.metadata)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -548,7 +555,7 @@ class Model:
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                  on_step: Any = None, on_prefill: Any = None, image_budget: int = 280,
-                 template: Any = None) -> Generation:
+                 template: Any = None, sampler: SamplerSettings | None = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
@@ -563,17 +570,21 @@ class Model:
 
         template: fixed text with holes to fill (docs/templates.md): text with {{hole N ...}} tags or a list of
         str and dg.Hole parts. It is laid over as many canvases as it needs (max_new_tokens is then ignored, as
-        are EOS tokens); .text is the filled template, .holes each hole's text. The prompt may be "" or None."""
+        are EOS tokens); .text is the filled template, .holes each hole's text. The prompt may be "" or None.
+
+        sampler: a dg.SamplerSettings to start from instead of m.sampler_defaults; the six sampler keywords,
+        where given, override it."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
-                         template=template)
+                         template=template, sampler=sampler)
 
     def stream(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
-               on_prefill: Any = None, image_budget: int = 280, template: Any = None) -> Stream:
+               on_prefill: Any = None, image_budget: int = 280, template: Any = None,
+               sampler: SamplerSettings | None = None) -> Stream:
         """Generation as a stream of events (arguments as for generate, which consumes this stream).
 
         Iterate it: a dg.StepEvent after every denoising step (.canvas_index, .step, .steps, .temperature,
@@ -588,7 +599,8 @@ class Model:
         self._check_open()
         return _stream(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                        t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
-                       chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template)
+                       chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template,
+                       sampler=sampler)
 
     def infill(self, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
         """The text between `prefix` (the raw prompt) and `suffix`, in a hole of n_tokens. Keywords: allowed=,

@@ -2,11 +2,147 @@
 
 The per-position statistics (argmax, entropy, multinomial sample) are computed on the device by the graph;
 these functions take the O(canvas) results and decide acceptance, re-noising and stopping on the host.
+SamplerSettings holds their six settings: reference defaults, validation and the GGUF keys, in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+
+from .errors import Error, GGUFError
+
+
+class _FromFile:
+    """The default of stability/confidence: take the file's value (None switches the adaptive stop off)."""
+
+    def __repr__(self) -> str:
+        return "FROM_FILE"
+
+
+FROM_FILE: Any = _FromFile()
+
+
+def _setting(default: Any, gguf: str, hf: str, help: str, *, off: bool = False) -> Any:
+    """A SamplerSettings field: its reference default, the GGUF key storing it, the Hugging Face generation
+    config key it comes from (a dot for a nested object), the help the CLI shows, and whether None is
+    allowed (it switches the adaptive stop off)."""
+    return dataclasses.field(default=default, metadata={"gguf": gguf, "hf": hf, "help": help, "off": off})
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The entropy-bound sampler's settings (spec §7.1). The defaults are the reference (transformers) ones,
+    which the released checkpoint also uses; a file's diffusion.eb_* keys give its own (Model.sampler_defaults).
+    Each field's metadata maps it to its GGUF key and Hugging Face name: the CLI flags, the server's request
+    fields and the converter are derived from these fields."""
+
+    steps: int = _setting(48, "diffusion.eb_max_steps", "max_denoising_steps", "denoising steps per canvas")
+    t_min: float = _setting(0.4, "diffusion.eb_t_min", "t_min",
+                            "temperature at the last step of the linear schedule")
+    t_max: float = _setting(0.8, "diffusion.eb_t_max", "t_max",
+                            "temperature at the first step of the linear schedule")
+    entropy_bound: float = _setting(0.1, "diffusion.eb_entropy_bound", "sampler_config.entropy_bound",
+                                    "each step keeps sampled tokens, lowest entropy first, while the entropy summed "
+                                    "before them is at most this bound; the rest are re-noised")
+    stability: int | None = _setting(1, "diffusion.eb_stability_threshold", "stability_threshold",
+                                     "stop a canvas early once its argmax is unchanged for this many steps and "
+                                     "confident", off=True)
+    confidence: float | None = _setting(0.005, "diffusion.eb_confidence_threshold", "confidence_threshold",
+                                        "...and its mean entropy is below this", off=True)
+
+    def __post_init__(self) -> None:
+        problems = {f.name: setting_problem(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if not problems["t_min"] and not problems["t_max"] and (self.t_min < 0 or self.t_max <= self.t_min):
+            problems["t_min"] = f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}"
+        if any(problems.values()):
+            raise Error("; ".join(p for p in problems.values() if p))
+
+    def replace(self, **changes: Any) -> SamplerSettings:
+        """A copy with some fields changed, validated like a new one."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(names))
+        if unknown:
+            raise Error(f"unknown sampler setting(s) {', '.join(unknown)}; the settings are {', '.join(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def override(self, **given: Any) -> SamplerSettings:
+        """These settings under generate()'s keywords: None keeps a value, except for stability/confidence,
+        which FROM_FILE keeps and None switches off."""
+        keep = {f.name: FROM_FILE if f.metadata["off"] else None for f in dataclasses.fields(self)}
+        return self.replace(**{k: v for k, v in given.items() if k not in keep or v is not keep[k]})
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> SamplerSettings:
+        """A file's settings: its diffusion.eb_* keys, the reference default for each absent one."""
+        problems = metadata_problems(md)
+        if problems:
+            raise GGUFError("; ".join(problems))
+        return cls(**_from_metadata(md)[0])
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The GGUF keys storing these settings (a file cannot store None: the adaptive stop is always on)."""
+        md = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                raise Error(f"a GGUF file cannot store {f.name}=None (the adaptive stop switched off)")
+            md[f.metadata["gguf"]] = v
+        return md
+
+
+def setting_problem(name: str, v: Any) -> str | None:
+    """Why `v` cannot be the sampler setting `name` on its own (None if it can); the t_min < t_max rule
+    needs both and is SamplerSettings' own."""
+    if name == "steps":
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
+            return f"steps must be a positive int, got {v!r}"
+    elif name in ("t_min", "t_max", "entropy_bound"):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return f"{name} must be a finite number, got {v!r}"
+        if name == "entropy_bound" and v <= 0:
+            return f"entropy_bound must be > 0, got {v}"
+    elif name == "stability":
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            return f"stability must be an int >= 0 or None, got {v!r}"
+    elif name == "confidence":
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                              or v <= 0):
+            return f"confidence must be a number > 0 or None, got {v!r}"
+    return None
+
+
+def metadata_problems(md: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a file's diffusion.eb_* keys (the loader lists these with the other problems)."""
+    vals, problems = _from_metadata(md)
+    if not problems:
+        try:
+            SamplerSettings(**vals)
+        except Error as e:
+            problems.append(f"sampler settings (diffusion.eb_*): {e}")
+    return problems
+
+
+def _from_metadata(md: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    vals: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in dataclasses.fields(SamplerSettings):
+        key = f.metadata["gguf"]
+        if key not in md:
+            continue
+        v = md[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            problems.append(f"{key} has a non-numeric value {v!r}")
+        elif isinstance(f.default, int):
+            vals[f.name] = int(v)
+        else:  # float32 keys come back as e.g. 0.4000000059604645: keep the value the writer meant
+            vals[f.name] = float(f"{float(v):.7g}")
+    return vals, problems
 
 
 def temperature(n: int, steps: int, t_min: float, t_max: float) -> float:

@@ -16,7 +16,6 @@ import dataclasses
 import importlib.resources
 import json
 import logging
-import math
 import secrets
 import signal
 import socket
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Error
 from .generation import CanvasEvent, Generation, StepEvent
+from .sampler import SamplerSettings, setting_problem
 
 if TYPE_CHECKING:
     from .model import Model
@@ -85,32 +85,23 @@ def _opt_int(body: dict, name: str, *, lo: int | None = None) -> int | None:
     return v
 
 
-def _opt_num(body: dict, name: str) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise _bad(f"'{name}' must be a finite number, got {v!r}", name)
-    return float(v)
-
-
-def _sampler_kw(body: dict, hp: Any) -> dict:
-    """Diffusion settings from extra body fields, validated by the library's own rules (so errors are 400s)."""
-    from .generation import settings
-
-    kw: dict[str, Any] = {"steps": _opt_int(body, "steps", lo=1)}
-    for name in ("t_min", "t_max", "entropy_bound"):
-        kw[name] = _opt_num(body, name)
-    # stability/confidence: absent = the file's value, explicit null = adaptive stop off (library semantics).
-    if "stability" in body:
-        kw["stability"] = _opt_int(body, "stability", lo=0)
-    if "confidence" in body:
-        kw["confidence"] = _opt_num(body, "confidence")
+def _sampler_settings(body: dict, defaults: SamplerSettings) -> SamplerSettings:
+    """The diffusion settings of a request: `defaults` (the model's) overridden by the extra body fields named
+    as SamplerSettings' fields, validated by the library's own rules (so errors are 400s naming the field)."""
+    given: dict[str, Any] = {}
+    for f in dataclasses.fields(defaults):
+        v = body.get(f.name)
+        # Absent (or null) = the model's default; an explicit null switches the adaptive stop off where it can.
+        if f.name not in body or (v is None and not f.metadata["off"]):
+            continue
+        why = setting_problem(f.name, v)
+        if why:
+            raise _bad(why, f.name)
+        given[f.name] = v
     try:
-        settings(hp, **kw)
+        return defaults.replace(**given)
     except Error as e:
         raise _bad(str(e)) from e
-    return kw
 
 
 def _stop_list(body: dict) -> list[str]:
@@ -147,7 +138,7 @@ _COMPLETION_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _parse_common(body: dict, hp: Any) -> dict:
+def _parse_common(body: dict, sampler_defaults: SamplerSettings) -> dict:
     """Fields shared by both endpoints; temperature/top_p/penalties are accepted and ignored (the diffusion
     sampler has its own temperature schedule, t_max -> t_min)."""
     _unsupported(body, _COMMON_UNSUPPORTED)
@@ -175,7 +166,7 @@ def _parse_common(body: dict, hp: Any) -> dict:
         "frames": bool(frames) and bool(stream),  # frames only travel in a stream
         "stop": _stop_list(body),
         "seed": secrets.randbits(63) if seed is None else seed,  # chosen here so every answer can report it
-        "sampler": _sampler_kw(body, hp),
+        "sampler": _sampler_settings(body, sampler_defaults),
     }
 
 
@@ -479,8 +470,8 @@ class _Run:
         self.per_canvas = bool(p["stream"] or p["stop"]) and p.get("template") is None
         # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
         self.prompt: Any = p["messages"] if p.get("messages") is not None else job.ids
-        self.stream_kw = {"max_new_tokens": p["max_tokens"], "seed": p["seed"],
-                          "image_budget": p.get("image_budget", 280), "template": p.get("template"), **p["sampler"]}
+        self.stream_kw = {"max_new_tokens": p["max_tokens"], "seed": p["seed"], "sampler": p["sampler"],
+                          "image_budget": p.get("image_budget", 280), "template": p.get("template")}
         self.committed: list[int] = []
         self.canvases: list[CanvasEvent] = []
         self.cancelled = False
@@ -742,7 +733,7 @@ class _Api:
         body = await _json_body(request)
         _unsupported(body, _CHAT_UNSUPPORTED)
         messages = _messages(body)
-        params = _parse_common(body, self.hp)
+        params = _parse_common(body, self.model.sampler_defaults)
         budget = _opt_int(body, "image_budget", lo=1)
         params["image_budget"] = 280 if budget is None else budget
         params["chat"] = opts = _chat_options(body, self.reasoning_format)
@@ -754,7 +745,7 @@ class _Api:
     async def completions(self, request: Any) -> Any:
         body = await _json_body(request)
         _unsupported(body, _COMPLETION_UNSUPPORTED)
-        params = _parse_common(body, self.hp)
+        params = _parse_common(body, self.model.sampler_defaults)
         suffix = body.get("suffix")
         if suffix:  # OpenAI's insertion: the text between prompt and suffix, as a hole of up to max_tokens
             if not isinstance(suffix, str) or body.get("template") is not None:
@@ -897,13 +888,14 @@ class _Api:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                             "owned_by": "diffgemma",
                                             "meta": {"canvas_length": hp.canvas_length, "n_ctx": self.model.n_ctx,
-                                                     "steps": hp.steps, "n_vocab": hp.n_vocab}}]}
+                                                     "steps": self.model.sampler_defaults.steps,
+                                                     "n_vocab": hp.n_vocab}}]}
 
     def health(self) -> dict:
         hp, model = self.hp, self.model
         waiting, running = self.engine.depth()
         return {"status": "ok", "model": self.name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
-                "steps": hp.steps, "entropy_bound": hp.entropy_bound, "t_min": hp.t_min, "t_max": hp.t_max,
+                **dataclasses.asdict(model.sampler_defaults),
                 "devices": list(getattr(model, "devices", [])),
                 "vision": getattr(model, "vision", None) is not None,
                 "queue": {"waiting": waiting, "running": running, "capacity": self.queue_size}}

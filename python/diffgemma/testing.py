@@ -23,6 +23,7 @@ from . import chat_format as cf
 from . import gguf_file, layout
 from .converter import OUTTYPES, stored_type
 from .gguf_file import Writer
+from .sampler import SamplerSettings
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", cf.TURN, cf.TURN_END, cf.CHANNEL, cf.CHANNEL_END,
                   cf.RESPONSE, cf.RESPONSE_END, cf.CALL, cf.CALL_END, cf.TOOL, cf.TOOL_END, cf.QUOTE, cf.THINK]
@@ -179,6 +180,7 @@ def write_model(path: str | os.PathLike, hp: layout.HParams | None = None, *, wt
     w.set("general.file_type", OUTTYPES[wtype][1])
     w.set("general.quantization_version", gguf.GGML_QUANT_VERSION)
     w.set_all(layout.hparams_to_metadata(hp))
+    w.set_all(SamplerSettings().to_metadata())  # as the published files: the reference settings
     w.set_all(vocab.metadata())
     w.set_all(extra_metadata or {})
     specs = layout.tensor_specs(hp)
@@ -221,6 +223,7 @@ def write_synthetic(path: str | os.PathLike, hp: layout.HParams, types: dict[str
     w.set("general.name", "diffgemma-synthetic")
     w.set("general.quantization_version", gguf.GGML_QUANT_VERSION)
     w.set_all(layout.hparams_to_metadata(hp))
+    w.set_all(SamplerSettings().to_metadata())  # as the published files: the reference settings
     w.set_all((tiny_vocab(hp.n_vocab) if hp.n_vocab <= 4096 else _placeholder_vocab(hp.n_vocab)).metadata())
     specs = {s.name: s for s in layout.tensor_specs(hp)}
     for s in specs.values():
