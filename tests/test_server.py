@@ -335,7 +335,7 @@ def test_metrics(client, server):
 
 def recorded_job(model, ids, **body):
     """A job as the HTTP side makes it, whose events are kept in .sent instead of going to an asyncio loop."""
-    params = {**srv._parse_common(body, model.hparams), "template": None}
+    params = {**srv._parse_common(body, model.sampler_defaults), "template": None}
     sent = []
     job = types.SimpleNamespace(ids=ids, p=params, cancelled=threading.Event(), sent=sent,
                                 put=lambda kind, payload=None: sent.append((kind, payload)))
