@@ -239,6 +239,18 @@ def test_chat_help_progress_and_cancelled_reply(capsys, monkeypatch, random_tiny
     assert "denoising" in err  # the progress bar
 
 
+def test_progress_bar_advances_on_committed_canvases(random_tiny):
+    with dg.load(random_tiny, threads=1) as m:
+        bar = cli._StepBar(3)
+        with m.stream("hi", max_new_tokens=48, steps=2, stability=None, seed=0) as s:
+            for ev in s:
+                bar.show(ev)
+                if isinstance(ev, dg.StepEvent):  # a step shows where it is; only a commit moves the bar
+                    assert bar.bar.n == ev.canvas_index and f"step {ev.step}/2" in bar.bar.postfix
+        assert bar.bar.n == len(s.generation.canvases) == 3
+        bar.clear()
+
+
 # ---- 9. consistent defaults, one bits-per-weight, silent mistakes ---------------------------------------------
 
 def test_serve_defaults_to_tiny_like_every_command():
