@@ -1,11 +1,12 @@
 """Where a denoising step's time goes: per ggml op, and forward pass vs on-device sampling vs host rules.
 
-Every node is observed through the scheduler's eval callback (which synchronises after each node, so the total
-is a little higher than an unobserved step); the split is what matters.
+Every node is observed through Model.observe (the scheduler's eval callback, which synchronises after each node,
+so the total is a little higher than an unobserved step); the split is what matters.
 
     python bench/profile_step.py [FILE] [--config mid|proportional] [--steps 10] [--prompt-tokens 128]
 (default FILE: a config of bench/step_latency.py, Q8_0). Matrix products are also split by weight,
-element-wise ops by shape.
+named nodes by name without the layer (graph.py names them as llama.cpp does: products after their weight,
+"attn_q", others "ffn_moe_probs", "attn_out", ...), element-wise ops by shape.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main() -> None:
     hp = m.hparams
     L = hp.canvas_length
     rng = np.random.default_rng(0)
-    m._sync_prefix(rng.integers(5, hp.n_vocab, a.prompt_tokens).astype(np.int32))
+    m.prefill(rng.integers(5, hp.n_vocab, a.prompt_tokens))
     canvas = rng.integers(0, hp.n_vocab, L)
     u = np.full(L, 0.5, np.float32)
     m.denoise_step(canvas, 0.8, False, u)
@@ -63,8 +64,7 @@ def main() -> None:
     phase = {"forward": 0.0, "sampling": 0.0}
     state = {"last": 0.0, "after_logits": False}
 
-    @B.ffi.callback("bool(struct ggml_tensor *, bool, void *)")
-    def cb(t, ask, _ud):
+    def on_node(t, ask):
         if ask:
             return True
         now = time.perf_counter()
@@ -72,24 +72,23 @@ def main() -> None:
         state["last"] = now
         op = B.cstr(B.lib.ggml_op_desc(t))
         per_op[op] += dt
-        if op in ("MUL_MAT", "MUL_MAT_ID"):
-            w = B.ffi.string(t.src[0].name).decode()
-            per_op[f"  {op} {re.sub(r'^blk[.][0-9]+[.]', '', w) if w else '(activations)'}"] += dt
+        name = B.ffi.string(t.name).decode()
+        if name and " (" not in name and not name.startswith("node_"):  # ours, not ggml's "x (view)" / "node_7"
+            per_op[f"  {op} {re.sub(r'-[0-9]+$', '', name)}"] += dt
         elif op in ("MUL", "ADD", "SUB", "DIV"):
             per_op[f"  {op} {'x'.join(str(t.ne[i]) for i in range(3))}"] += dt
         phase["sampling" if state["after_logits"] else "forward"] += dt
-        if B.ffi.string(t.name) == b"logits":
+        if name == "logits":
             state["after_logits"] = True
         return True
 
-    B.lib.ggml_backend_sched_set_eval_callback(m.sched, cb, B.ffi.NULL)
-    m._graph = None
-    m.denoise_step(canvas, 0.7, True, u)
-    per_op.clear()
-    phase.update(forward=0.0, sampling=0.0)
-    for _ in range(a.steps):
-        state.update(last=time.perf_counter(), after_logits=False)
+    with m.observe(on_node):
         m.denoise_step(canvas, 0.7, True, u)
+        per_op.clear()
+        phase.update(forward=0.0, sampling=0.0)
+        for _ in range(a.steps):
+            state.update(last=time.perf_counter(), after_logits=False)
+            m.denoise_step(canvas, 0.7, True, u)
     n = a.steps
     total = sum(per_op.values())
     print(f"{pathlib.Path(path).name}: canvas {L}, vocab {hp.n_vocab}, prompt {a.prompt_tokens}, {m.threads} threads")
@@ -100,7 +99,7 @@ def main() -> None:
           f"(argmax, entropy, sample); the [{hp.n_vocab} x {L}] logits ({4 * hp.n_vocab * L:,} bytes) stay on the "
           "device")
     for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])[:24]:
-        print(f"  {k:22s} {1e3 * v / n:8.2f} ms  {100 * v / total:5.1f}%")
+        print(f"  {k:34s} {1e3 * v / n:8.2f} ms  {100 * v / total:5.1f}%")
 
 
 if __name__ == "__main__":

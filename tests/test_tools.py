@@ -60,7 +60,7 @@ class Scripted:
         self.n_prompt = 0
         self.canvas = 0
         L = model.hparams.canvas_length
-        real_generate, real_stream, real_sync = model.generate, model.stream, model._sync_prefix
+        real_generate, real_stream, real_prefill = model.generate, model.stream, model.prefill
 
         def script(prompt):
             text = model.detokenize(prompt, special=True)
@@ -77,16 +77,15 @@ class Scripted:
             script(prompt)
             return real_stream(prompt, **kw)
 
-        def sync_prefix(committed, *args, **kw):
+        def prefill(committed, *args, **kw):
             self.canvas = (len(committed) - self.n_prompt) // L
-            real_sync(committed, *args, **kw)
+            real_prefill(committed, *args, **kw)
 
         def denoise_step(canvas, temperature, self_cond, uniform, vocab=None):  # vocab: template masks
             c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
             return c, np.zeros(L, np.float32), c
 
-        model.generate, model.stream, model._sync_prefix, model.denoise_step = (generate, stream, sync_prefix,
-                                                                               denoise_step)
+        model.generate, model.stream, model.prefill, model.denoise_step = generate, stream, prefill, denoise_step
 
 
 @pytest.fixture(scope="module")

@@ -93,26 +93,63 @@ def test_product_names_round_trip():
 
 
 def test_graph_nodes_are_named(tiny_f32):
-    """The computed graphs carry llama.cpp-style names: the scheduler's eval callback sees them."""
+    """The computed graphs carry llama.cpp-style names: Model.observe's callback sees them, and node_names (a
+    dry build) lists the same."""
     seen: set[str] = set()
 
-    @B.ffi.callback("bool(struct ggml_tensor *, bool, void *)")
-    def cb(t, ask, _ud):
+    def on_node(t, ask):
         if ask:
             seen.add(B.ffi.string(t.name).decode())
         return True
 
     with dg.load(tiny_f32) as m:
-        B.lib.ggml_backend_sched_set_eval_callback(m.sched, cb, B.ffi.NULL)
-        m.logits([2, 40, 41, 42], np.arange(100, 100 + m.hparams.canvas_length))
-        B.lib.ggml_backend_sched_set_eval_callback(m.sched, B.ffi.NULL, B.ffi.NULL)
-        hp = m.hparams
+        with m.observe(on_node):
+            m.logits([2, 40, 41, 42], np.arange(100, 100 + m.hparams.canvas_length))
+        hp, dry = m.hparams, set(m.node_names())
     last, swa = hp.n_layer - 1, hp.swa_layers.index(True)
     for name in ("inp_scaled", "inp_embd", "self_cond_gate", "self_cond_down", "result_norm", "token_embd", "logits",
                  "attn_norm-0", "attn_q-0", "Qcur_normed-0", "Kcur_pos-0", "Vcur_normed-0", "kqv_out-0",
                  "attn_output-0", "attn_out-0", "ffn_norm_1-0", "ffn_gate-0", "ffn_mlp-0", "ffn_gate_inp-0",
                  "ffn_moe_probs-0", "ffn_moe_topk-0", "ffn_gate_up_exps-0", "ffn_down_exps-0", "ffn_moe-0",
                  "ffn_post_norm-0", f"l_out-{last}", f"attn_v-{swa}"):
-        assert name in seen, name
+        assert name in seen and name in dry, name
     assert f"attn_v-{last}" not in seen  # a global layer: V is the K projection
 
+
+def test_observe_raises_the_callbacks_error_and_restores(tiny_f32):
+    calls = []
+
+    def failing(t, ask):
+        calls.append(ask)
+        if not ask:
+            raise KeyError("boom")
+        return True
+
+    with dg.load(tiny_f32) as m:
+        canvas = np.arange(100, 100 + m.hparams.canvas_length)
+        want = m.logits([2, 40, 41], canvas)
+        with pytest.raises(KeyError, match="boom"):
+            with m.observe(failing):
+                m.logits([2, 40, 41], canvas)
+        with m.observe(lambda t, ask: False):
+            with pytest.raises(dg.Error, match="do not nest"):
+                with m.observe(lambda t, ask: False):
+                    pass
+            np.testing.assert_array_equal(m.logits([2, 40, 41], canvas), want)  # observing changes nothing
+        n = len(calls)
+        np.testing.assert_array_equal(m.logits([2, 40, 41], canvas), want)
+        assert len(calls) == n  # uninstalled at the end of the block
+
+
+def test_prefill_encodes_only_what_is_new(tiny_f32):
+    with dg.load(tiny_f32) as m:
+        done = []
+        m.prefill([2, 40, 41, 42], on_progress=lambda d, t: done.append((d, t)))
+        m.prefill([2, 40, 41, 42, 43, 44], on_progress=lambda d, t: done.append((d, t)))
+        assert m.committed == [2, 40, 41, 42, 43, 44] and done == [(4, 4), (2, 2)]
+        m.prefill([2, 40, 50], on_progress=lambda d, t: done.append((d, t)))  # diverged: keeps [2, 40]
+        assert m.committed == [2, 40, 50] and done[-1] == (1, 1)
+        with pytest.raises(dg.Error, match="token ids"):
+            m.prefill([2, -1])
+        with m.exclusive() as held:
+            assert held is m

@@ -10,13 +10,16 @@ import dataclasses
 import os
 import resource
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import binding as B
 from . import sampler
 from .errors import Error
+
+if TYPE_CHECKING:
+    from .model import Model
 
 VALIDATION_PROMPTS = {
     "factual": "What is the capital of France, and on which river does it lie?",
@@ -31,7 +34,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device_used_mb(m: Any) -> float | None:
+def _device_used_mb(m: Model) -> float | None:
     if m.gpu_backend is None:
         return None
     dev = B.lib.ggml_backend_get_device(m.gpu_backend)
@@ -47,7 +50,7 @@ def _timed(fn: Any, n: int) -> float:
     return 1e3 * (time.perf_counter() - t) / n
 
 
-def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, Any]:
+def ours(m: Model, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, Any]:
     """Prefill and denoising-step latency of a loaded Model (self-conditioning on, sampling on the device)."""
     hp = m.hparams
     L = hp.canvas_length
@@ -58,7 +61,7 @@ def ours(m: Any, *, prompt_tokens: int, steps: int, seed: int = 0) -> dict[str, 
 
     def prefill() -> None:
         m.reset()
-        m._sync_prefix(prompt)
+        m.prefill(prompt)
 
     noise = rng.integers(0, hp.n_vocab, L)
     history: list[np.ndarray] = []

@@ -2,8 +2,8 @@
 
 For every matrix multiplied in `blk.*` (attention q/k/v/output, dense ffn, the router, the experts) and the
 self-conditioning MLP when it runs, we accumulate the per-column sum of squared inputs and the number of rows,
-experts attributed per token through the routing ids, by observing the matmul nodes with the backend
-scheduler's eval callback.
+experts attributed per token through the routing ids, by observing the product nodes (found by name: graph.py
+names each after its weight, "attn_q-3") through Model.observe.
 
 Modes:
 - "unified": what llama-imatrix does on this architecture: each chunk is a causal prompt part followed by a
@@ -20,7 +20,7 @@ import dataclasses
 import os
 import pathlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,27 +28,23 @@ from . import binding as B
 from . import imatrix_file, outputs, sampler
 from .errors import Error
 from .generation import resolve_seed
-from .graph import Ctx, Graphs
+from .graph import Graphs
 from .kv import PromptKV
-from .weights import ModelWeights
+from .weights import ModelWeights, weight_of_product
+
+if TYPE_CHECKING:
+    from .model import Model
 
 _lib, _ffi = B.lib, B.ffi
-_OBSERVED_PREFIXES = (b"blk.", b"self_cond_")
 EPS = 1e-3  # lowest corruption level in denoise mode
 
 
 def _observed(t: Any) -> tuple[str, bool] | None:
-    """(weight name, is_mul_mat_id) if node t multiplies an observed weight, else None."""
-    op = _ffi.string(_lib.ggml_op_name(t.op))
-    if op not in (b"MUL_MAT", b"MUL_MAT_ID"):
+    """(weight name, is_mul_mat_id) if node t is the product of a matrix an imatrix covers, else None."""
+    name = weight_of_product(_ffi.string(t.name).decode())
+    if name is None:
         return None
-    src0 = t.src[0]
-    name = _ffi.string(src0.name)
-    if b"#" in name:  # the scheduler's copies of weights: "<backend>#<name>#<copy>"
-        name = name.split(b"#")[1]
-    if not name.startswith(_OBSERVED_PREFIXES):
-        return None
-    return name.decode(), op == b"MUL_MAT_ID"
+    return name, _ffi.string(_lib.ggml_op_name(t.op)) == b"MUL_MAT_ID"
 
 
 def _read(t: Any, dtype: Any = np.float32) -> np.ndarray:
@@ -64,27 +60,22 @@ def _read(t: Any, dtype: Any = np.float32) -> np.ndarray:
 
 
 class Collector:
-    """Accumulates raw sums of squared inputs per weight (per expert for *_exps) from graph evaluations."""
+    """Accumulates raw sums of squared inputs per weight (per expert for *_exps) from graph evaluations: the
+    callback of Model.observe."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.record_self_cond = False
-        self.error: BaseException | None = None
-        self._cb = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", self._on_node)
 
-    def _on_node(self, t: Any, ask: bool, _ud: Any) -> bool:
-        try:
-            hit = _observed(t)
-            if hit is not None and hit[0].startswith("self_cond_") and not self.record_self_cond:
-                hit = None
-            if ask:
-                return hit is not None
-            if hit is not None:
-                self._accumulate(t, *hit)
-        except BaseException as e:  # never let an exception cross into C
-            self.error = e
-            return False
+    def __call__(self, t: Any, ask: bool) -> bool:
+        hit = _observed(t)
+        if hit is not None and hit[0].startswith("self_cond_") and not self.record_self_cond:
+            hit = None
+        if ask:
+            return hit is not None
+        if hit is not None:
+            self._accumulate(t, *hit)
         return True
 
     def _accumulate(self, t: Any, name: str, is_id: bool) -> None:
@@ -151,20 +142,10 @@ class ImatrixReport:
         return "\n".join(lines)
 
 
-def expected_weights(graphs: Graphs, kv: PromptKV, canvas: int, embd_t: Any, sc_state: Any) -> list[str]:
-    """Graph-only dry run: the weights an encoder + decoder evaluation would observe (no data needed)."""
-    names: set[str] = set()
-    for build in (lambda g: graphs.encode(g, kv, 4), lambda g: graphs.decode(g, kv, canvas, embd_t, sc_state)):
-        g = Ctx(32768)
-        try:
-            build(g)
-            for i in range(_lib.ggml_graph_n_nodes(g.graph)):
-                hit = _observed(_lib.ggml_graph_node(g.graph, i))
-                if hit:
-                    names.add(hit[0])
-        finally:
-            g.free()
-    return sorted(names)
+def expected_weights(node_names: list[str]) -> list[str]:
+    """The weights whose products are among `node_names` (Model.node_names, Graphs.node_names): what an
+    encoder + decoder evaluation would observe."""
+    return sorted({w for n in node_names if (w := weight_of_product(n)) is not None})
 
 
 def dry_run_entries(path: str | os.PathLike) -> list[str]:
@@ -188,13 +169,13 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         sc_state = _lib.ggml_new_tensor_2d(ctx, B.F16, hp.n_vocab, hp.canvas_length)
         _lib.ggml_set_name(embd_t, b"token_embd_t")
         graphs = Graphs(ModelWeights.build(hp, w, lambda name: 1.0), hp, False, 1.0)
-        return expected_weights(graphs, kv, hp.canvas_length, embd_t, sc_state)
+        return expected_weights(graphs.node_names(kv, hp.canvas_length, embd_t, sc_state))
     finally:
         kv.free()
         _lib.ggml_free(ctx)
 
 
-def _calibration_tokens(model: Any, calibration: Any) -> tuple[list[int], list[str]]:
+def _calibration_tokens(model: Model, calibration: Any) -> tuple[list[int], list[str]]:
     """Token ids of the calibration: a file as os.PathLike (e.g. pathlib.Path), text as a str, or texts as a
     list of str. A str is always text, never opened: a mistyped path must not silently become the text."""
     if isinstance(calibration, os.PathLike):
@@ -216,7 +197,7 @@ def _calibration_tokens(model: Any, calibration: Any) -> tuple[list[int], list[s
                 f"not {type(calibration).__name__}")
 
 
-def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
+def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
             mode: str = "denoise", n_gpu_layers: int = -1, format: str | None = None, progress: bool = True,
             chunk_size: int | None = None, seed: int = 0, save_every: int = 10,
             overwrite: bool = False) -> ImatrixReport:
@@ -267,9 +248,7 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
     def save() -> None:
         imatrix_file.save(out, col.entries(), datasets=datasets, chunk_count=done, chunk_size=size, format=format)
 
-    with m._lock:
-        _lib.ggml_backend_sched_set_eval_callback(m.sched, col._cb, _ffi.NULL)
-        m._graph = None  # the callback takes effect from the next graph allocation
+    with m.observe(col):
         try:
             for c in range(n_chunks):
                 chunk = toks[c * (size - 1):(c + 1) * (size - 1)]
@@ -277,7 +256,7 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
                 target = np.asarray(chunk[size - 1 - L:], dtype=np.int64)
                 m.reset()
                 col.record_self_cond = False
-                m._sync_prefix(prompt)
+                m.prefill(prompt)
                 u = rng.random(L, dtype=np.float32)
                 if mode == "unified":
                     m.denoise_step(target, cfg.t_max, False, u)
@@ -288,16 +267,12 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
                     m.denoise_step(noisy, temp, False, u)
                     col.record_self_cond = True
                     m.denoise_step(noisy, temp, True, u)
-                if col.error is not None:
-                    raise col.error
                 done += 1
                 if bar is not None:
                     bar.update(size)
                 if save_every and done % save_every == 0:
                     save()
         finally:
-            _lib.ggml_backend_sched_set_eval_callback(m.sched, _ffi.NULL, _ffi.NULL)
-            m._graph = None
             m.reset()
             if bar is not None:
                 bar.close()
@@ -309,8 +284,7 @@ def imatrix(model: Any, calibration: Any, out: str | os.PathLike, *, chunks: int
             coverage[name] = e.coverage
             order = np.argsort(e.counts, kind="stable")[:3]
             least[name] = [(int(i), int(e.counts[i])) for i in order]
-    with m._lock:
-        graph_weights = expected_weights(m._graphs, m.prompt_kv, L, m._embedding_t(), m._self_cond_state(L))
+    graph_weights = expected_weights(m.node_names())
     missing = sorted(n for n in graph_weights if n not in ents or not (ents[n].counts > 0).any())
     return ImatrixReport(entries=len(ents), chunks=done, coverage=coverage, least_used=least, missing=missing,
                          tokens=done * size, seconds=time.perf_counter() - t0, path=out, mode=mode)

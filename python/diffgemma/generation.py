@@ -7,7 +7,7 @@ import functools
 import time
 import weakref
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from . import multimodal, sampler
 from .errors import Error
 from .sampler import FROM_FILE, SamplerSettings
 from .template import Hole, lay_out
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,7 @@ class CanvasEvent:
     timings: Timings  # of the generation so far
 
 
-def eos_ids(model: Any) -> frozenset[int]:
+def eos_ids(model: Model) -> frozenset[int]:
     """End-of-sequence ids: the file's generation-config list if stored, else every end-of-generation token
     libllama knows for the vocabulary."""
     stored = model.metadata.get("diffusion.eos_token_ids")
@@ -140,7 +143,7 @@ class Stream:
 _paused: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
 
 
-def stream(model: Any, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
+def stream(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
            seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
            entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
            chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
@@ -182,7 +185,7 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings, seed: int,
+def _events(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings, seed: int,
             on_prefill: Any, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -202,7 +205,7 @@ def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: i
                        tokens_per_s=len(new) / total if total > 0 else 0.0,
                        forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
 
-    with model._lock:
+    with model.exclusive():
         prev = _paused.get(model)
         if prev is not None and (g := prev()) is not None and not g.gi_running:
             g.close()  # a stream paused on this thread and not ended: its canvas state is about to go stale
@@ -220,7 +223,7 @@ def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: i
                 yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
                 continue
             t0 = time.perf_counter()
-            model._sync_prefix(np.asarray(committed, dtype=np.int32), images, on_progress=on_prefill)
+            model.prefill(committed, images, on_progress=on_prefill)
             prefill += time.perf_counter() - t0
             free = slice(None) if fixed is None else ~fixed
             vocab = None if lay is None else lay.vocab(c)
@@ -284,7 +287,7 @@ def _events(model: Any, ids: list[int], images: list[Any], lay: Any, n_canvas: i
                       prompt_tokens=len(ids), holes=holes)
 
 
-def generate(model: Any, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,
+def generate(model: Model, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,
              **kw: Any) -> Generation:
     """Generate canvases after `prompt` (see Model.generate): the stream, consumed; on_step sees each StepEvent."""
     if on_step is not None and not callable(on_step):  # checked before any work, not at the first call
@@ -297,7 +300,7 @@ def generate(model: Any, prompt: Any, *, on_step: Callable[[StepEvent], Any] | N
     return s.generation
 
 
-def infill(model: Any, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
+def infill(model: Model, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
     """The text between `prefix` and `suffix` (see Model.infill): the prefix is the raw prompt (no chat
     template), the canvas holds a hole of n_tokens followed by the suffix."""
     if not isinstance(prefix, str) or not isinstance(suffix, str):

@@ -131,6 +131,20 @@ class Graphs:
     def __init__(self, w: ModelWeights, hp: HParams, flash: bool, embd_scale: float):
         self.w, self.hp, self.flash, self.embd_scale = w, hp, flash, embd_scale
 
+    def node_names(self, kv: PromptKV, canvas: int, embd_t: Any, sc_state: Any) -> list[str]:
+        """Names of the nodes of an encoder graph (4 tokens) and a decoder graph (a canvas), built in
+        throwaway contexts: a dry run that reads no weight and allocates nothing."""
+        names: list[str] = []
+        for build in (lambda g: self.encode(g, kv, 4), lambda g: self.decode(g, kv, canvas, embd_t, sc_state)):
+            g = Ctx(32768)
+            try:
+                build(g)
+                names += [_ffi.string(_lib.ggml_graph_node(g.graph, i).name).decode()
+                          for i in range(_lib.ggml_graph_n_nodes(g.graph))]
+            finally:
+                g.free()
+        return names
+
     def _qkv(self, g: Ctx, il: int, a: Any, pos: Any, n: int) -> tuple[Any, Any, Any]:
         """Projected, normed and roped q, k and normed v of one layer: [d, heads, n]."""
         hp, L = self.hp, self.w.layers[il]

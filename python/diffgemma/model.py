@@ -9,7 +9,8 @@ import mmap
 import os
 import pathlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,8 @@ class Model:
         self.threads = threads or len(os.sched_getaffinity(0))
         self._lock = threading.RLock()
         self._closed = False
+        self._observer: Any = None  # the eval callback installed by observe(), kept alive while installed
+        self._observer_error: BaseException | None = None
         self._bufs: list[Any] = []
         self._ctxs: list[Any] = []
         self._setup_backends(n_gpu_layers)
@@ -320,8 +323,18 @@ class Model:
         return self._graph
 
     def _compute(self, gr: _Graph) -> None:
-        if _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph) != 0:
+        status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
+        if self._observer_error is not None:  # observe()'s callback raised: the graph stopped there
+            err, self._observer_error = self._observer_error, None
+            raise err
+        if status != 0:
             raise Error("ggml graph computation failed")
+
+    def _drop_graph(self) -> None:
+        """Free the allocated graph; the next call builds and allocates one again."""
+        if self._graph is not None:
+            self._graph.ctx.free()
+            self._graph = None
 
     @staticmethod
     def _set(t: Any, arr: np.ndarray) -> None:
@@ -632,6 +645,64 @@ class Model:
         """Text of token ids; control tokens are left out unless special=True."""
         return self.tokenizer.detokenize(ids, special=special)
 
+    # ---- hooks: what generation, calibration, benchmarks and the profiler drive the model with ------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Model]:
+        """Hold the model for a sequence of calls (prefill, denoise_step, ...): other threads wait until the
+        block ends. Reentrant: the model's own methods run inside it."""
+        with self._lock:
+            self._check_open()
+            yield self
+
+    def prefill(self, ids: Any, images: Sequence[multimodal.ImageSpan] = (), *, on_progress: Any = None) -> None:
+        """Make the prompt-KV store hold exactly the committed tokens `ids` (with `images`: multimodal.ImageSpan
+        at absolute positions), encoding only what is new: the longest prefix it shares with what the store
+        holds is kept (the same pictures included), the rest is dropped and encoded. on_progress(done, total)
+        is called after each encoded chunk of n_batch tokens."""
+        with self._lock:
+            self._check_open()
+            self._sync_prefix(self._check_ids(ids, "prefill ids"), images, on_progress=on_progress)
+
+    @contextmanager
+    def observe(self, callback: Callable[[Any, bool], bool]) -> Iterator[Model]:
+        """Within the block, every graph the model computes calls callback(node, ask) for its nodes (ggml's
+        scheduler eval callback; node is a `struct ggml_tensor *`): with ask=True it returns whether it wants
+        the node once computed, then it is called again with ask=False and may read the node's data (return
+        False to skip the rest of the graph). Nodes are named as llama.cpp names them (graph.py: "attn_out-3",
+        products after their weight: "attn_q-3"). An exception in the callback stops the graph and is raised
+        by the call that ran it. Holds the model for the block (see exclusive)."""
+        with self._lock:
+            self._check_open()
+            if self._observer is not None:
+                raise Error("this model is already observed (observe() blocks do not nest)")
+
+            def on_node(t: Any, ask: bool, _ud: Any) -> bool:
+                try:
+                    return bool(callback(t, ask))
+                except BaseException as e:  # never let an exception cross into C
+                    self._observer_error = e
+                    return False
+
+            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node)
+            _lib.ggml_backend_sched_set_eval_callback(self.sched, self._observer, _ffi.NULL)
+            self._drop_graph()  # the callback takes effect from the next graph allocation
+            try:
+                yield self
+            finally:
+                _lib.ggml_backend_sched_set_eval_callback(self.sched, _ffi.NULL, _ffi.NULL)
+                self._drop_graph()
+                self._observer = None
+                self._observer_error = None
+
+    def node_names(self) -> list[str]:
+        """Names of the nodes of an encoder and a decoder graph of this model, built but neither allocated nor
+        run (what observe() will see; e.g. the weights an imatrix should collect)."""
+        with self._lock:
+            self._check_open()
+            L = self.hparams.canvas_length
+            return self._graphs.node_names(self.prompt_kv, L, self._embedding_t(), self._self_cond_state(L))
+
     # ---- lifetime --------------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -644,9 +715,7 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            if self._graph is not None:
-                self._graph.ctx.free()
-                self._graph = None
+            self._drop_graph()
             if getattr(self, "vision", None) is not None:
                 self.vision.close()
             _lib.ggml_backend_sched_free(self.sched)
