@@ -35,6 +35,7 @@ from gguf import TokenType
 from . import ftypes, gguf_file, layout, outputs
 from .errors import Error, GGUFError
 from .sampler import SamplerSettings
+from .tokenizer import VOCAB_MODEL
 
 HF_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 
@@ -337,7 +338,7 @@ class TokenizerData:
 
     def metadata(self) -> dict[str, Any]:
         md: dict[str, Any] = {
-            "tokenizer.ggml.model": "gemma4",
+            "tokenizer.ggml.model": VOCAB_MODEL,
             "tokenizer.ggml.pre": "gemma4",
             "tokenizer.ggml.tokens": self.tokens,
             "tokenizer.ggml.scores": self.scores,

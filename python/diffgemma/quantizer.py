@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_VERSION
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
@@ -750,7 +751,7 @@ def _writer(src_p: pathlib.Path, dst_p: pathlib.Path, plans: list[_Plan], spec: 
     w = gguf_file.Writer(dst_p, copy_kv_from=src_p)
     for k in ("split.no", "split.count", "split.tensors.count", *_IMATRIX_KEYS):
         _lib.gguf_remove_key(w.ctx, k.encode())
-    w.set("general.quantization_version", 2)
+    w.set("general.quantization_version", GGML_QUANT_VERSION)
     w.set("general.file_type", ftype)
     w.set(RECIPE_KEY, json.dumps(spec.desc))
     for k, v in extra_md.items():  # pruned layer arrays, then --override-kv (after file_type, as llama-quantize)

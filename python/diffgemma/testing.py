@@ -21,7 +21,7 @@ from gguf import TokenType
 
 from . import chat_format as cf
 from . import gguf_file, layout
-from .converter import OUTTYPES, stored_type
+from .converter import OUTTYPES, TokenizerData, stored_type
 from .gguf_file import Writer
 from .sampler import SamplerSettings
 
@@ -46,22 +46,10 @@ class Vocab:
     merges: list[str]
 
     def metadata(self) -> dict[str, Any]:
-        return {
-            "tokenizer.ggml.model": "gemma4",
-            "tokenizer.ggml.tokens": self.tokens,
-            "tokenizer.ggml.scores": self.scores,
-            "tokenizer.ggml.token_type": self.types,
-            "tokenizer.ggml.merges": self.merges,
-            "tokenizer.ggml.bos_token_id": BOS,
-            "tokenizer.ggml.eos_token_id": EOS,
-            "tokenizer.ggml.unknown_token_id": UNK,
-            "tokenizer.ggml.padding_token_id": PAD,
-            "tokenizer.ggml.mask_token_id": MASK,
-            "tokenizer.ggml.add_bos_token": True,
-            "tokenizer.ggml.add_eos_token": False,
-            "tokenizer.chat_template": cf.PLAIN_TEMPLATE,
-            "diffusion.eos_token_ids": [EOS, TURN_END],
-        }
+        """The tokenizer keys, stored as the converter stores a checkpoint's."""
+        return TokenizerData(self.tokens, self.scores, self.types, self.merges, bos_id=BOS, eos_id=EOS,
+                             eos_ids=[EOS, TURN_END], pad_id=PAD, unk_id=UNK, mask_id=MASK, add_bos=True,
+                             add_eos=False, chat_template=cf.PLAIN_TEMPLATE).metadata()
 
 
 def tiny_vocab(n_vocab: int = 512, corpus: str = _CORPUS) -> Vocab:

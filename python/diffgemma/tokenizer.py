@@ -20,6 +20,7 @@ from .errors import Error, GGUFError
 from .gguf_file import Writer
 
 _ffi, _lib = B.ffi, B.lib
+VOCAB_MODEL = "gemma4"  # tokenizer.ggml.model: libllama's vocabulary type of this architecture
 _init_lock = threading.Lock()
 _initialised = False
 
@@ -40,8 +41,8 @@ class Tokenizer:
 
     def __init__(self, metadata: dict[str, Any]):
         global _initialised
-        if metadata.get("tokenizer.ggml.model") != "gemma4":
-            raise GGUFError(f"tokenizer model is {metadata.get('tokenizer.ggml.model')!r}, expected 'gemma4'")
+        if metadata.get("tokenizer.ggml.model") != VOCAB_MODEL:
+            raise GGUFError(f"tokenizer model is {metadata.get('tokenizer.ggml.model')!r}, expected {VOCAB_MODEL!r}")
         with _init_lock:
             if not _initialised:
                 _lib.llama_backend_init()
