@@ -31,9 +31,9 @@ def encoded(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = model_mod.Model.encode
 
-    def spy(self, ids, **kw):
+    def spy(self, ids, *args, **kw):
         calls.append(len(ids))
-        return real(self, ids, **kw)
+        return real(self, ids, *args, **kw)
 
     monkeypatch.setattr(model_mod.Model, "encode", spy)
     return calls

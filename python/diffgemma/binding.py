@@ -417,6 +417,40 @@ def ggml_context(mem_size: int, no_alloc: bool = True) -> object:
     return lib.ggml_init(params[0])  # params stays alive until the call returns: [0] alone would not own it
 
 
+class DeviceTensors:
+    """Tensors allocated together in one backend buffer (of buffer type `buft`), owned until free().
+
+    specs: (name, ggml type, shape in ggml order) per tensor. clear: fill the buffer with zero bytes."""
+
+    def __init__(self, buft: object, specs: list[tuple[str, int, tuple[int, ...]]], *, what: str,
+                 clear: bool = False, weights: bool = False) -> None:
+        self.ctx = ggml_context(lib.ggml_tensor_overhead() * (len(specs) + 1))
+        self.tensors = []
+        for name, ttype, ne in specs:
+            t = getattr(lib, f"ggml_new_tensor_{len(ne)}d")(self.ctx, int(ttype), *ne)
+            lib.ggml_set_name(t, name.encode())
+            self.tensors.append(t)
+        self.buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self.ctx, buft)
+        if self.buf == NULL:
+            lib.ggml_free(self.ctx)
+            self.ctx = None
+            raise Error(f"cannot allocate {what} (out of memory?)")
+        if weights:  # the scheduler then runs ops reading them on this buffer's device
+            lib.ggml_backend_buffer_set_usage(self.buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        if clear:
+            lib.ggml_backend_buffer_clear(self.buf, 0)
+
+    @property
+    def nbytes(self) -> int:
+        return int(lib.ggml_backend_buffer_get_size(self.buf)) if self.ctx is not None else 0
+
+    def free(self) -> None:
+        if self.ctx is not None:
+            lib.ggml_backend_buffer_free(self.buf)
+            lib.ggml_free(self.ctx)
+            self.ctx = None
+
+
 def map_weights(ctx: object, infos: list, base: object, mapped_size: int, dev: object, *,
                 oom: str) -> tuple[dict[str, object], object]:
     """Tensors for a file's `infos` (name, type, shape, offset, nbytes) in `ctx`, with their data: uploaded to a

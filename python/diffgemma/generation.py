@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import multimodal, sampler
+from .batching import Batch, Denoise, Done, Prefill, Request, solo
 from .errors import Error
 from .sampler import FROM_FILE, SamplerSettings
 from .template import Hole, lay_out
@@ -143,12 +144,14 @@ class Stream:
 _paused: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
 
 
-def stream(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
-           seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
-           entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
-           chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
-           image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None) -> Stream:
-    """Check the arguments and lay out the prompt now; return the Stream that generates (see Model.stream)."""
+def request(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
+            seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
+            entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
+            chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
+            image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None
+            ) -> tuple[Request, int, list[int]]:
+    """Check the arguments and lay out the prompt now; return (the request generator a driver runs (see
+    batching), the seed in use, the prompt's token ids)."""
     hp = model.hparams
     if sampler is not None and not isinstance(sampler, SamplerSettings):
         raise Error(f"sampler must be a dg.SamplerSettings or None, got {sampler!r}")
@@ -172,10 +175,30 @@ def stream(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int |
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
     seed = resolve_seed(seed)
+    return _request(model, ids, images, lay, n_canvas, cfg, seed, on_prefill), seed, ids
+
+
+def stream(model: Model, prompt: Any, **kw: Any) -> Stream:
+    """Check the arguments and lay out the prompt now; return the Stream that generates (see Model.stream)."""
+    req, seed, _ = request(model, prompt, **kw)
     me: list[weakref.ref] = []
-    events = _events(model, ids, images, lay, n_canvas, cfg, seed, on_prefill, me)
+    events = _alone(model, req, me)
     me.append(weakref.ref(events))
     return Stream(events, seed)
+
+
+def _alone(model: Model, req: Request, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
+    """A request run by itself on the model's own sequence, the model held until it ends."""
+    with model.exclusive():
+        prev = _paused.get(model)
+        if prev is not None and (g := prev()) is not None and not g.gi_running:
+            g.close()  # a stream paused on this thread and not ended: its canvas state is about to go stale
+        _paused[model] = me[0]
+        try:
+            return (yield from solo(model, req))
+        finally:
+            if _paused.get(model) is me[0]:
+                del _paused[model]
 
 
 def _text_delta(text: str, sent: int, last: bool) -> str:
@@ -185,8 +208,10 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _events(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings, seed: int,
-            on_prefill: Any, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
+def _request(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings,
+             seed: int, on_prefill: Any) -> Request:
+    """One generation as a request: yields Prefill / Denoise asks (see batching) and the consumer's events,
+    returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver."""
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
@@ -205,79 +230,72 @@ def _events(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas:
                        tokens_per_s=len(new) / total if total > 0 else 0.0,
                        forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
 
-    with model.exclusive():
-        prev = _paused.get(model)
-        if prev is not None and (g := prev()) is not None and not g.gi_running:
-            g.close()  # a stream paused on this thread and not ended: its canvas state is about to go stale
-        _paused[model] = me[0]
-        for c in range(n_canvas):
-            # With a template: its fixed tokens are clamped in the canvas fed to the model and in the argmax,
-            # and only the free (hole) positions take part in acceptance, the entropy sum and the stop rule.
-            fixed = None if lay is None else lay.fixed[lay.canvas(c)]
-            last = c == n_canvas - 1
-            if fixed is not None and fixed.all():  # nothing to denoise: commit the fixed tokens as they are
-                argmax = lay.tokens[lay.canvas(c)]
-                infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
-                committed.extend(int(t) for t in argmax)
-                text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
-                yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
-                continue
-            t0 = time.perf_counter()
-            model.prefill(committed, images, on_progress=on_prefill)
-            prefill += time.perf_counter() - t0
-            free = slice(None) if fixed is None else ~fixed
-            vocab = None if lay is None else lay.vocab(c)
-            z = rng.integers(0, V, L)
-            if fixed is not None:
-                fixed_tokens = lay.tokens[lay.canvas(c)]
-                z = sampler.clamp(z, fixed, fixed_tokens)
-            history: list[np.ndarray] = []
-            argmax = z
-            stopped = False
-            for step in range(1, cfg.steps + 1):
-                n = cfg.steps - step + 1  # remaining steps, N .. 1
-                temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
-                u = rng.random(L, dtype=np.float32)
-                t0 = time.perf_counter()
-                argmax, entropy, sampled = model.denoise_step(z, temp, step > 1, u, vocab)
-                t1 = time.perf_counter()
-                if fixed is None:
-                    acc = sampler.accept(entropy, cfg.entropy_bound)
-                    z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
-                else:
-                    argmax = sampler.clamp(argmax, fixed, fixed_tokens)
-                    acc = np.zeros(L, dtype=bool)
-                    acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
-                    z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
-                stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
-                history.append(argmax[free])
-                # The consumer's time with the event counts as host time, as on_step's did.
-                yield StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
-                                argmax, fixed, model.detokenize)
-                forward += t1 - t0
-                host += time.perf_counter() - t1
-                n_steps += 1
-                if stopped:
-                    break
-            # With a template, the template decides where generation ends, not an EOS.
-            canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
-            info = CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps, eos=hit_eos)
-            infos.append(info)
-            new.extend(int(t) for t in canvas)
+    for c in range(n_canvas):
+        # With a template: its fixed tokens are clamped in the canvas fed to the model and in the argmax,
+        # and only the free (hole) positions take part in acceptance, the entropy sum and the stop rule.
+        fixed = None if lay is None else lay.fixed[lay.canvas(c)]
+        last = c == n_canvas - 1
+        if fixed is not None and fixed.all():  # nothing to denoise: commit the fixed tokens as they are
+            argmax = lay.tokens[lay.canvas(c)]
+            infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
             committed.extend(int(t) for t in argmax)
-            last = last or hit_eos
-            # A template's text is only known once it is filled: it comes whole with the last canvas.
-            if lay is None:
-                text = model.detokenize(new)
+            text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
+            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
+            continue
+        t0 = time.perf_counter()
+        yield Prefill(np.asarray(committed, dtype=np.int32), images, on_prefill)
+        prefill += time.perf_counter() - t0
+        free = slice(None) if fixed is None else ~fixed
+        vocab = None if lay is None else lay.vocab(c)
+        z = rng.integers(0, V, L)
+        if fixed is not None:
+            fixed_tokens = lay.tokens[lay.canvas(c)]
+            z = sampler.clamp(z, fixed, fixed_tokens)
+        history: list[np.ndarray] = []
+        argmax = z
+        stopped = False
+        for step in range(1, cfg.steps + 1):
+            n = cfg.steps - step + 1  # remaining steps, N .. 1
+            temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
+            u = rng.random(L, dtype=np.float32)
+            t0 = time.perf_counter()
+            argmax, entropy, sampled = yield Denoise(z, temp, step > 1, u, vocab)
+            t1 = time.perf_counter()
+            if fixed is None:
+                acc = sampler.accept(entropy, cfg.entropy_bound)
+                z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
             else:
-                text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
-            delta = _text_delta(text, sent, last)
-            sent += len(delta)
-            yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings())
-            if hit_eos:
+                argmax = sampler.clamp(argmax, fixed, fixed_tokens)
+                acc = np.zeros(L, dtype=bool)
+                acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
+                z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
+            stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
+            history.append(argmax[free])
+            # The consumer's time with the event counts as host time, as on_step's did.
+            yield StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
+                            argmax, fixed, model.detokenize)
+            forward += t1 - t0
+            host += time.perf_counter() - t1
+            n_steps += 1
+            if stopped:
                 break
-        if _paused.get(model) is me[0]:
-            del _paused[model]
+        # With a template, the template decides where generation ends, not an EOS.
+        canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
+        info = CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps, eos=hit_eos)
+        infos.append(info)
+        new.extend(int(t) for t in canvas)
+        committed.extend(int(t) for t in argmax)
+        last = last or hit_eos
+        # A template's text is only known once it is filled: it comes whole with the last canvas.
+        if lay is None:
+            text = model.detokenize(new)
+        else:
+            text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
+        delta = _text_delta(text, sent, last)
+        sent += len(delta)
+        yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings())
+        if hit_eos:
+            break
     holes: list[str] = []
     if lay is None:
         text = model.detokenize(new)
@@ -298,6 +316,91 @@ def generate(model: Model, prompt: Any, *, on_step: Callable[[StepEvent], Any] |
                 on_step(ev)
     assert s.generation is not None
     return s.generation
+
+
+class BatchStream:
+    """The events of several generations run together (see Model.stream_batch): (request index, event) pairs,
+    each request's in its own order; `.generations` holds the Generations (in prompt order) once the iteration
+    has ended. Breaking out (or close()) ends them all between steps; cancel(i) ends one, leaving the others'
+    tokens as they would have been."""
+
+    def __init__(self, batch: Batch, seeds: list[int]) -> None:
+        self._batch = batch
+        self._events = iter(batch)
+        self.seeds = seeds  # the seed of each request (fresh ones where None or -1 was asked for)
+        self.generations: list[Generation | None] = [None] * len(seeds)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[int, StepEvent | CanvasEvent]:
+        while True:
+            try:
+                i, ev = next(self._events)
+            except StopIteration:
+                self._batch.close()
+                raise
+            except BaseException:
+                self._batch.close()
+                raise
+            if isinstance(ev, Done):
+                self.generations[i] = ev.result
+                continue
+            return i, ev
+
+    def cancel(self, i: int) -> None:
+        """End request i now; its Generation stays None."""
+        self._batch.cancel(i)
+
+    def close(self) -> None:
+        self._batch.close()
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _per_request(name: str, value: Any, n: int) -> list[Any]:
+    """One value per request: a list is one per request (its length must be n), anything else is for all."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise Error(f"{name}: a list gives one value per prompt, so it needs {n} values, got {len(value)}")
+        return value
+    return [value] * n
+
+
+def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **kw: Any) -> BatchStream:
+    """Check every request and lay out its prompt now; return the BatchStream (see Model.stream_batch)."""
+    if not isinstance(prompts, list | tuple) or not prompts:
+        raise Error(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__}")
+    n = len(prompts)
+    if max_batch is None:
+        max_batch = n
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise Error(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
+    on_prefill = kw.pop("on_prefill", None)
+    per = {name: _per_request(name, value, n) for name, value in kw.items()}
+    batch = Batch(model, max_batch)
+    seeds = []
+    for i, prompt in enumerate(prompts):
+        try:
+            req, seed, ids = request(model, prompt, on_prefill=on_prefill, **{k: v[i] for k, v in per.items()})
+        except Error as e:
+            batch.close()
+            raise Error(f"prompt {i}: {e}") from None
+        batch.add(i, req, ids)
+        seeds.append(seed)
+    return BatchStream(batch, seeds)
+
+
+def generate_batch(model: Model, prompts: Any, **kw: Any) -> list[Generation]:
+    """Generate after every prompt, canvases denoised together (see Model.generate_batch)."""
+    with stream_batch(model, prompts, **kw) as s:
+        for _ in s:
+            pass
+    return [g for g in s.generations if g is not None]
 
 
 def infill(model: Model, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:

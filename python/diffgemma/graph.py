@@ -104,6 +104,24 @@ def mul_scalar(g: Ctx, x: Any, s: Any) -> Any:
     return g.mul(x, g.repeat(s, g.view_1d(x, x.ne[0], 0)))
 
 
+def token_rows(g: Ctx, x: Any, b: int, L: int, axis: int = 1) -> Any:
+    """Tokens b*L .. (b+1)*L of x along its token axis (1 for [F, n], 2 for [d, heads, n]); x itself when it
+    holds just those (one canvas: the graph is the unbatched one)."""
+    if x.ne[axis] == L:
+        return x
+    if axis == 2:
+        return g.view_3d(x, x.ne[0], x.ne[1], L, x.nb[1], x.nb[2], b * L * x.nb[2])
+    return g.view_2d(x, x.ne[0], L, x.nb[1], b * L * x.nb[1])
+
+
+def concat_tokens(g: Ctx, parts: list[Any]) -> Any:
+    """[F, L] parts side by side along the token axis: [F, sum L]."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = g.concat(out, part, 1)
+    return out
+
+
 def mlp(g: Ctx, x: Any, gate: Any, up: Any, down: Any) -> Any:
     return product(g, down, g.mul(gelu_tanh(g, product(g, gate, x)), product(g, up, x)))
 
@@ -135,7 +153,7 @@ class Graphs:
         """Names of the nodes of an encoder graph (4 tokens) and a decoder graph (a canvas), built in
         throwaway contexts: a dry run that reads no weight and allocates nothing."""
         names: list[str] = []
-        for build in (lambda g: self.encode(g, kv, 4), lambda g: self.decode(g, kv, canvas, embd_t, sc_state)):
+        for build in (lambda g: self.encode(g, kv, 4), lambda g: self.decode(g, [kv], canvas, embd_t, [sc_state])):
             g = Ctx(32768)
             try:
                 build(g)
@@ -257,50 +275,65 @@ class Graphs:
         soft = named(rms(g, soft, hp.rms_eps, w.self_cond_pre_norm), "self_cond_in")
         return mlp(g, soft, w.self_cond_gate, w.self_cond_up, w.self_cond_down)
 
-    def decode(self, g: Ctx, kv: PromptKV, L: int, embd_t: Any, sc_state: Any, vocab_bias: Any = None
-               ) -> dict[str, Any]:
-        """Bidirectional pass over a canvas of L tokens at positions kv.n.. reading the store, followed by the
-        sampler statistics of the temperature-scaled logits.
+    def decode(self, g: Ctx, kvs: list[PromptKV], L: int, embd_t: Any, sc_states: list[Any],
+               vocab_biases: list[Any] | None = None) -> dict[str, Any]:
+        """Bidirectional pass over the canvases of B sequences (L tokens each, at positions kvs[b].n.. of each
+        store), followed by each canvas's sampler statistics of its temperature-scaled logits. Every row-wise
+        part (embedding, projections, MoE, LM head) runs on all B*L rows at once; attention reads each
+        sequence's own store, and sampling is per canvas, so each is computed as it would be alone.
 
-        sc_state [V, L] is a persistent device tensor (E^T's type): the previous step's softmax(logits / T) is
-        read from it for self-conditioning and this step's is written back, so it never leaves the device and
-        is computed once per step.
-        Inputs: ids [L], pos [L], sc_gate [1] (0 on the first step: self-conditioning contributes exactly 0),
-        inv_temp [1], uniform [1, L] (one draw per position for the multinomial sample), mask_swa [keys read, L].
-        Outputs: logits [V, L] (soft-capped, no temperature), argmax [L], entropy [L] (nats), sample [1, L].
-        vocab_bias [V, K] (a persistent device tensor, 0 or MASKED_LOGIT) restricts each position's tokens to
-        one of K vocabularies: input vocab_rows [L] picks a row per position, added to the logits before all
-        sampling statistics (templates). Without it the graph is the plain one."""
+        sc_states[b] [V, L] is a persistent device tensor (E^T's type): the previous step's softmax(logits / T)
+        is read from it for self-conditioning and this step's is written back, so it never leaves the device
+        and is computed once per step.
+        Inputs: ids [B*L], pos [B*L]; per canvas (lists of B): sc_gate [1] (0 on the first step:
+        self-conditioning contributes exactly 0), inv_temp [1], uniform [1, L] (one draw per position for the
+        multinomial sample), mask_swa [keys read, L].
+        Outputs: logits [V, B*L] (soft-capped, no temperature); per canvas argmax [L], entropy [L] (nats),
+        sample [1, L]. vocab_biases[b] [V, K] (a persistent device tensor, 0 or MASKED_LOGIT, or None)
+        restricts each position's tokens to one of K vocabularies: input vocab_rows[b] [L] picks a row per
+        position, added to the logits before all sampling statistics (templates)."""
         hp, w = self.hp, self.w
-        ids, pos = g.input("ids", I32, L), g.input("pos", I32, L)
-        sc_gate = g.input("sc_gate", F32, 1)
-        inv_temp = g.input("inv_temp", F32, 1)
-        uniform = g.input("uniform", F32, 1, L)
-        mask_swa = self._mask_input(g, "swa", kv, L)
+        n_seq = len(kvs)
+        n = n_seq * L
+        biases = vocab_biases or [None] * n_seq
+        ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
+        sc_gate = [g.input("sc_gate", F32, 1) for _ in kvs]
+        inv_temp = [g.input("inv_temp", F32, 1) for _ in kvs]
+        uniform = [g.input("uniform", F32, 1, L) for _ in kvs]
+        mask_swa = [self._mask_input(g, "swa", kv, L) for kv in kvs]
         hard = named(g.scale(g.get_rows(w.token_embd, ids), self.embd_scale), "inp_scaled")
-        sc = named(mul_scalar(g, self.self_cond(g, sc_state, embd_t), sc_gate), "self_cond_out")
+        sc = named(concat_tokens(g, [mul_scalar(g, self.self_cond(g, state, embd_t), gate)
+                                     for state, gate in zip(sc_states, sc_gate, strict=True)]), "self_cond_out")
         h = named(g.rms_norm(g.add(hard, sc), hp.rms_eps), "inp_embd")  # self_conditioning.post_norm has no weight
         for il, Lw in enumerate(w.layers):
             a = named(rms(g, h, hp.rms_eps, Lw.attn_norm), "attn_norm", il)
-            q, k, v = self._qkv(g, il, a, pos, L)
-            k, v = self._store_and_read(g, kv, il, k, v)
-            # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
-            # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
-            mask = mask_swa if hp.is_swa(il) else _ffi.NULL
-            o = product(g, Lw.attn_output, named(attention(g, q, k, v, mask, self.flash), "kqv_out", il))
+            q, k, v = self._qkv(g, il, a, pos, n)
+            heads = []
+            for b, kv in enumerate(kvs):
+                kb, vb = self._store_and_read(g, kv, il, token_rows(g, k, b, L, 2), token_rows(g, v, b, L, 2))
+                # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
+                # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
+                mask = mask_swa[b] if hp.is_swa(il) else _ffi.NULL
+                heads.append(attention(g, token_rows(g, q, b, L, 2), kb, vb, mask, self.flash))
+            o = product(g, Lw.attn_output, named(concat_tokens(g, heads), "kqv_out", il))
             h1 = named(g.add(h, named(rms(g, o, hp.rms_eps, Lw.post_attention_norm), "attn_post_norm", il)),
                        "attn_out", il)
-            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, L)), Lw.layer_output_scale), "l_out", il)
+            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, n)), Lw.layer_output_scale), "l_out", il)
         h = named(rms(g, h, hp.rms_eps, w.output_norm), "result_norm")
         logits = product(g, w.token_embd, h)  # tied LM head
         logits = softcap(g, logits, hp.softcap)
         g.output(logits, "logits")
-        io = {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
-              "mask_swa": mask_swa, "logits": logits}
-        if vocab_bias is not None:
-            rows = io["vocab_rows"] = g.input("vocab_rows", I32, L)
-            logits = g.add_id(logits, vocab_bias, rows)  # one pass: logits[:, j] + bias[:, rows[j]]
-        return {**io, **self.sample(g, logits, inv_temp, uniform, sc_state)}
+        io: dict[str, Any] = {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
+                              "mask_swa": mask_swa, "logits": logits, "vocab_rows": [None] * n_seq}
+        stats: dict[str, list[Any]] = {"argmax": [], "entropy": [], "sample": []}
+        for b in range(n_seq):
+            own = token_rows(g, logits, b, L)
+            if biases[b] is not None:
+                rows = io["vocab_rows"][b] = g.input("vocab_rows", I32, L)
+                own = g.add_id(own, biases[b], rows)  # one pass: logits[:, j] + bias[:, rows[j]]
+            for name, t in self.sample(g, own, inv_temp[b], uniform[b], sc_states[b]).items():
+                stats[name].append(t)
+        return {**io, **stats}
 
     @staticmethod
     def _row_dots(g: Ctx, a: Any, b: Any) -> Any:

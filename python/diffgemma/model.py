@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import mmap
 import os
 import pathlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,11 +20,14 @@ from gguf import quants as gq
 
 from . import binding as B
 from . import gguf_file, kv, layout, multimodal
+from .batching import Denoise
 from .errors import Error, GGUFError
-from .generation import FROM_FILE, Generation, Stream
+from .generation import FROM_FILE, BatchStream, Generation, Stream
 from .generation import generate as _generate
+from .generation import generate_batch as _generate_batch
 from .generation import infill as _infill
 from .generation import stream as _stream
+from .generation import stream_batch as _stream_batch
 from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
 from .sampler import SamplerSettings
 from .tokenizer import Tokenizer
@@ -39,6 +43,71 @@ class _Graph:
     key: tuple
     ctx: Ctx
     io: dict[str, Any]
+
+
+_serials = itertools.count()  # graph keys name sequences and tables by serial: an id() can be reused
+
+
+class Sequence:
+    """One generation's place on the device: a prompt-KV store, the tokens (and images) committed into it, its
+    canvas's self-conditioning state and its template's vocabulary table. The model's own serves the
+    one-at-a-time API (m.prompt_kv); a batch takes one per request (Model.new_sequence)."""
+
+    def __init__(self, store: kv.PromptKV, buffer_type: Any) -> None:
+        self.store = store
+        self.committed: list[int] = []  # token ids whose K/V are in the store
+        self.images: list[Any] = []  # multimodal.ImageSpan of the committed tokens
+        self.serial = next(_serials)
+        self._buffer_type = buffer_type
+        self._sc_state: dict[int, B.DeviceTensors] = {}  # by canvas length
+        self._vocab: tuple[B.DeviceTensors, np.ndarray, int] | None = None  # (table tensor, table written, serial)
+
+    def common_prefix(self, tokens: np.ndarray) -> int:
+        """How many of `tokens` the store already holds, from the start."""
+        n = min(len(self.committed), len(tokens))
+        same = np.asarray(self.committed[:n]) == np.asarray(tokens[:n])
+        return n if same.all() else int(np.argmin(same))
+
+    def self_cond_state(self, n_vocab: int, L: int, ttype: int) -> Any:
+        """The persistent [V, L] tensor holding the previous step's softmax(logits / T) (zeros until written)."""
+        if L not in self._sc_state:
+            # zeroed: finite, and the first step multiplies it by a zero gate
+            self._sc_state[L] = B.DeviceTensors(self._buffer_type, [(f"self_cond_state.{L}", ttype, (n_vocab, L))],
+                                                what="the self-conditioning state", clear=True)
+        return self._sc_state[L].tensors[0]
+
+    def vocab_bias(self, table: np.ndarray) -> tuple[Any, int]:
+        """(the persistent [V, K] bias tensor of a bool vocabulary table [K, V], its serial), written only when the
+        table changes (once per template)."""
+        if self._vocab is not None and self._vocab[1] is table:
+            return self._vocab[0].tensors[0], self._vocab[2]
+        K, V = table.shape
+        if self._vocab is None or self._vocab[0].tensors[0].ne[1] != K:
+            if self._vocab is not None:
+                self._vocab[0].free()
+                self._vocab = None
+            self._vocab = (B.DeviceTensors(self._buffer_type, [("vocab_bias", F32, (V, K))],
+                                           what="the template's vocabulary table"), table, next(_serials))
+        t = self._vocab[0].tensors[0]
+        bias = np.where(table, np.float32(0.0), np.float32(MASKED_LOGIT)).astype(np.float32)
+        _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(bias), 0, bias.nbytes)
+        self._vocab = (self._vocab[0], table, self._vocab[2])
+        return t, self._vocab[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the store, the self-conditioning states and the vocabulary table."""
+        extra = [*self._sc_state.values(), *([self._vocab[0]] if self._vocab else [])]
+        return self.store.nbytes + sum(d.nbytes for d in extra)
+
+    def free(self) -> None:
+        self.store.free()
+        for d in self._sc_state.values():
+            d.free()
+        self._sc_state = {}
+        if self._vocab is not None:
+            self._vocab[0].free()
+            self._vocab = None
 
 
 class Model:
@@ -74,6 +143,7 @@ class Model:
         self._observer_error: BaseException | None = None
         self._bufs: list[Any] = []
         self._ctxs: list[Any] = []
+        self._owned: list[B.DeviceTensors] = []
         self._setup_backends(n_gpu_layers)
         self._load_weights()
         self.flash = self._want_flash(flash_attn)
@@ -83,14 +153,12 @@ class Model:
             scale = float(gguf_file.bf16_bits_to_f32(gguf_file.f32_to_bf16_bits([scale]))[0])
         self._graphs = Graphs(self.weights, hp, self.flash, scale)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
-        self._alloc_prompt_kv(n_ctx)
+        self._size_prompt_kv(n_ctx)
+        self._sequences: list[Sequence] = []  # those new_sequence made (freed with the model)
         self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
-        self._sc_state: dict[int, Any] = {}
-        self._vocab_bias: tuple[Any, Any, np.ndarray] | None = None  # (tensor, its buffer, the table written)
         self._graph: _Graph | None = None
-        self.committed: list[int] = []  # token ids whose K/V are in the store
-        self.images: list[Any] = []  # multimodal.ImageSpan of the committed tokens
+        self._main = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
 
     # ---- setup -------------------------------------------------------------------------------------
 
@@ -203,14 +271,15 @@ class Model:
         finally:
             g.free()
 
-    def _alloc_prompt_kv(self, n_ctx: int | None) -> None:
-        """The compact prompt-KV store (kv.py). n_ctx=None: the file's context length, or less where the store
-        would not fit next to the weights in the memory free now; an n_ctx whose store does not fit is an
-        Error naming the bytes."""
+    def _size_prompt_kv(self, n_ctx: int | None) -> None:
+        """Size the compact prompt-KV stores (kv.py): self.n_ctx and the room of each. n_ctx=None: the file's
+        context length, or less where a store would not fit next to the weights in the memory free now; an
+        n_ctx whose store does not fit is an Error naming the bytes."""
         hp = self.hparams
         room = max(self.n_batch, hp.canvas_length)  # a prefill chunk or a canvas after the last W-1 keys
         if self.vision is not None:  # an image is encoded in one pass, however many soft tokens it has
             room = max(room, multimodal.MAX_IMAGE_TOKENS)
+        self._kv_room = room
         groups = {dev: [il for il in range(hp.n_layer) if self._on_gpu(f"blk.{il}.") == dev] for dev in (False, True)}
         if n_ctx is None:
             self.n_ctx = min(kv.max_context(hp, self._kv_ttype, room, self._kv_budget(dev), layers)
@@ -236,12 +305,44 @@ class Model:
         if self.n_ctx < hp.canvas_length + 1:
             raise Error(f"n_ctx={self.n_ctx} cannot hold a prompt and a canvas of {hp.canvas_length}")
 
-        def buffer_type(il: int) -> Any:
-            on_gpu = self._on_gpu(f"blk.{il}.")
-            return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+    def _buffer_type(self, on_gpu: bool) -> Any:
+        return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
 
-        self.prompt_kv = kv.PromptKV(hp, n_ctx=self.n_ctx, room=room, ttype=self._kv_ttype, buffer_type=buffer_type,
-                                     device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+    def _new_store(self) -> kv.PromptKV:
+        """An empty prompt-KV store of n_ctx tokens, each layer's part on that layer's device."""
+        return kv.PromptKV(self.hparams, n_ctx=self.n_ctx, room=self._kv_room, ttype=self._kv_ttype,
+                           buffer_type=lambda il: self._buffer_type(self._on_gpu(f"blk.{il}.")),
+                           device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+
+    def new_sequence(self) -> Sequence:
+        """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with .free()."""
+        with self._lock:
+            self._check_open()
+            seq = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+            self._sequences.append(seq)
+            return seq
+
+    def free_sequence(self, sequence: Sequence) -> None:
+        """Free a sequence made by new_sequence (its store and state)."""
+        with self._lock:
+            if sequence in self._sequences:
+                self._sequences.remove(sequence)
+                sequence.free()
+
+    @property
+    def prompt_kv(self) -> kv.PromptKV:
+        """The model's own prompt-KV store (generate, stream, logits, encode)."""
+        return self._main.store
+
+    @property
+    def committed(self) -> list[int]:
+        """Token ids whose K/V are in the model's own store."""
+        return self._main.committed
+
+    @property
+    def images(self) -> list[Any]:
+        """multimodal.ImageSpan of the model's own committed tokens."""
+        return self._main.images
 
     def _free_bytes(self, on_gpu: bool) -> int:
         """Memory free now on the GPU, or on the host (MemAvailable)."""
@@ -270,7 +371,8 @@ class Model:
 
     @property
     def kv_bytes(self) -> int:
-        """Prompt-KV store bytes allocated now (the sliding layers' rings and the global layers' stores)."""
+        """Prompt-KV store bytes allocated now (the sliding layers' rings and the global layers' stores) in the
+        model's own store."""
         return self.prompt_kv.nbytes
 
     def _host_array(self, name: str) -> np.ndarray:
@@ -290,16 +392,10 @@ class Model:
             e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
             ttype = F32 if info.type == int(QT.F32) else F16
             et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
-            on_gpu = self._on_gpu("token_embd.weight")
-            ctx = self._new_ctx(1)
-            t = _lib.ggml_new_tensor_2d(ctx, ttype, hp.n_vocab, hp.n_embd)
-            _lib.ggml_set_name(t, b"token_embd_t")
-            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
-            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
-            if buf == _ffi.NULL:
-                raise Error("cannot allocate the transposed embedding for self-conditioning")
-            _lib.ggml_backend_buffer_set_usage(buf, B.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-            self._bufs.append(buf)
+            self._owned.append(B.DeviceTensors(self._buffer_type(self._on_gpu("token_embd.weight")),
+                                               [("token_embd_t", ttype, (hp.n_vocab, hp.n_embd))], weights=True,
+                                               what="the transposed embedding for self-conditioning"))
+            t = self._owned[-1].tensors[0]
             _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(et), 0, et.nbytes)
             self._embd_t = t
         return self._embd_t
@@ -352,14 +448,17 @@ class Model:
             raise Error(f"{what}: token ids must be in [0, {self.hparams.n_vocab})")
         return arr.astype(np.int32)
 
-    def encode(self, ids: Any, images: Sequence[Any] = (), *, on_progress: Any = None) -> None:
-        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store, causally, in chunks of
-        n_batch tokens (a chunk never cuts an image). images: multimodal.ImageSpan at absolute positions inside
-        these tokens, whose rows take the image embeddings (and whose soft tokens see each other when the tower
-        says so). on_progress(done, total) is called after each chunk."""
+    def encode(self, ids: Any, images: Iterable[Any] = (), *, on_progress: Any = None,
+               sequence: Sequence | None = None) -> None:
+        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store (of `sequence`, else the
+        model's own), causally, in chunks of n_batch tokens (a chunk never cuts an image). images:
+        multimodal.ImageSpan at absolute positions inside these tokens, whose rows take the image embeddings
+        (and whose soft tokens see each other when the tower says so). on_progress(done, total) is called after
+        each chunk."""
         with self._lock:
+            seq = sequence or self._main
             arr = self._check_ids(ids, "committed tokens")
-            store = self.prompt_kv
+            store = seq.store
             if store.n + len(arr) > self.n_ctx:
                 raise Error(f"context full: {store.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
                             "n_ctx)")
@@ -377,7 +476,7 @@ class Model:
                                 "(load with a larger n_batch)")
                 here = [sp for sp in spans if start <= sp.start < start + n]
                 store.reserve(store.n + n)
-                gr = self._use_graph(("enc", store.n, n, store.capacity, bool(here)),
+                gr = self._use_graph(("enc", seq.serial, store.n, n, store.capacity, bool(here)),
                                      lambda g, n=n, im=bool(here): self._graphs.encode(g, store, n, im))
                 store.mark(n)
                 self._set(gr.io["ids"], chunk)
@@ -398,8 +497,8 @@ class Model:
                     self._set(gr.io[f"mask_{kind}"], mask)
                 self._compute(gr)
                 store.n += n
-                self.committed.extend(int(t) for t in chunk)
-                self.images.extend(here)
+                seq.committed.extend(int(t) for t in chunk)
+                seq.images.extend(here)
                 if on_progress is not None:
                     on_progress(s + n, len(arr))
 
@@ -407,31 +506,33 @@ class Model:
         """Forget every committed token; the store's allocation is kept for the next prompt."""
         with self._lock:
             self.prompt_kv.reset()
-            self.committed = []
-            self.images = []
+            self._main.committed = []
+            self._main.images = []
 
-    def _sync_prefix(self, prefix: np.ndarray, images: Sequence[Any] = (), on_progress: Any = None) -> None:
-        """Make the store hold exactly `prefix` (with `images`, multimodal.ImageSpan), encoding only what is
-        new (prompt-KV reuse)."""
-        n = 0
-        have = self.committed
-        lim = min(len(have), len(prefix))
-        while n < lim and have[n] == prefix[n]:
-            n += 1
-        if images or self.images:  # the same placeholder ids stand for every image: compare the pictures too
-            n = multimodal.reusable(n, self.images, images)
-        if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
-            if not self.prompt_kv.truncate(n):  # the ring lost the window before n: encode from the start
-                self.prompt_kv.reset()
-                n = 0
-            self.committed = have[:n]
-            self.images = [s for s in self.images if s.end <= n]
-        if n < len(prefix):
-            new_images = [s for s in images if s.start >= n]
-            if new_images:
-                self.encode(prefix[n:], new_images, on_progress=on_progress)
-            else:
-                self.encode(prefix[n:], on_progress=on_progress)
+    def prefill(self, tokens: Any, images: Iterable[Any] = (), *, on_progress: Any = None,
+                sequence: Sequence | None = None) -> None:
+        """Make the prompt-KV store (of `sequence`, else the model's own) hold exactly the committed tokens
+        `tokens` (with `images`: multimodal.ImageSpan at absolute positions), encoding only what is new: the
+        longest prefix it shares with what the store holds is kept (the same pictures included), the rest is
+        dropped and encoded. on_progress(done, total) is called after each encoded chunk of n_batch tokens."""
+        with self._lock:
+            self._check_open()
+            seq = sequence or self._main
+            prefix = self._check_ids(tokens, "prefill ids")
+            images = list(images)
+            n = seq.common_prefix(prefix)
+            have = seq.committed
+            if images or seq.images:  # the same placeholder ids stand for every image: compare the pictures too
+                n = multimodal.reusable(n, seq.images, images)
+            if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
+                if not seq.store.truncate(n):  # the ring lost the window before n: encode from the start
+                    seq.store.reset()
+                    n = 0
+                seq.committed = have[:n]
+                seq.images = [s for s in seq.images if s.end <= n]
+            if n < len(prefix):
+                new_images = [s for s in images if s.start >= n]
+                self.encode(prefix[n:], new_images, on_progress=on_progress, sequence=seq)
 
     def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None, images: Any = None) -> np.ndarray:
         """Denoiser logits (soft-capped, no temperature) for a canvas placed right after the committed prefix
@@ -455,99 +556,84 @@ class Model:
                     raise Error("self_cond contains non-finite values")
             spans = multimodal.check_spans([multimodal.span(p, e) for p, e in images or ()], len(prefix),
                                            self.hparams.n_embd)
-            self._sync_prefix(prefix, spans)
+            self.prefill(prefix, spans)
             if self_cond is not None:  # the device state holds softmax(self_cond), in E^T's type
                 e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
                 probs = e / e.sum(axis=1, keepdims=True)
                 state = self._self_cond_state(L)
                 self._set(state, probs.astype(np.float32 if state.type == F32 else np.float16))
-            gr = self._run_decoder(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
+            ask = Denoise(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
+            gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)
             _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
             return out
 
-    def _self_cond_state(self, L: int) -> Any:
-        """The persistent [V, L] tensor holding the previous step's softmax(logits / T) in E^T's type (zeros
-        until written)."""
-        if L not in self._sc_state:
-            ctx = self._new_ctx(1)
-            t = _lib.ggml_new_tensor_2d(ctx, self._embedding_t().type, self.hparams.n_vocab, L)
-            _lib.ggml_set_name(t, f"self_cond_state.{L}".encode())
-            on_gpu = self._on_gpu("token_embd.weight")
-            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
-            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
-            if buf == _ffi.NULL:
-                raise Error("cannot allocate the self-conditioning state")
-            _lib.ggml_backend_buffer_clear(buf, 0)  # finite: the first step multiplies it by a zero gate
-            self._bufs.append(buf)
-            self._sc_state[L] = t
-        return self._sc_state[L]
+    def _self_cond_state(self, L: int, sequence: Sequence | None = None) -> Any:
+        """The persistent [V, L] self-conditioning state of a sequence (the model's own by default)."""
+        return (sequence or self._main).self_cond_state(self.hparams.n_vocab, L, self._embedding_t().type)
 
-    def _vocab_bias_tensor(self, table: np.ndarray) -> Any:
-        """The persistent [V, K] bias tensor of a bool vocabulary table [K, V], written only when the table
-        changes (once per template)."""
-        if self._vocab_bias is not None and self._vocab_bias[2] is table:
-            return self._vocab_bias[0]
-        K, V = table.shape
-        if self._vocab_bias is None or self._vocab_bias[0].ne[1] != K:
-            if self._vocab_bias is not None:
-                if self._graph is not None and self._graph.key[-1] == id(self._vocab_bias[0]):
-                    self._graph.ctx.free()  # that graph reads the tensor about to be freed
-                    self._graph = None
-                _lib.ggml_backend_buffer_free(self._vocab_bias[1])
-                self._bufs.remove(self._vocab_bias[1])
-                self._vocab_bias = None
-            ctx = self._new_ctx(1)
-            t = _lib.ggml_new_tensor_2d(ctx, F32, V, K)
-            _lib.ggml_set_name(t, b"vocab_bias")
-            on_gpu = self._on_gpu("token_embd.weight")  # where the logits are
-            buft = _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
-            buf = _lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
-            if buf == _ffi.NULL:
-                raise Error("cannot allocate the template's vocabulary table")
-            self._bufs.append(buf)
-            self._vocab_bias = (t, buf, table)
-        bias = np.where(table, np.float32(0.0), np.float32(MASKED_LOGIT)).astype(np.float32)
-        _lib.ggml_backend_tensor_set(self._vocab_bias[0], _ffi.from_buffer(bias), 0, bias.nbytes)
-        self._vocab_bias = (self._vocab_bias[0], self._vocab_bias[1], table)
-        return self._vocab_bias[0]
-
-    def _run_decoder(self, canvas: np.ndarray, inv_temp: float, self_cond: bool, uniform: np.ndarray,
-                     vocab: tuple[np.ndarray, np.ndarray] | None = None) -> _Graph:
-        """One denoising forward pass over `canvas` after the committed prefix; returns the computed graph.
-        vocab: (bool table [K, V], row per position [L]) restricting each position's tokens, or None."""
-        L, store = len(canvas), self.prompt_kv
-        if store.n + L > self.n_ctx:  # the canvas K/V go into the store's slots after the committed tokens
-            raise Error(f"{store.n} committed + canvas {L} tokens exceed n_ctx={self.n_ctx}")
-        if L > store.room:
-            raise Error(f"a canvas of {L} tokens exceeds the store's room of {store.room} (raise n_batch)")
-        bias = rows = None
-        if vocab is not None:
-            table, rows = vocab
-            rows = np.asarray(rows, dtype=np.int32)
-            if table.ndim != 2 or table.shape[1] != self.hparams.n_vocab or rows.shape != (L,) or (
-                    rows.size and (rows.min() < 0 or rows.max() >= table.shape[0])):
-                raise Error(f"vocab must be (table [K, {self.hparams.n_vocab}], rows [{L}] in 0..K-1)")
-            bias = self._vocab_bias_tensor(table)
-        store.reserve(store.n + L)
-        embd_t, sc_state = self._embedding_t(), self._self_cond_state(L)
-        if bias is None:
-            gr = self._use_graph(("dec", store.n, L, store.capacity),
-                                 lambda g: self._graphs.decode(g, store, L, embd_t, sc_state))
-        else:
-            gr = self._use_graph(("dec", store.n, L, store.capacity, id(bias)),
-                                 lambda g: self._graphs.decode(g, store, L, embd_t, sc_state, bias))
-            self._set(gr.io["vocab_rows"], rows)
-        store.mark(L)
-        self._set(gr.io["mask_swa"], store.masks(L, causal=False, kinds=("swa",),
-                                                 dtype=np.float16 if self.flash else np.float32)["swa"])
-        self._set(gr.io["ids"], canvas.astype(np.int32))
-        self._set(gr.io["pos"], np.arange(store.n, store.n + L, dtype=np.int32))
-        self._set(gr.io["sc_gate"], np.full(1, 1.0 if self_cond else 0.0, np.float32))
-        self._set(gr.io["inv_temp"], np.full(1, inv_temp, np.float32))
-        self._set(gr.io["uniform"], uniform.astype(np.float32))
+    def _run_decoder(self, batch: list[tuple[Sequence, Denoise]]) -> _Graph:
+        """One denoising forward pass over each sequence's canvas, after its committed prefix, all in one graph;
+        returns the computed graph."""
+        V = self.hparams.n_vocab
+        L = len(batch[0][1].canvas)
+        key: list[tuple] = []
+        biases: list[Any] = []
+        for seq, ask in batch:
+            store = seq.store
+            if len(ask.canvas) != L:
+                raise Error(f"the canvases of one batch must have one length, got {len(ask.canvas)} and {L}")
+            if store.n + L > self.n_ctx:  # the canvas K/V go into the store's slots after the committed tokens
+                raise Error(f"{store.n} committed + canvas {L} tokens exceed n_ctx={self.n_ctx}")
+            if L > store.room:
+                raise Error(f"a canvas of {L} tokens exceeds the store's room of {store.room} (raise n_batch)")
+            bias = serial = None
+            if ask.vocab is not None:
+                table, rows = ask.vocab
+                rows = np.asarray(rows, dtype=np.int32)
+                if table.ndim != 2 or table.shape[1] != V or rows.shape != (L,) or (
+                        rows.size and (rows.min() < 0 or rows.max() >= table.shape[0])):
+                    raise Error(f"vocab must be (table [K, {V}], rows [{L}] in 0..K-1)")
+                bias, serial = seq.vocab_bias(table)
+            biases.append(bias)
+            store.reserve(store.n + L)
+            key.append((seq.serial, store.n, store.capacity, serial))
+        embd_t = self._embedding_t()
+        stores = [seq.store for seq, _ in batch]
+        states = [self._self_cond_state(L, seq) for seq, _ in batch]
+        gr = self._use_graph(("dec", L, *key),
+                             lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases))
+        dtype = np.float16 if self.flash else np.float32
+        for b, (seq, ask) in enumerate(batch):
+            seq.store.mark(L)
+            self._set(gr.io["mask_swa"][b], seq.store.masks(L, causal=False, kinds=("swa",), dtype=dtype)["swa"])
+            self._set(gr.io["sc_gate"][b], np.full(1, 1.0 if ask.self_cond else 0.0, np.float32))
+            self._set(gr.io["inv_temp"][b], np.full(1, 1.0 / ask.temperature, np.float32))
+            self._set(gr.io["uniform"][b], np.asarray(ask.uniform, dtype=np.float32))
+            if ask.vocab is not None:
+                self._set(gr.io["vocab_rows"][b], np.asarray(ask.vocab[1], dtype=np.int32))
+        self._set(gr.io["ids"], np.concatenate([ask.canvas for _, ask in batch]).astype(np.int32))
+        self._set(gr.io["pos"], np.concatenate([np.arange(seq.store.n, seq.store.n + L, dtype=np.int32)
+                                                for seq, _ in batch]))
         self._compute(gr)
         return gr
+
+    def denoise_batch(self, batch: list[tuple[Sequence, Denoise]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One denoising step of several sequences' canvases in one decoder pass (see denoise_step); each
+        sequence is answered as it would be alone. Returns (argmax, entropy, sample) per sequence."""
+        with self._lock:
+            self._check_open()
+            if not batch:
+                return []
+            gr = self._run_decoder(batch)
+            L, top = len(batch[0][1].canvas), self.hparams.n_vocab - 1
+            out = []
+            for b in range(len(batch)):
+                argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
+                for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
+                    _lib.ggml_backend_tensor_get(gr.io[name][b], _ffi.from_buffer(arr), 0, arr.nbytes)
+                out.append((argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64)))
+            return out
 
     def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray,
                      vocab: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -556,13 +642,8 @@ class Model:
         `self_cond`; only O(canvas) numbers cross to the host. vocab=(table, rows): position j may only take
         the tokens where the bool table [K, n_vocab] is True in row rows[j], masked on the device before
         softmax (the statistics are those of the renormalised distribution)."""
-        with self._lock:
-            gr = self._run_decoder(canvas, 1.0 / temperature, self_cond, uniform, vocab)
-            L = len(canvas)
-            argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
-            for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
-                _lib.ggml_backend_tensor_get(gr.io[name], _ffi.from_buffer(arr), 0, arr.nbytes)
-            return argmax.astype(np.int64), entropy, np.minimum(sample, self.hparams.n_vocab - 1).astype(np.int64)
+        ask = Denoise(np.asarray(canvas), temperature, self_cond, uniform, vocab)
+        return self.denoise_batch([(self._main, ask)])[0]
 
     def generate(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
@@ -615,6 +696,25 @@ class Model:
                        chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template,
                        sampler=sampler)
 
+    def generate_batch(self, prompts: list[Any], *, max_batch: int | None = None, **settings: Any
+                       ) -> list[Generation]:
+        """Generate after each of `prompts` with their canvases denoised together: one decoder pass per step
+        over every running request's canvas (the projections, experts and LM head see all their rows at once).
+
+        settings: the keywords of generate but on_step (max_new_tokens, steps, seed, t_min, t_max,
+        entropy_bound, stability, confidence, chat, image_budget, template), each one value for all or a list
+        with one per prompt; on_prefill(done, total) is shared. max_batch: most requests denoised together
+        (None: all); the rest wait and join between steps as others finish. Each request is answered as it
+        would be alone: the same tokens as generate() with its seed. Returns the Generations in prompt order."""
+        self._check_open()
+        return _generate_batch(self, prompts, max_batch=max_batch, **settings)
+
+    def stream_batch(self, prompts: list[Any], *, max_batch: int | None = None, **settings: Any) -> BatchStream:
+        """generate_batch as a stream: (request index, StepEvent | CanvasEvent) pairs as the requests produce
+        them; `.generations` once the loop ends, `.cancel(i)` ends one request, breaking out ends all."""
+        self._check_open()
+        return _stream_batch(self, prompts, max_batch=max_batch, **settings)
+
     def infill(self, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
         """The text between `prefix` (the raw prompt) and `suffix`, in a hole of n_tokens. Keywords: allowed=,
         empty= as for dg.Hole, and the sampler settings of generate."""
@@ -654,15 +754,6 @@ class Model:
         with self._lock:
             self._check_open()
             yield self
-
-    def prefill(self, ids: Any, images: Sequence[multimodal.ImageSpan] = (), *, on_progress: Any = None) -> None:
-        """Make the prompt-KV store hold exactly the committed tokens `ids` (with `images`: multimodal.ImageSpan
-        at absolute positions), encoding only what is new: the longest prefix it shares with what the store
-        holds is kept (the same pictures included), the rest is dropped and encoded. on_progress(done, total)
-        is called after each encoded chunk of n_batch tokens."""
-        with self._lock:
-            self._check_open()
-            self._sync_prefix(self._check_ids(ids, "prefill ids"), images, on_progress=on_progress)
 
     @contextmanager
     def observe(self, callback: Callable[[Any, bool], bool]) -> Iterator[Model]:
@@ -719,8 +810,10 @@ class Model:
             if getattr(self, "vision", None) is not None:
                 self.vision.close()
             _lib.ggml_backend_sched_free(self.sched)
-            if hasattr(self, "prompt_kv"):
-                self.prompt_kv.free()
+            for seq in [*getattr(self, "_sequences", []), *([self._main] if hasattr(self, "_main") else [])]:
+                seq.free()
+            for owned in self._owned:
+                owned.free()
             for buf in self._bufs:
                 _lib.ggml_backend_buffer_free(buf)
             for ctx in self._ctxs:
