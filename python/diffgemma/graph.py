@@ -324,7 +324,9 @@ class Graphs:
         logits = softcap(g, logits, hp.softcap)
         g.output(logits, "logits")
         io: dict[str, Any] = {"ids": ids, "pos": pos, "sc_gate": sc_gate, "inv_temp": inv_temp, "uniform": uniform,
-                              "mask_swa": mask_swa, "logits": logits, "vocab_rows": [None] * n_seq}
+                              "mask_swa": mask_swa, "logits": logits}
+        if any(bias is not None for bias in biases):
+            io["vocab_rows"] = [None] * n_seq
         stats: dict[str, list[Any]] = {"argmax": [], "entropy": [], "sample": []}
         for b in range(n_seq):
             own = token_rows(g, logits, b, L)
