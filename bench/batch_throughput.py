@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import tempfile
 import threading
 import time
