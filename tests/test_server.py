@@ -4,7 +4,6 @@ The server runs in this process on a background thread (127.0.0.1, a free port);
 command line in a subprocess to check graceful shutdown. Generations are kept short (few steps, few canvases).
 """
 
-import inspect
 import json
 import os
 import re
@@ -298,11 +297,11 @@ def test_disconnect_mid_stream_frees_the_slot(client, server, no_eos):
 
 
 def test_queue_full_gives_503(client, server, no_eos):
-    streams = [long_stream(client)]
+    streams = [long_stream(client) for _ in range(srv.MAX_BATCH)]
     try:
-        wait_for(lambda: health(server)["queue"]["running"] == 1)
-        streams += [long_stream(client) for _ in range(QUEUE)]  # these wait behind the first
-        assert health(server)["queue"] == {"waiting": QUEUE, "running": 1, "capacity": QUEUE}
+        wait_for(lambda: health(server)["queue"]["running"] == srv.MAX_BATCH)
+        streams += [long_stream(client) for _ in range(QUEUE)]  # these wait behind the running ones
+        assert health(server)["queue"] == {"waiting": QUEUE, "running": srv.MAX_BATCH, "capacity": QUEUE}
         with pytest.raises(openai.APIStatusError) as ei:
             client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16)
         assert ei.value.status_code == 503 and ei.value.response.headers["Retry-After"] == "1"
@@ -337,9 +336,16 @@ def recorded_job(model, ids, **body):
     """A job as the HTTP side makes it, whose events are kept in .sent instead of going to an asyncio loop."""
     params = {**srv._parse_common(body, model.sampler_defaults), "template": None}
     sent = []
-    job = types.SimpleNamespace(ids=ids, p=params, cancelled=threading.Event(), sent=sent,
+    job = types.SimpleNamespace(ids=ids, p=params, cancelled=threading.Event(), sent=sent, finished=False,
                                 put=lambda kind, payload=None: sent.append((kind, payload)))
     return job
+
+
+def run_jobs(engine, *jobs, timeout=60.0):
+    """Submit the jobs to a running engine at once and wait until each has ended."""
+    for job in jobs:
+        engine.submit(job)
+    wait_for(lambda: all(j.finished for j in jobs), timeout)
 
 
 def test_a_stop_sequence_ends_the_stream_and_reports_its_timings(model):
@@ -373,39 +379,69 @@ def test_finished_runs_report_the_generations_timings(model):
     assert done["usage"]["completion_tokens"] == 20 and done["text"] == model.detokenize(s.generation.tokens[:20])
 
 
-def test_a_cancelled_run_closes_its_stream_and_the_next_one_runs(model, monkeypatch):
+def test_a_cancelled_job_leaves_the_batch_and_the_others_are_undisturbed(model, monkeypatch):
+    engine = srv.Engine(model, 4, srv.Metrics(), max_batch=3)
+    engine.start()
+    try:
+        job = recorded_job(model, model.tokenize("abc"), max_tokens=4000, seed=1, stream=True,
+                           diffusion_frames=True, steps=48, stability=None)
+        put = job.put
+        job.put = lambda kind, payload=None: (put(kind, payload), kind == "frame" and job.cancelled.set())
+        others = [recorded_job(model, model.tokenize(p), max_tokens=32, seed=s, **FAST)
+                  for p, s in (("abc", 1), ("a longer prompt here", 2))]
+        run_jobs(engine, job, *others)  # the first client leaves after its first frame; the others share steps
+        assert [k for k, _ in job.sent] == ["frame"] and engine.metrics.cancelled == 1
+        for j, (p, s) in zip(others, (("abc", 1), ("a longer prompt here", 2)), strict=True):
+            kind, done = j.sent[-1]
+            assert kind == "done" and done["text"] == expected_text(model, model.tokenize(p), 32, s, **FAST)[0]
+        assert engine.depth() == (0, 0)
+    finally:
+        engine.close()
+
+
+def test_a_failing_step_is_a_500_and_the_worker_goes_on(model, monkeypatch):
     engine = srv.Engine(model, 1, srv.Metrics())
-    streams = []
-    real = model.stream
-    monkeypatch.setattr(model, "stream", lambda *a, **kw: streams.append(real(*a, **kw)) or streams[-1])
-    job = recorded_job(model, model.tokenize("abc"), max_tokens=4000, seed=1, stream=True, diffusion_frames=True,
-                       steps=48, stability=None)
-    put = job.put
-    job.put = lambda kind, payload=None: (put(kind, payload), kind == "frame" and job.cancelled.set())
-    engine._run(job)  # the client leaves after the first frame
-    assert [k for k, _ in job.sent] == ["frame"] and engine.metrics.cancelled == 1
-    assert streams[0].generation is None and inspect.getgeneratorstate(streams[0]._events) == "GEN_CLOSED"
-    job2 = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
-    engine._run(job2)
-    kind, done = job2.sent[-1]
-    assert kind == "done" and done["text"] == expected_text(model, model.tokenize("abc"), 16, 1, **FAST)[0]
+    engine.start()
+    try:
+        def broken(*a, **kw):
+            raise diffgemma.Error("out of device memory")
+
+        monkeypatch.setattr(model, "denoise_batch", broken)
+        jobs = [recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST) for _ in range(2)]
+        run_jobs(engine, *jobs)
+        for job in jobs:  # both were in the failed pass
+            kind, err = job.sent[-1]
+            assert kind == "error" and err.status == 500 and "out of device memory" in err.message
+        monkeypatch.undo()
+        job2 = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
+        run_jobs(engine, job2)
+        assert job2.sent[-1][0] == "done"
+    finally:
+        engine.close()
 
 
-def test_a_failing_generation_is_a_500_and_the_worker_goes_on(model, monkeypatch):
-    engine = srv.Engine(model, 1, srv.Metrics())
+def test_six_concurrent_clients_share_steps_and_get_their_own_answers(client, server, model, monkeypatch):
+    sizes = []
+    real = model.denoise_batch
+    monkeypatch.setattr(model, "denoise_batch", lambda batch: sizes.append(len(batch)) or real(batch))
+    prompts = ["Tell me about rivers.", "And mountains?", "abc", "What is the sea?", "Hi", "One more question"]
+    answers: dict = {}
 
-    def broken(*a, **kw):
-        raise diffgemma.Error("out of device memory")
+    def ask(i):
+        answers[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=48, seed=i,
+                                               extra_body={"steps": 3, "stability": None})
 
-    monkeypatch.setattr(model, "denoise_step", broken)
-    job = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
-    engine._run(job)
-    kind, err = job.sent[-1]
-    assert kind == "error" and err.status == 500 and "out of device memory" in err.message
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
     monkeypatch.undo()
-    job2 = recorded_job(model, model.tokenize("abc"), max_tokens=16, seed=1, **FAST)
-    engine._run(job2)
-    assert job2.sent[-1][0] == "done"
+    assert max(sizes) == srv.MAX_BATCH == 4  # four at a time, the other two joined as places freed
+    for i, p in enumerate(prompts):
+        want, g = expected_text(model, model.tokenize(p), 48, i, steps=3, stability=None)
+        assert answers[i].choices[0].text == want
+        assert answers[i].usage.completion_tokens == min(len(g.tokens), 48)
 
 
 # ---- the command line ----------------------------------------------------------------------------------------

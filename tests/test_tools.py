@@ -52,40 +52,40 @@ def reply_for(prompt: str) -> str:
 
 
 class Scripted:
-    """Scripts a loaded model's denoiser: each step returns the next canvas of reply_for(prompt), certain."""
+    """Scripts a loaded model's denoiser: each step returns the next canvas of reply_for(prompt), certain. A
+    request's prompt is what its sequence is first prefilled with (the model's own for m.chat, a batch
+    sequence in the server)."""
 
     def __init__(self, model):
         self.model, self.prompts = model, []
-        self.script: list[int] = []
-        self.n_prompt = 0
-        self.canvas = 0
+        self.state: dict[int, tuple[list[int], list[int], int]] = {}  # sequence -> (prompt, script, canvas)
         L = model.hparams.canvas_length
-        real_generate, real_stream, real_prefill = model.generate, model.stream, model.prefill
+        real_prefill = model.prefill
 
-        def script(prompt):
-            text = model.detokenize(prompt, special=True)
-            self.prompts.append(text)
-            ids = model.tokenize(reply_for(text), add_special=False) + [testing.EOS]
-            self.script = ids + [testing.EOS] * (-len(ids) % L)
-            self.n_prompt = len(prompt)
+        def prefill(committed, *args, sequence=None, **kw):
+            committed = [int(t) for t in committed]
+            prompt, script, _ = self.state.get(id(sequence), ([], [], 0))
+            if not prompt or committed[:len(prompt)] != prompt or len(committed) == len(prompt):
+                prompt = committed  # a new request
+                text = model.detokenize(prompt, special=True)
+                self.prompts.append(text)
+                ids = model.tokenize(reply_for(text), add_special=False) + [testing.EOS]
+                script = ids + [testing.EOS] * (-len(ids) % L)
+            self.state[id(sequence)] = (prompt, script, (len(committed) - len(prompt)) // L)
+            real_prefill(committed, *args, sequence=sequence, **kw)
 
-        def generate(prompt, **kw):  # m.chat
-            script(prompt)
-            return real_generate(prompt, **kw)
-
-        def stream(prompt, **kw):  # the server
-            script(prompt)
-            return real_stream(prompt, **kw)
-
-        def prefill(committed, *args, **kw):
-            self.canvas = (len(committed) - self.n_prompt) // L
-            real_prefill(committed, *args, **kw)
+        def canvas_of(sequence):
+            _, script, c = self.state[id(sequence)]
+            out = np.asarray(script[c * L:(c + 1) * L] or [testing.EOS] * L, np.int64)
+            return out, np.zeros(L, np.float32), out
 
         def denoise_step(canvas, temperature, self_cond, uniform, vocab=None):  # vocab: template masks
-            c = np.asarray(self.script[self.canvas * L:(self.canvas + 1) * L] or [testing.EOS] * L, np.int64)
-            return c, np.zeros(L, np.float32), c
+            return canvas_of(None)
 
-        model.generate, model.stream, model.prefill, model.denoise_step = generate, stream, prefill, denoise_step
+        def denoise_batch(batch):
+            return [canvas_of(seq) for seq, _ in batch]
+
+        model.prefill, model.denoise_step, model.denoise_batch = prefill, denoise_step, denoise_batch
 
 
 @pytest.fixture(scope="module")

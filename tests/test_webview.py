@@ -73,13 +73,13 @@ def test_prompt_frames_final_text_and_stats(server, page, tmp_path):
 
 def test_stop_button_cancels_and_errors_are_shown(server, page, monkeypatch):
     model = server.app.state.engine.model
-    step = model.denoise_step
+    step = model.denoise_batch
 
     def slow_step(*a, **kw):  # the tiny model is too quick to catch mid-generation (or may hit an EOS early)
         time.sleep(0.02)
         return step(*a, **kw)
 
-    monkeypatch.setattr(model, "denoise_step", slow_step)
+    monkeypatch.setattr(model, "denoise_batch", slow_step)
     monkeypatch.setattr(diffgemma.generation, "eos_ids", lambda model: frozenset())  # no early end either
     page.goto(server.url + "/")
     page.fill("#prompt", "A long story.")

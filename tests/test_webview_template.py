@@ -10,13 +10,13 @@ import diffgemma
 
 def test_template_fixed_text_and_holes_while_denoising(server, page, monkeypatch):  # noqa: F811
     model = server.app.state.engine.model
-    step = model.denoise_step
+    step = model.denoise_batch
 
     def slow_step(*a, **kw):  # slow enough to look at a canvas mid-denoising
         time.sleep(0.05)
         return step(*a, **kw)
 
-    monkeypatch.setattr(model, "denoise_step", slow_step)
+    monkeypatch.setattr(model, "denoise_batch", slow_step)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model-meta').textContent.includes('canvas 16')")
     page.fill("#prompt", "")

@@ -572,10 +572,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     if a.queue_size < 0:
         raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
+    if a.max_batch < 1:
+        raise Error(f"--max-batch must be >= 1, got {a.max_batch}")
     m = _load(a)
     try:
         srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
-                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format)
+                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format, max_batch=a.max_batch)
         print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
               file=sys.stderr, flush=True)
         srv.run()
@@ -585,14 +587,17 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(sub: Any) -> None:
-    from .server import REASONING_FORMATS
+    from .server import MAX_BATCH, REASONING_FORMATS
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with live canvas streaming and a web view")
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    s.add_argument("--max-batch", "-np", "--parallel", type=int, default=MAX_BATCH,
+                   help=f"most requests whose canvases share each denoising step (default {MAX_BATCH}; "
+                   "docs/performance.md); the others wait and join between steps")
     s.add_argument("--queue-size", type=int, default=16,
-                   help="most requests waiting behind the running one; more get 503 (default 16)")
+                   help="most requests waiting behind the running ones; more get 503 (default 16)")
     s.add_argument("--alias", default=None, help="model id reported by /v1/models (default: the file name)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")

@@ -26,6 +26,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from . import generation
+from .batching import Batch, Done
 from .errors import Error
 from .generation import CanvasEvent, Generation, StepEvent
 from .sampler import SamplerSettings, setting_problem
@@ -580,16 +582,22 @@ def _failure(e: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {e}", type="server_error")
 
 
-class Engine:
-    """The model, a bounded FIFO of jobs and the one thread that runs them."""
+MAX_BATCH = 4  # requests denoised together by default (bench/batch_throughput.py, docs/performance.md)
 
-    def __init__(self, model: "Model", queue_size: int, metrics: Metrics):
+
+class Engine:
+    """The model, a bounded FIFO of jobs and the one thread that runs them: up to max_batch at a time, their
+    canvases denoised in one decoder pass per step (continuous batching: jobs join and leave between steps)."""
+
+    def __init__(self, model: "Model", queue_size: int, metrics: Metrics, max_batch: int = MAX_BATCH):
         self.model = model
         self.queue_size = queue_size
+        self.max_batch = max_batch
         self.metrics = metrics
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
-        self._running: _Job | None = None
+        self._runs: dict[_Job, _Run] = {}  # the jobs in the batch, touched by the worker thread only
+        self._running = 0  # len(_runs), for the other threads
         self._closing = False
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
@@ -603,21 +611,21 @@ class Engine:
 
     def depth(self) -> tuple[int, int]:
         with self._cv:
-            return len(self._waiting), int(self._running is not None)
+            return len(self._waiting), self._running
 
     def submit(self, job: _Job) -> None:
         with self._cv:
             if self._closing:
                 raise _shutting_down()
-            # Counted with the running job, so a job not yet picked up by the worker does not cost a place.
-            if len(self._waiting) + (self._running is not None) > self.queue_size:
+            # A job that a free place in the batch will take at the next step does not count as waiting.
+            if len(self._waiting) - (self.max_batch - self._running) >= self.queue_size:
                 raise ApiError(503, f"the request queue is full ({self.queue_size} waiting); retry later",
                                type="server_error", code="queue_full")
             self._waiting.append(job)
             self._cv.notify()
 
     def cancel(self, job: _Job) -> None:
-        """Forget a job whose client left: drop it from the queue, or stop its generation at the next step."""
+        """Forget a job whose client left: drop it from the queue, or take it out of the batch at the next step."""
         if job.finished:
             return
         job.cancelled.set()
@@ -627,12 +635,10 @@ class Engine:
                 self.metrics.count_cancelled()
 
     def abort(self) -> None:
-        """Stop taking work: waiting jobs and the running one end with a 503 'shutting down' error."""
+        """Stop taking work: waiting jobs and the running ones end with a 503 'shutting down' error."""
         with self._cv:
             self._closing = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-            if self._running is not None:
-                self._running.cancelled.set()
             self._cv.notify_all()
         for job in waiting:
             job.put("error", _shutting_down())
@@ -643,23 +649,37 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._waiting and not self._closing:
-                    self._cv.wait()
-                if self._closing:
-                    return
-                job = self._running = self._waiting.popleft()
-            try:
-                self._run(job)
-            except Exception as e:  # never let one request kill the worker
-                job.put("error", _failure(e))
-            finally:
-                job.finished = True
+        batch = Batch(self.model, self.max_batch)
+        try:
+            while True:
                 with self._cv:
-                    self._running = None
+                    while not self._waiting and not self._runs and not self._closing:
+                        self._cv.wait()
+                    if self._closing:
+                        return
+                    joining = [self._waiting.popleft()
+                               for _ in range(min(len(self._waiting), self.max_batch - len(self._runs)))]
+                    self._running = len(self._runs) + len(joining)
+                for job in joining:
+                    self._join(batch, job)
+                for job in [j for j in self._runs if j.cancelled.is_set()]:  # their clients left: out before the step
+                    self._runs[job].cancelled = True
+                    self._leave(batch, job, None)
+                try:
+                    self._step(batch)
+                except Exception as e:  # a failed pass ends the requests in it, never the worker
+                    for job in list(self._runs):
+                        self._runs[job].error(e)
+                        self._leave(batch, job, None, answered=True)
+                    batch.close()
+                    batch = Batch(self.model, self.max_batch)
+        finally:
+            for job, run in list(self._runs.items()):  # shutting down: their clients hear why they end
+                run.cancelled = True
+                self._leave(batch, job, None)
+            batch.close()
 
-    # -- one generation --
+    # -- the batch --
 
     def _piece(self, t: int) -> str:
         p = self._pieces.get(t)
@@ -667,17 +687,39 @@ class Engine:
             p = self._pieces[t] = self.model.tokenizer.token_text(t)
         return p
 
-    def _run(self, job: _Job) -> None:
+    def _join(self, batch: Batch, job: _Job) -> None:
         run = _Run(job, self.model, self.metrics, self._piece)
         try:
-            with self.model.stream(run.prompt, **run.stream_kw) as events:
-                for ev in events:
-                    if not run.on_event(ev):
-                        break  # leaving the loop closes the stream: the model is free for the next request
+            request, _, ids = generation.request(self.model, run.prompt, **run.stream_kw)
         except Exception as e:
             run.error(e)
+            self._done(job)
             return
-        run.finish(events.generation, shutting_down=self._closing)
+        batch.add(job, request, ids)
+        self._runs[job] = run
+
+    def _step(self, batch: Batch) -> None:
+        """One decoder pass over every job's canvas; each job's events go to its _Run as they come."""
+        for job, ev in batch.step():
+            run = self._runs.get(job)
+            if run is None:
+                continue
+            if isinstance(ev, Done):
+                self._leave(batch, job, ev.result)
+            elif not run.on_event(ev):  # its client left or a stop sequence was reached: out of the batch now
+                self._leave(batch, job, None)
+
+    def _leave(self, batch: Batch, job: _Job, g: Generation | None, answered: bool = False) -> None:
+        batch.cancel(job)
+        run = self._runs.pop(job)
+        if not answered:
+            run.finish(g, shutting_down=self._closing)
+        self._done(job)
+
+    def _done(self, job: _Job) -> None:
+        job.finished = True
+        with self._cv:
+            self._running = len(self._runs)
 
 
 # ---- the HTTP app ------------------------------------------------------------------------------------------
@@ -926,20 +968,23 @@ async def _next_event(request: Any, job: _Job) -> tuple[str, Any]:
 
 
 def create_app(model: "Model", *, queue_size: int = 16, model_name: str | None = None,
-               reasoning_format: str = "auto") -> Any:
+               reasoning_format: str = "auto", max_batch: int = MAX_BATCH) -> Any:
     """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs.
     reasoning_format: "auto" puts thinking in `reasoning_content`, "none" leaves it in the content (a request's
-    own reasoning_format wins)."""
+    own reasoning_format wins). max_batch: requests whose canvases share each decoder step; queue_size: how
+    many more may wait (503 beyond)."""
     try:
         from fastapi import FastAPI
     except ImportError as e:
         raise Error(_NEEDS_FASTAPI) from e
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
         raise Error(f"queue_size must be an int >= 0, got {queue_size!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise Error(f"max_batch must be an int >= 1, got {max_batch!r}")
     if reasoning_format not in REASONING_FORMATS:
         raise Error(f"reasoning_format must be one of {list(REASONING_FORMATS)}, got {reasoning_format!r}")
     metrics = Metrics()
-    engine = Engine(model, queue_size, metrics)
+    engine = Engine(model, queue_size, metrics, max_batch)
     api = _Api(model, engine, name=model_name or model.path.stem, queue_size=queue_size,
                reasoning_format=reasoning_format)
     app = FastAPI(title="diffgemma", version=_version(), lifespan=_lifespan(engine), docs_url=None, redoc_url=None)
@@ -1030,14 +1075,15 @@ class Server:
 
     def __init__(self, model: "Model", *, host: str = "127.0.0.1", port: int = 8080, queue_size: int = 16,
                  model_name: str | None = None, log_level: str = "info", shutdown_timeout: float = 10.0,
-                 reasoning_format: str = "auto"):
+                 reasoning_format: str = "auto", max_batch: int = MAX_BATCH):
         try:
             import uvicorn
         except ImportError as e:
             raise Error(_NEEDS_FASTAPI) from e
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise Error(f"port must be in 0..65535, got {port!r}")
-        self.app = create_app(model, queue_size=queue_size, model_name=model_name, reasoning_format=reasoning_format)
+        self.app = create_app(model, queue_size=queue_size, model_name=model_name, reasoning_format=reasoning_format,
+                              max_batch=max_batch)
         self.host = host
         self._sock = self._bind(host, port)
         self.port = self._sock.getsockname()[1]
