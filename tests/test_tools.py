@@ -65,8 +65,10 @@ class Scripted:
         def prefill(committed, *args, sequence=None, **kw):
             committed = [int(t) for t in committed]
             prompt, script, _ = self.state.get(id(sequence), ([], [], 0))
-            if not prompt or committed[:len(prompt)] != prompt or len(committed) == len(prompt):
-                prompt = committed  # a new request
+            n = len(prompt)
+            ours = n and len(committed) > n and committed[:n] == prompt and committed[n:] == script[:len(committed) - n]
+            if not ours:  # a new request: not the last prompt followed by its own canvases
+                prompt = committed
                 text = model.detokenize(prompt, special=True)
                 self.prompts.append(text)
                 ids = model.tokenize(reply_for(text), add_special=False) + [testing.EOS]

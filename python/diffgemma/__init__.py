@@ -12,7 +12,7 @@ from .chat import ChatReply
 from .chat_format import ToolCall, parse_chat_output
 from .converter import convert
 from .errors import Error, GGUFError
-from .generation import FROM_FILE, CanvasEvent, Generation, StepEvent, Stream
+from .generation import FROM_FILE, BatchStream, CanvasEvent, Generation, StepEvent, Stream
 from .layout import HParams
 from .model import Model, load, resolve
 from .quantizer import QuantizeReport, quantize, recipes
@@ -102,7 +102,7 @@ def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model = "
     return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
 
 
-__all__ = ["FROM_FILE", "CanvasEvent", "ChatReply", "Error", "GGUFError", "Generation", "HParams", "Hole",
-           "ImatrixReport", "Model", "QuantizeReport", "SamplerSettings", "StepEvent", "Stream", "ToolCall",
+__all__ = ["BatchStream", "CanvasEvent", "ChatReply", "Error", "FROM_FILE", "GGUFError", "Generation", "HParams",
+           "Hole", "ImatrixReport", "Model", "QuantizeReport", "SamplerSettings", "StepEvent", "Stream", "ToolCall",
            "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output",
            "parse_template", "quantize", "recipes", "stream"]

@@ -94,9 +94,10 @@ class Batch:
         self._waiting.append(_Member(tag, request, np.asarray(prompt, dtype=np.int64)))
 
     def cancel(self, tag: Any) -> bool:
-        """End the request `tag` now (waiting or running); the others are not disturbed. False if unknown."""
+        """End the request `tag` (the very object add() was given) now, waiting or running; the others are not
+        disturbed. False if unknown."""
         for m in [*self._waiting, *self._active]:
-            if m.tag == tag and not m.done:
+            if m.tag is tag and not m.done:
                 self._finish(m)
                 return True
         return False

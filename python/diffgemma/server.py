@@ -596,7 +596,7 @@ class Engine:
         self.metrics = metrics
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Job] = collections.deque()
-        self._runs: dict[_Job, _Run] = {}  # the jobs in the batch, touched by the worker thread only
+        self._runs: dict[int, _Run] = {}  # id(job) -> its run, for the jobs in the batch (worker thread only)
         self._running = 0  # len(_runs), for the other threads
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -660,23 +660,23 @@ class Engine:
                     joining = [self._waiting.popleft()
                                for _ in range(min(len(self._waiting), self.max_batch - len(self._runs)))]
                     self._running = len(self._runs) + len(joining)
-                for job in joining:
-                    self._join(batch, job)
-                for job in [j for j in self._runs if j.cancelled.is_set()]:  # their clients left: out before the step
-                    self._runs[job].cancelled = True
-                    self._leave(batch, job, None)
                 try:
+                    for job in joining:
+                        self._join(batch, job)
+                    for run in [r for r in self._runs.values() if r.job.cancelled.is_set()]:
+                        run.cancelled = True  # its client left: out of the batch before the step
+                        self._leave(batch, run.job, None)
                     self._step(batch)
                 except Exception as e:  # a failed pass ends the requests in it, never the worker
-                    for job in list(self._runs):
-                        self._runs[job].error(e)
-                        self._leave(batch, job, None, answered=True)
+                    for run in list(self._runs.values()):
+                        run.error(e)
+                        self._leave(batch, run.job, None, answered=True)
                     batch.close()
                     batch = Batch(self.model, self.max_batch)
         finally:
-            for job, run in list(self._runs.items()):  # shutting down: their clients hear why they end
+            for run in list(self._runs.values()):  # shutting down: their clients hear why they end
                 run.cancelled = True
-                self._leave(batch, job, None)
+                self._leave(batch, run.job, None)
             batch.close()
 
     # -- the batch --
@@ -696,12 +696,12 @@ class Engine:
             self._done(job)
             return
         batch.add(job, request, ids)
-        self._runs[job] = run
+        self._runs[id(job)] = run
 
     def _step(self, batch: Batch) -> None:
         """One decoder pass over every job's canvas; each job's events go to its _Run as they come."""
         for job, ev in batch.step():
-            run = self._runs.get(job)
+            run = self._runs.get(id(job))
             if run is None:
                 continue
             if isinstance(ev, Done):
@@ -711,7 +711,7 @@ class Engine:
 
     def _leave(self, batch: Batch, job: _Job, g: Generation | None, answered: bool = False) -> None:
         batch.cancel(job)
-        run = self._runs.pop(job)
+        run = self._runs.pop(id(job))
         if not answered:
             run.finish(g, shutting_down=self._closing)
         self._done(job)
