@@ -22,11 +22,13 @@ import pathlib
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 
 import diffgemma as dg
-from diffgemma import testing
+from diffgemma import server, testing
 
 SWA = tuple((i + 1) % 6 != 0 for i in range(6))
 PROPORTIONAL = dict(n_layer=6, swa_layers=SWA, n_embd=512, n_head=8, n_head_kv_swa=4, n_head_kv_global=1,
@@ -58,27 +60,30 @@ def library_run(m: dg.Model, prompts: list[list[int]], B: int, steps: int) -> di
 
 def server_run(m: dg.Model, prompts: list[list[int]], B: int, steps: int) -> dict:
     """N clients at once, each one /v1/completions request (token-id prompt), against a server of max batch B."""
-    import httpx
-
     lat: list[float] = []
     tokens = [0]
     errors: list[str] = []
     lock = threading.Lock()
-    with dg.server.Server(m, port=0, max_batch=B, queue_size=len(prompts)) as srv:
+    with server.Server(m, port=0, max_batch=B, queue_size=len(prompts), log_level="warning") as srv:
         barrier = threading.Barrier(len(prompts) + 1)
 
         def client(i: int) -> None:
             barrier.wait()
             t = time.perf_counter()
-            r = httpx.post(f"{srv.url}/v1/completions", timeout=600,
-                           json={"prompt": prompts[i], "max_tokens": m.hparams.canvas_length, "seed": i,
-                                 "steps": steps, "stability": None})
+            body = json.dumps({"prompt": prompts[i], "max_tokens": m.hparams.canvas_length, "seed": i,
+                               "steps": steps, "stability": None}).encode()
+            req = urllib.request.Request(f"{srv.url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    answer = json.load(r)
+            except urllib.error.HTTPError as e:
+                with lock:
+                    errors.append(f"{e.code} {e.read()[:200]!r}")
+                return
             with lock:
-                if r.status_code != 200:
-                    errors.append(f"{r.status_code} {r.text[:200]}")
-                    return
                 lat.append(time.perf_counter() - t)
-                tokens[0] += m.hparams.canvas_length * len(r.json()["diffusion"]["canvases"])
+                tokens[0] += m.hparams.canvas_length * len(answer["diffusion"]["canvases"])
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
         for th in threads:

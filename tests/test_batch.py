@@ -121,3 +121,58 @@ def test_denoise_batch_matches_denoise_step_row_for_row(m):
     finally:
         for seq in seqs:
             m.free_sequence(seq)
+
+
+def test_leaving_a_batch_loop_frees_its_sequences(m):
+    import gc
+
+    s = m.stream_batch(PROMPTS, seed=1, steps=3, max_new_tokens=32)
+    for _ in s:
+        break  # no `with`: dropping the stream must still end the batch
+    del s
+    gc.collect()
+    assert m._sequences == []
+    m.generate_batch(PROMPTS[:2], seed=1, steps=2, max_new_tokens=16)
+    assert m._sequences == []
+
+
+def test_sequences_are_checked(m, random_tiny):
+    L = m.hparams.canvas_length
+    seq = m.new_sequence()
+    ask = dg.batching.Denoise(np.zeros(L, np.int64), 0.8, False, np.full(L, 0.5, np.float32))
+    m.prefill([2, 3, 4], sequence=seq)
+    with pytest.raises(dg.Error, match="appears twice"):
+        m.denoise_batch([(seq, ask), (seq, ask)])
+    m.free_sequence(seq)
+    with pytest.raises(dg.Error, match="not one of this model's live sequences"):
+        m.prefill([2, 3, 4], sequence=seq)
+    with pytest.raises(dg.Error, match="not one of this model's live sequences"):
+        m.denoise_batch([(seq, ask)])
+    with dg.load(random_tiny, threads=1) as other:
+        foreign = other.new_sequence()
+    with pytest.raises(dg.Error, match="not one of this model's live sequences"):
+        m.prefill([2, 3, 4], sequence=foreign)
+
+
+def test_a_failing_request_ends_alone_in_a_batch(m):
+    def bad():
+        yield dg.batching.Prefill(np.array([10**6]), [])  # an id past the vocabulary: its prefill fails
+
+    good, _, ids = dg.generation.request(m, "fine", seed=3, steps=2, max_new_tokens=16)
+    b = dg.batching.Batch(m, 2)
+    b.add("bad", bad())
+    b.add("good", good, ids)
+    ends = {t: ev for t, ev in b if isinstance(ev, dg.batching.Done)}
+    assert isinstance(ends["bad"].error, dg.Error) and ends["bad"].result is None
+    assert ends["good"].error is None
+    assert ends["good"].result.tokens == m.generate("fine", seed=3, steps=2, max_new_tokens=16).tokens
+    assert not b and m._sequences == []
+
+
+def test_per_request_values_and_keyword_errors(m):
+    parts = ["Name:", dg.Hole(4)]  # a template as parts is one template for all
+    a, b = m.generate_batch(["", ""], template=parts, seed=(5, 6), steps=3)
+    assert a.text == m.generate("", template=parts, seed=5, steps=3).text
+    assert b.text == m.generate("", template=parts, seed=6, steps=3).text
+    with pytest.raises(dg.Error, match="unknown keywords \\['on_step'\\]"):
+        m.generate_batch(["a"], on_step=print)

@@ -77,10 +77,13 @@ class _Member:
 class Batch:
     """Requests denoised together, at most `max_batch` at a time (the rest wait, in order).
 
-    Iterating yields (tag, event) as the requests produce them and (tag, Done) when one ends; add() and
-    cancel() may be called between events. Each request is answered exactly as it would be alone: its own
-    sequence, its own seed; only the decoder pass is shared. Sequences are kept between requests, so one
-    that continues another's tokens (a chat's next turn) encodes only what is new."""
+    Iterating yields (tag, event) as the requests produce them and (tag, Done) when one ends (Done.error set
+    when it failed: its arguments, its prefill, or no memory for its sequence; the others go on); add() and
+    cancel() may be called between events, from the thread that iterates (a Batch has no lock of its own).
+    Each request is answered exactly as it would be alone: its own sequence, its own seed; only the decoder
+    pass is shared. Sequences are kept between requests, so one that continues another's tokens (a chat's next
+    turn) encodes only what is new. Ending the iteration early (or close()) ends every request and frees the
+    sequences."""
 
     def __init__(self, model: Model, max_batch: int) -> None:
         self.model = model
@@ -114,15 +117,23 @@ class Batch:
         return bool(self._active or self._waiting)
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        while self:
-            yield from self.step()
+        try:
+            while self:
+                yield from self.step()
+        finally:  # also when the consumer leaves the loop or drops the iterator
+            self.close()
 
     def step(self) -> Generator[tuple[Any, Any], None, None]:
         """Admit waiting requests while there is room, then run one decoder pass over every waiting canvas
         and hand each request its answer (yielding what it produces until it asks again)."""
         while self._waiting and len(self._active) < self.max_batch:
             m = self._waiting.popleft()
-            m.sequence = self._sequence_for(m.prompt)
+            try:
+                m.sequence = self._sequence_for(m.prompt)
+            except Exception as e:  # e.g. no memory for one more prompt-KV store: this request fails alone
+                self._finish(m)
+                yield m.tag, Done(None, e)
+                continue
             self._active.append(m)
             yield from self._advance(m, None)
         asking = [m for m in self._active if m.ask is not None]
@@ -139,21 +150,25 @@ class Batch:
         while not m.done:
             try:
                 ask = m.request.send(answer)
+                answer = None
+                if isinstance(ask, Prefill):
+                    self.model.prefill(ask.tokens, ask.images, on_progress=ask.on_progress, sequence=m.sequence)
+                    continue
             except StopIteration as end:
                 self._finish(m)
                 yield m.tag, Done(end.value)
                 return
+            except Exception as e:  # this request fails alone; the others go on
+                self._finish(m)
+                yield m.tag, Done(None, e)
+                return
             except BaseException:
                 self._finish(m)
                 raise
-            answer = None
             if isinstance(ask, Denoise):
                 m.ask = ask
                 return
-            if isinstance(ask, Prefill):
-                self.model.prefill(ask.tokens, ask.images, on_progress=ask.on_progress, sequence=m.sequence)
-            else:
-                yield m.tag, ask
+            yield m.tag, ask
 
     def _sequence_for(self, prompt: np.ndarray) -> Sequence:
         """A free sequence, preferring the one whose committed tokens share the longest start with `prompt`."""
@@ -189,6 +204,7 @@ class Batch:
 
 @dataclasses.dataclass(frozen=True)
 class Done:
-    """The last item of a request in a batch: its result (a Generation)."""
+    """The last item of a request in a batch: its result (a Generation), or the exception that ended it."""
 
     result: Any
+    error: Exception | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 import weakref
 from collections.abc import Callable, Generator
@@ -335,22 +336,17 @@ class BatchStream:
 
     def __next__(self) -> tuple[int, StepEvent | CanvasEvent]:
         while True:
-            try:
-                i, ev = next(self._events)
-            except StopIteration:
-                self._batch.close()
-                raise
-            except BaseException:
-                self._batch.close()
-                raise
-            if isinstance(ev, Done):
-                self.generations[i] = ev.result
-                continue
-            return i, ev
+            i, ev = next(self._events)  # the batch closes itself when its iteration ends, however it ends
+            if not isinstance(ev, Done):
+                return i, ev
+            if ev.error is not None:  # as a solo stream would: the error ends the whole stream
+                self.close()
+                raise ev.error
+            self.generations[i] = ev.result
 
-    def cancel(self, i: int) -> None:
-        """End request i now; its Generation stays None."""
-        self._batch.cancel(i)
+    def cancel(self, i: int) -> bool:
+        """End request i now; its Generation stays None. False when it had already ended."""
+        return self._batch.cancel(i)
 
     def close(self) -> None:
         self._batch.close()
@@ -363,12 +359,18 @@ class BatchStream:
 
 
 def _per_request(name: str, value: Any, n: int) -> list[Any]:
-    """One value per request: a list is one per request (its length must be n), anything else is for all."""
-    if isinstance(value, list):
+    """One value per request: a list (or tuple) is one per request (its length must be n), anything else is
+    for all. A template given as parts (str and Hole, at least one Hole) is one template for all."""
+    if name == "template" and isinstance(value, list | tuple) and any(isinstance(v, Hole) for v in value):
+        return [value] * n
+    if isinstance(value, list | tuple):
         if len(value) != n:
             raise Error(f"{name}: a list gives one value per prompt, so it needs {n} values, got {len(value)}")
-        return value
+        return list(value)
     return [value] * n
+
+
+BATCH_SETTINGS = frozenset(inspect.signature(request).parameters) - {"model", "prompt", "on_prefill"}
 
 
 def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **kw: Any) -> BatchStream:
@@ -381,6 +383,9 @@ def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise Error(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
     on_prefill = kw.pop("on_prefill", None)
+    if unknown := sorted(set(kw) - BATCH_SETTINGS):
+        raise Error(f"generate_batch/stream_batch got unknown keywords {unknown} (on_step is not one: iterate "
+                    f"stream_batch instead); they take {sorted(BATCH_SETTINGS)}")
     per = {name: _per_request(name, value, n) for name, value in kw.items()}
     batch = Batch(model, max_batch)
     seeds = []
@@ -389,7 +394,7 @@ def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **
             req, seed, ids = request(model, prompt, on_prefill=on_prefill, **{k: v[i] for k, v in per.items()})
         except Error as e:
             batch.close()
-            raise Error(f"prompt {i}: {e}") from None
+            raise Error(f"prompt {i}: {e}") from e
         batch.add(i, req, ids)
         seeds.append(seed)
     return BatchStream(batch, seeds)
@@ -400,7 +405,8 @@ def generate_batch(model: Model, prompts: Any, **kw: Any) -> list[Generation]:
     with stream_batch(model, prompts, **kw) as s:
         for _ in s:
             pass
-    return [g for g in s.generations if g is not None]
+    assert all(g is not None for g in s.generations)
+    return list(s.generations)
 
 
 def infill(model: Model, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:

@@ -100,7 +100,7 @@ class Sequence:
         extra = [*self._sc_state.values(), *([self._vocab[0]] if self._vocab else [])]
         return self.store.nbytes + sum(d.nbytes for d in extra)
 
-    def free(self) -> None:
+    def _free(self) -> None:  # Model.free_sequence: the model forgets it too
         self.store.free()
         for d in self._sc_state.values():
             d.free()
@@ -315,7 +315,7 @@ class Model:
                            device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
 
     def new_sequence(self) -> Sequence:
-        """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with .free()."""
+        """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with free_sequence."""
         with self._lock:
             self._check_open()
             seq = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
@@ -325,9 +325,18 @@ class Model:
     def free_sequence(self, sequence: Sequence) -> None:
         """Free a sequence made by new_sequence (its store and state)."""
         with self._lock:
-            if sequence in self._sequences:
+            if any(s is sequence for s in self._sequences):
                 self._sequences.remove(sequence)
-                sequence.free()
+                sequence._free()
+
+    def _own(self, sequence: Sequence | None) -> Sequence:
+        """The sequence to work on (the model's own for None), checked to be live and this model's."""
+        if sequence is None or sequence is self._main:
+            return self._main
+        if not any(s is sequence for s in self._sequences):
+            raise Error("this sequence is not one of this model's live sequences (freed with free_sequence, or "
+                        "made by another model)")
+        return sequence
 
     @property
     def prompt_kv(self) -> kv.PromptKV:
@@ -456,7 +465,7 @@ class Model:
         (and whose soft tokens see each other when the tower says so). on_progress(done, total) is called after
         each chunk."""
         with self._lock:
-            seq = sequence or self._main
+            seq = self._own(sequence)
             arr = self._check_ids(ids, "committed tokens")
             store = seq.store
             if store.n + len(arr) > self.n_ctx:
@@ -517,7 +526,7 @@ class Model:
         dropped and encoded. on_progress(done, total) is called after each encoded chunk of n_batch tokens."""
         with self._lock:
             self._check_open()
-            seq = sequence or self._main
+            seq = self._own(sequence)
             prefix = self._check_ids(tokens, "prefill ids")
             images = list(images)
             n = seq.common_prefix(prefix)
@@ -625,6 +634,10 @@ class Model:
             self._check_open()
             if not batch:
                 return []
+            for seq, _ in batch:
+                self._own(seq)
+            if len({id(seq) for seq, _ in batch}) < len(batch):
+                raise Error("a sequence appears twice in one batch (each canvas needs its own sequence)")
             gr = self._run_decoder(batch)
             L, top = len(batch[0][1].canvas), self.hparams.n_vocab - 1
             out = []
@@ -811,7 +824,7 @@ class Model:
                 self.vision.close()
             _lib.ggml_backend_sched_free(self.sched)
             for seq in [*getattr(self, "_sequences", []), *([self._main] if hasattr(self, "_main") else [])]:
-                seq.free()
+                seq._free()
             for owned in self._owned:
                 owned.free()
             for buf in self._bufs:

@@ -704,7 +704,10 @@ class Engine:
             run = self._runs.get(id(job))
             if run is None:
                 continue
-            if isinstance(ev, Done):
+            if isinstance(ev, Done) and ev.error is not None:  # this request failed alone
+                run.error(ev.error)
+                self._leave(batch, job, None, answered=True)
+            elif isinstance(ev, Done):
                 self._leave(batch, job, ev.result)
             elif not run.on_event(ev):  # its client left or a stop sequence was reached: out of the batch now
                 self._leave(batch, job, None)
