@@ -8,10 +8,12 @@ decoder pass among up to B canvases and lets waiting requests join between steps
 B so a slow spell of the shared machine hits every B alike.
 
 Then the server: N concurrent clients (threads, one /v1/completions request each) against `diffgemma serve`
-in-process with --max-batch 1 (the serial server) and --max-batch B for the other B.
+in-process with --max-batch 1 (the serial server) and --max-batch B for the other B. First of all, the bare
+decoder pass: `m.denoise_batch` of B canvases (each after its own 256-token prefix), time per canvas.
 
     python bench/batch_throughput.py [--threads 2] [--steps 8] [--requests 8] [--repeats 3] [--wtype q8_0]
         [--batches 1,2,4,8] [--no-server] [--json out.json]
+    python bench/batch_throughput.py --file model.gguf --pass-only --batches 1,2,4   # e.g. the 26B-A4B layout
 """
 
 from __future__ import annotations
@@ -99,6 +101,30 @@ def server_run(m: dg.Model, prompts: list[list[int]], B: int, steps: int) -> dic
             "p95_s": percentile(lat, 95)}
 
 
+def decoder_pass(m: dg.Model, batches: list[int], repeats: int) -> dict[int, list[float]]:
+    """Milliseconds per canvas of one denoise_batch over B canvases, each after its own 256-token prefix."""
+    hp, L = m.hparams, m.hparams.canvas_length
+    rng = np.random.default_rng(1)
+    seqs = [m.new_sequence() for _ in range(max(batches))]
+    try:
+        for s in seqs:
+            m.prefill([2, *rng.integers(5, hp.n_vocab, PROMPT_TOKENS - 1).tolist()], sequence=s)
+        asks = [dg.batching.Denoise(rng.integers(0, hp.n_vocab, L), 0.8, True, rng.random(L, dtype=np.float32))
+                for _ in seqs]
+        out: dict[int, list[float]] = {B: [] for B in batches}
+        for B in batches:  # warm: each batch shape's graph built once
+            m.denoise_batch(list(zip(seqs[:B], asks[:B], strict=True)))
+        for _ in range(repeats):  # interleaved over B
+            for B in batches:
+                t = time.perf_counter()
+                m.denoise_batch(list(zip(seqs[:B], asks[:B], strict=True)))
+                out[B].append(1e3 * (time.perf_counter() - t) / B)
+        return out
+    finally:
+        for s in seqs:
+            m.free_sequence(s)
+
+
 def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
@@ -123,34 +149,52 @@ def main() -> None:
     ap.add_argument("--wtype", default="q8_0", choices=("f32", "q8_0"))
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--file", type=pathlib.Path, help="a GGUF to run instead of the synthetic proportional config")
+    ap.add_argument("--pass-only", action="store_true", help="only the bare decoder pass (for huge files)")
     ap.add_argument("--json", type=pathlib.Path)
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
-    hp = testing.tiny_hparams(**PROPORTIONAL)
-    d = pathlib.Path(tempfile.mkdtemp(prefix="dg-batch-"))
-    path = testing.write_model(d / f"proportional-{a.wtype}.gguf", hp, wtype=a.wtype,
-                               weights=testing.random_weights(hp, seed=0))
-    rng = np.random.default_rng(0)
-    prompts = [[2, *rng.integers(5, hp.n_vocab, PROMPT_TOKENS - 1).tolist()] for _ in range(a.requests)]
-    out: dict[str, dict[int, list[dict]]] = {"library": {B: [] for B in batches}, "server": {B: [] for B in batches}}
+    d = None
+    if a.file is None:
+        hp = testing.tiny_hparams(**PROPORTIONAL)
+        d = pathlib.Path(tempfile.mkdtemp(prefix="dg-batch-"))
+        path = testing.write_model(d / f"proportional-{a.wtype}.gguf", hp, wtype=a.wtype,
+                                   weights=testing.random_weights(hp, seed=0))
+    else:
+        path = a.file
+    out: dict[str, dict] = {"library": {B: [] for B in batches}, "server": {B: [] for B in batches}}
     try:
         with dg.load(path, threads=a.threads) as m:
-            library_run(m, prompts[:2], 2, 1)  # warm: graphs built once
-            for _ in range(a.repeats):  # interleaved over B
-                for B in batches:
-                    out["library"][B].append(library_run(m, prompts, B, a.steps))
-                    if not a.no_server:
-                        out["server"][B].append(server_run(m, prompts, B, a.steps))
+            hp = m.hparams
+            rng = np.random.default_rng(0)
+            prompts = [[2, *rng.integers(5, hp.n_vocab, PROMPT_TOKENS - 1).tolist()] for _ in range(a.requests)]
+            out["pass"] = decoder_pass(m, batches, a.repeats)
+            if not a.pass_only:
+                library_run(m, prompts[:2], 2, 1)  # warm: graphs built once
+                for _ in range(a.repeats):  # interleaved over B
+                    for B in batches:
+                        out["library"][B].append(library_run(m, prompts, B, a.steps))
+                        if not a.no_server:
+                            out["server"][B].append(server_run(m, prompts, B, a.steps))
     finally:
-        path.unlink()
-        d.rmdir()
-    print(f"proportional config ({a.wtype.upper()}): canvas {hp.canvas_length}, {hp.n_expert} experts "
-          f"top-{hp.n_expert_used}, {a.requests} requests of {PROMPT_TOKENS} prompt tokens + one canvas, "
-          f"{a.steps} steps each, {a.threads} threads, median of {a.repeats} interleaved repeats")
-    table("m.generate_batch(prompts, max_batch=B), all submitted at once:", out["library"])
-    if not a.no_server:
-        table(f"server, {a.requests} concurrent /v1/completions clients, --max-batch B (1 = the serial server):",
-              out["server"])
+        if d is not None:
+            path.unlink()
+            d.rmdir()
+    name = a.file.name if a.file else f"proportional config ({a.wtype.upper()})"
+    print(f"{name}: canvas {hp.canvas_length}, {hp.n_expert} experts top-{hp.n_expert_used}, {a.threads} threads, "
+          f"median of {a.repeats} interleaved repeats")
+    print("\nthe decoder pass, m.denoise_batch of B canvases (each after its own 256-token prefix):")
+    base = float(np.median(out["pass"][batches[0]]))
+    print(f"{'B':>3s} {'ms per canvas':>14s} {'canvases/s vs B=' + str(batches[0]):>20s}  per repeat")
+    for B, ms in out["pass"].items():
+        med = float(np.median(ms))
+        print(f"{B:3d} {med:14.1f} {base / med:19.2f}x  " + " ".join(f"{x:.1f}" for x in ms))
+    if not a.pass_only:
+        print(f"\n{a.requests} requests of {PROMPT_TOKENS} prompt tokens + one canvas, {a.steps} steps each")
+        table("m.generate_batch(prompts, max_batch=B), all submitted at once:", out["library"])
+        if not a.no_server:
+            table(f"server, {a.requests} concurrent /v1/completions clients, --max-batch B (1 = the serial "
+                  "server):", out["server"])
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 
