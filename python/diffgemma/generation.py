@@ -8,7 +8,7 @@ import inspect
 import time
 import weakref
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -110,7 +110,20 @@ def resolve_seed(seed: Any) -> int:
     return int(seed)
 
 
-class Stream:
+class _Closes:
+    """`with` closes it: a stream used as a context manager ends its generation however the block is left."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Stream(_Closes):
     """The events of one generation (StepEvent after every denoising step, CanvasEvent when a canvas commits);
     `.generation` holds the final Generation once the iteration has ended. Breaking out of the loop (or
     close()) ends the generation between steps: nothing is left half-encoded and the model is free again."""
@@ -133,12 +146,6 @@ class Stream:
     def close(self) -> None:
         """Stop generating now (also what leaving a for loop early does, when the stream is dropped)."""
         self._events.close()
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # The paused stream holding each model: a new generation on the model ends it first (its state would be stale).
@@ -319,7 +326,7 @@ def generate(model: Model, prompt: Any, *, on_step: Callable[[StepEvent], Any] |
     return s.generation
 
 
-class BatchStream:
+class BatchStream(_Closes):
     """The events of several generations run together (see Model.stream_batch): (request index, event) pairs,
     each request's in its own order; `.generations` holds the Generations (in prompt order) once the iteration
     has ended. Breaking out (or close()) ends them all between steps; cancel(i) ends one, leaving the others'
@@ -349,13 +356,8 @@ class BatchStream:
         return self._batch.cancel(i)
 
     def close(self) -> None:
+        """End every request now (also what leaving a for loop early does, when the stream is dropped)."""
         self._batch.close()
-
-    def __enter__(self) -> BatchStream:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _per_request(name: str, value: Any, n: int) -> list[Any]:
