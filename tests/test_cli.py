@@ -57,3 +57,11 @@ def test_bad_parameters_exit_cleanly():
     assert r.returncode == 2 and "steps" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(CLI + ["generate", "-m", "/nope.gguf", "hello"], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "diffgemma", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("diffgemma ")
