@@ -67,7 +67,9 @@ def test_cancelling_one_request_leaves_the_others_tokens_alone(m):
     for i, ev in s:
         if i == 1 and isinstance(ev, dg.StepEvent) and ev.step == 2:
             s.cancel(1)
-    assert s.generations[1] is None
+    assert s.generations[1] is None and s.cancel(1) is False  # already ended
+    with pytest.raises(dg.Error, match="request index in 0..2"):
+        s.cancel(3)
     for i in (0, 2):
         alone = solo(m, PROMPTS[i], seed=kw["seed"][i], steps=5, stability=None, max_new_tokens=32)
         assert s.generations[i].tokens == alone.tokens

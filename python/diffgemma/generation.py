@@ -352,7 +352,10 @@ class BatchStream(_Closes):
             self.generations[i] = ev.result
 
     def cancel(self, i: int) -> bool:
-        """End request i now; its Generation stays None. False when it had already ended."""
+        """End request i (its index in the prompts) now; its Generation stays None. False when it had already
+        ended."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.seeds):
+            raise Error(f"cancel takes a request index in 0..{len(self.seeds) - 1}, got {i!r}")
         return self._batch.cancel(i)
 
     def close(self) -> None:
@@ -372,7 +375,7 @@ def _per_request(name: str, value: Any, n: int) -> list[Any]:
     return [value] * n
 
 
-BATCH_SETTINGS = frozenset(inspect.signature(request).parameters) - {"model", "prompt", "on_prefill"}
+BATCH_SETTINGS = frozenset(inspect.signature(request).parameters) - {"model", "prompt"}
 
 
 def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **kw: Any) -> BatchStream:
@@ -384,10 +387,10 @@ def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **
         max_batch = n
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise Error(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
-    on_prefill = kw.pop("on_prefill", None)
     if unknown := sorted(set(kw) - BATCH_SETTINGS):
         raise Error(f"generate_batch/stream_batch got unknown keywords {unknown} (on_step is not one: iterate "
                     f"stream_batch instead); they take {sorted(BATCH_SETTINGS)}")
+    on_prefill = kw.pop("on_prefill", None)  # one callback for all (it is not told which request it reports)
     per = {name: _per_request(name, value, n) for name, value in kw.items()}
     batch = Batch(model, max_batch)
     seeds = []

@@ -942,7 +942,7 @@ class _Api:
         return {"status": "ok", "model": self.name, "canvas_length": hp.canvas_length, "n_ctx": model.n_ctx,
                 **dataclasses.asdict(model.sampler_defaults),
                 "devices": list(getattr(model, "devices", [])),
-                "vision": getattr(model, "vision", None) is not None,
+                "vision": getattr(model, "vision", None) is not None, "max_batch": self.engine.max_batch,
                 "queue": {"waiting": waiting, "running": running, "capacity": self.queue_size}}
 
     def prometheus(self) -> str:
