@@ -105,14 +105,6 @@ class Batch:
                 return True
         return False
 
-    @property
-    def running(self) -> int:
-        return len(self._active)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def __bool__(self) -> bool:
         return bool(self._active or self._waiting)
 

@@ -440,10 +440,6 @@ class DeviceTensors:
         if clear:
             lib.ggml_backend_buffer_clear(self.buf, 0)
 
-    @property
-    def nbytes(self) -> int:
-        return int(lib.ggml_backend_buffer_get_size(self.buf)) if self.ctx is not None else 0
-
     def free(self) -> None:
         if self.ctx is not None:
             lib.ggml_backend_buffer_free(self.buf)

@@ -94,12 +94,6 @@ class Sequence:
         self._vocab = (self._vocab[0], table, self._vocab[2])
         return t, self._vocab[2]
 
-    @property
-    def nbytes(self) -> int:
-        """Device bytes held: the store, the self-conditioning states and the vocabulary table."""
-        extra = [*self._sc_state.values(), *([self._vocab[0]] if self._vocab else [])]
-        return self.store.nbytes + sum(d.nbytes for d in extra)
-
     def _free(self) -> None:  # Model.free_sequence: the model forgets it too
         self.store.free()
         for d in self._sc_state.values():
@@ -325,7 +319,7 @@ class Model:
     def free_sequence(self, sequence: Sequence) -> None:
         """Free a sequence made by new_sequence (its store and state)."""
         with self._lock:
-            if any(s is sequence for s in self._sequences):
+            if sequence in self._sequences:  # a Sequence compares by identity
                 self._sequences.remove(sequence)
                 sequence._free()
 
@@ -333,7 +327,7 @@ class Model:
         """The sequence to work on (the model's own for None), checked to be live and this model's."""
         if sequence is None or sequence is self._main:
             return self._main
-        if not any(s is sequence for s in self._sequences):
+        if sequence not in self._sequences:
             raise Error("this sequence is not one of this model's live sequences (freed with free_sequence, or "
                         "made by another model)")
         return sequence
