@@ -9,6 +9,7 @@ import pytest
 
 import diffgemma as dg
 from diffgemma import cli, layout, sampler, server, testing
+from diffgemma.server import protocol
 
 REFERENCE = {"steps": 48, "t_min": 0.4, "t_max": 0.8, "entropy_bound": 0.1, "stability": 1, "confidence": 0.005}
 FILE_KEYS = {"diffusion.eb_max_steps": 3, "diffusion.eb_t_min": 0.3, "diffusion.eb_t_max": 0.9,
@@ -125,13 +126,13 @@ def test_cli_flags_and_server_fields_are_the_fields():
         assert flags[f.name] is type(f.default), f.name  # --steps int, --t-min float, ...
         bad = {f.name: "x"}
         with pytest.raises(server.ApiError) as ei:
-            server._sampler_settings(bad, dg.SamplerSettings())
+            protocol.sampler_settings(bad, dg.SamplerSettings())
         assert ei.value.status == 400 and ei.value.param == f.name
     body = {"steps": 5, "t_min": 0.2, "t_max": None, "stability": None, "unrelated": 1}
-    assert server._sampler_settings(body, dg.SamplerSettings()) == dg.SamplerSettings(steps=5, t_min=0.2,
+    assert protocol.sampler_settings(body, dg.SamplerSettings()) == dg.SamplerSettings(steps=5, t_min=0.2,
                                                                                       stability=None)
     with pytest.raises(server.ApiError) as ei:
-        server._sampler_settings({"t_min": 0.9, "t_max": 0.5}, dg.SamplerSettings())
+        protocol.sampler_settings({"t_min": 0.9, "t_max": 0.5}, dg.SamplerSettings())
     assert ei.value.param is None and "t_min < t_max" in ei.value.message
 
 
@@ -145,6 +146,6 @@ def test_a_new_field_shows_up_on_the_command_line_and_in_the_server(monkeypatch)
     monkeypatch.setattr(sampler, "SamplerSettings", _WithNewSetting)
     a = cli.build_parser().parse_args(["generate", "hi", "--patience", "3", "--steps", "4"])
     assert cli._sampler_kw(a) == {"max_new_tokens": 256, "seed": None, "steps": 4, "patience": 3}
-    got = server._sampler_settings({"patience": 2}, _WithNewSetting())
+    got = protocol.sampler_settings({"patience": 2}, _WithNewSetting())
     assert got.patience == 2 and got.steps == 48
     assert _WithNewSetting(patience=5).to_metadata()["diffusion.eb_patience"] == 5

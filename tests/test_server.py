@@ -27,6 +27,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from diffgemma.server.engine import Run  # noqa: E402
+from diffgemma.server.protocol import GenerationRequest  # noqa: E402
+
 QUEUE = 3
 MSGS = [{"role": "user", "content": "Tell me about rivers."}]
 # The adaptive stop off: every canvas takes exactly `steps` steps, so step counts are predictable.
@@ -286,14 +289,14 @@ def test_disconnect_mid_stream_frees_the_slot(client, server, no_eos):
     next(it)  # the role chunk
     assert next(it).choices[0].delta.content is not None  # the first committed canvas
     _, _, metrics = http(server, "/metrics")
-    cancelled = int(re.search(r"^diffgemma_requests_cancelled_total (\d+)", metrics, re.M).group(1))
+    cancelled = float(re.search(r"^diffgemma_requests_cancelled_total (\S+)", metrics, re.M).group(1))
     s.close()  # the client goes away mid-generation
     t0 = time.monotonic()
     r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=16, seed=1, extra_body=FAST)
     assert r.choices[0].message.content and time.monotonic() - t0 < 5
     wait_for(lambda: health(server)["queue"]["running"] == 0)
     _, _, metrics = http(server, "/metrics")
-    assert f"\ndiffgemma_requests_cancelled_total {cancelled + 1}\n" in metrics
+    assert float(re.search(r"^diffgemma_requests_cancelled_total (\S+)", metrics, re.M).group(1)) == cancelled + 1
 
 
 def test_queue_full_gives_503(client, server, no_eos):
@@ -325,7 +328,7 @@ def test_metrics(client, server):
     assert float(values["diffgemma_step_ms"]) > 0 and float(values["diffgemma_tokens_per_second"]) > 0
     assert float(values["diffgemma_steps_per_canvas"]) == 2
     assert float(values['diffgemma_canvas_steps_bucket{le="+Inf"}']) == float(values["diffgemma_canvas_steps_count"])
-    assert values["diffgemma_queue_depth"] == "0" and values["diffgemma_queue_capacity"] == str(QUEUE)
+    assert float(values["diffgemma_queue_depth"]) == 0 and float(values["diffgemma_queue_capacity"]) == QUEUE
     assert "# TYPE diffgemma_canvas_steps histogram" in text
 
 
@@ -334,7 +337,7 @@ def test_metrics(client, server):
 
 def recorded_job(model, ids, **body):
     """A job as the HTTP side makes it, whose events are kept in .sent instead of going to an asyncio loop."""
-    params = {**srv._parse_common(body, model.sampler_defaults), "template": None}
+    params = GenerationRequest.model_validate(body).params(model.sampler_defaults)
     sent = []
     job = types.SimpleNamespace(ids=ids, p=params, cancelled=threading.Event(), sent=sent, finished=False,
                                 put=lambda kind, payload=None: sent.append((kind, payload)))
@@ -353,7 +356,7 @@ def test_a_stop_sequence_ends_the_stream_and_reports_its_timings(model):
     text = model.detokenize(model.generate(ids, max_new_tokens=48, seed=8, **FAST).tokens)
     stop = text[20:23]  # inside the second of three canvases
     job = recorded_job(model, ids, max_tokens=48, seed=8, stop=[stop], **FAST)
-    run = srv._Run(job, model, srv.Metrics(), model.tokenizer.token_text)
+    run = Run(job, model, srv.Metrics(), model.tokenizer.token_text)
     canvases = []
     with model.stream(run.prompt, **run.stream_kw) as s:  # the engine's loop, with the canvases kept
         for ev in s:
@@ -371,7 +374,7 @@ def test_a_stop_sequence_ends_the_stream_and_reports_its_timings(model):
 def test_finished_runs_report_the_generations_timings(model):
     ids = model.tokenize("abc")
     job = recorded_job(model, ids, max_tokens=20, seed=3, **FAST)
-    run = srv._Run(job, model, srv.Metrics(), model.tokenizer.token_text)
+    run = Run(job, model, srv.Metrics(), model.tokenizer.token_text)
     with model.stream(run.prompt, **run.stream_kw) as s:
         assert all(run.on_event(ev) for ev in s)
     done = run.finish(s.generation)
@@ -467,7 +470,7 @@ def test_serve_parser_wiring():
 
 def test_cli_serve_finishes_open_streams_on_sigterm_and_exits_0(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(
-        srv.__file__)), os.environ.get("PYTHONPATH", "")] if p)}
+        diffgemma.__file__)), os.environ.get("PYTHONPATH", "")] if p)}
     proc = subprocess.Popen([sys.executable, "-m", "diffgemma.server", "-m", "tiny", "--port", "0", "--n-ctx", "512",
                              "-t", "1"],
                             stderr=subprocess.PIPE, text=True, env=env)

@@ -1,0 +1,563 @@
+"""The wire protocol: pydantic models of the OpenAI requests and responses, with our extensions.
+
+FastAPI validates each request body into `ChatRequest` or `CompletionRequest`; what fails comes back as a
+RequestValidationError, which `errors.validation_error` turns into the OpenAI error body naming the field.
+Unknown fields are accepted and ignored (OpenAI's sampling knobs have no counterpart in the diffusion sampler);
+options whose meaning we cannot honour are refused (code `unsupported_parameter`). The diffusion settings are
+`dg.SamplerSettings`' fields, read from the extra fields by `sampler_settings` with the library's own rules.
+
+What a request asks the engine for, once validated, is a `Params`. No `from __future__ import annotations`:
+pydantic reads the annotations at runtime.
+"""
+
+import base64
+import dataclasses
+import secrets
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
+
+from .. import chat_format
+from ..errors import Error
+from ..generation import RANDOM_SEED
+from ..images import DEFAULT_BUDGET
+from ..sampler import SamplerSettings, setting_problem
+from ..template import Hole, Layout
+from .defaults import REASONING_FORMATS
+from .errors import bad_request, invalid
+
+DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens (the library's default)
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+PROMPT_RULE = "'prompt' must be a non-empty string or token-id array (one prompt per request)"
+
+
+# ---- field checks --------------------------------------------------------------------------------------------
+
+
+def _supported_if(ok: Callable[[Any], bool]) -> Any:
+    """A field whose other values we cannot honour (ignoring them would give wrong results): a 400 naming it."""
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if not ok(v):
+            raise invalid(f"'{info.field_name}'={v!r} is not supported by this server", type="unsupported_parameter")
+        return v
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+def _stop_list(v: Any) -> Any:
+    if isinstance(v, str):
+        return [v]
+    if v is not None and not isinstance(v, list):
+        raise invalid("'stop' must be a non-empty string or a list of at most 4 non-empty strings")
+    return v
+
+
+def _template(t: Any) -> str | list[str | Hole] | None:
+    """The `template` extension field as the library takes it: a template string, or a list of parts (strings
+    and {"hole": N, "allowed": class names | [texts or token ids], "empty": bool})."""
+    if t is None or isinstance(t, str):
+        return t
+    if not isinstance(t, list):
+        raise invalid("'template' must be a string or an array of parts")
+    parts: list[str | Hole] = []
+    for i, part in enumerate(t):
+        if isinstance(part, str):
+            parts.append(part)
+            continue
+        if not isinstance(part, dict) or set(part) - {"hole", "allowed", "empty"} or "hole" not in part:
+            raise invalid(f"template[{i}] must be a string or {{\"hole\": N, \"allowed\": ..., \"empty\": bool}}")
+        n, allowed, empty = part["hole"], part.get("allowed"), part.get("empty", False)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise invalid(f"template[{i}].hole must be an integer (the hole's size in tokens)")
+        if not (allowed is None or isinstance(allowed, str) or (isinstance(allowed, list) and all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)) for x in allowed))):
+            raise invalid(f"template[{i}].allowed must be class names or an array of texts and token ids")
+        if not isinstance(empty, bool):
+            raise invalid(f"template[{i}].empty must be a boolean")
+        parts.append(Hole(n, allowed, empty, f"hole (template[{i}])"))
+    return parts
+
+
+def _one_prompt(p: Any) -> Any:
+    """A completion prompt: a string or token ids (a batch of exactly one is taken as that one). Empty or absent
+    is left for the request's own check (a template needs no prompt)."""
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+        p = p[0]
+    if p is None or isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p
+    raise invalid(PROMPT_RULE)
+
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+_N = _supported_if(lambda v: v in (None, 1))
+_LOGPROBS = _supported_if(lambda v: v in (None, False, 0))
+_TOP_LOGPROBS = _supported_if(lambda v: v in (None, 0))
+_FUNCTIONS = _supported_if(lambda v: not v)  # the legacy form of tools
+_RESPONSE_FORMAT = _supported_if(lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
+_ECHO = _supported_if(lambda v: not v)
+_BEST_OF = _supported_if(lambda v: v in (None, 1))
+
+
+def sampler_settings(given: dict, defaults: SamplerSettings) -> SamplerSettings:
+    """The diffusion settings of a request: `defaults` (the model's) overridden by the fields of `given` named as
+    SamplerSettings' fields, validated by the library's own rules (errors are 400s naming the field)."""
+    chosen: dict[str, Any] = {}
+    for f in dataclasses.fields(defaults):
+        v = given.get(f.name)
+        # Absent (or null) = the model's default; an explicit null switches the adaptive stop off where it can.
+        if f.name not in given or (v is None and not f.metadata["off"]):
+            continue
+        why = setting_problem(f.name, v)
+        if why:
+            raise bad_request(why, f.name)
+        chosen[f.name] = v
+    try:
+        return defaults.replace(**chosen)
+    except Error as e:
+        raise bad_request(str(e)) from e
+
+
+# ---- what a request asks for ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatOptions:
+    """A chat request's tools and thinking, ready for the template and the output parser."""
+
+    tools: list[dict]  # the tools rendered into the prompt (none when tool_choice is "none")
+    template_kwargs: dict[str, Any]
+    prefix: str  # text after the generation prompt that forces a call (tool_choice "required" or a name)
+    max_calls: int | None  # 1 when parallel_tool_calls is false
+    reasoning: bool  # thinking goes to `reasoning_content` (reasoning_format "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """What a validated request asks the engine for, in the library's terms."""
+
+    max_tokens: int
+    seed: int  # chosen by the server when the request names none, so every answer can report it
+    sampler: SamplerSettings
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    frames: bool = False  # denoising frames as SSE comments (streams only)
+    template: Layout | None = None  # laid out for the model
+    infill: bool = False  # the answer is the template's one hole (completions with a suffix)
+    chat: ChatOptions | None = None  # a chat request: the output is parsed into content, reasoning, calls
+    messages: list[dict] | None = None  # a prompt with images goes to the engine as messages
+    image_budget: int = DEFAULT_BUDGET
+
+
+# ---- requests ------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: only include_usage has a meaning here."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class GenerationRequest(BaseModel):
+    """The fields both generating endpoints take. Unknown ones (temperature, top_p, penalties, user, model, ...)
+    are kept as extras and ignored, except the diffusion settings (SamplerSettings' fields)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    diffusion_frames: StrictBool | None = False
+    seed: Annotated[StrictInt, Field(ge=RANDOM_SEED)] | None = None  # -1: random, as in llama.cpp
+    stop: Annotated[list[Annotated[StrictStr, Field(min_length=1)]] | None, BeforeValidator(_stop_list),
+                    Field(max_length=4)] = None
+    template: Annotated[Any, AfterValidator(_template)] = None
+    n: _N = None
+    logprobs: _LOGPROBS = None
+    top_logprobs: _TOP_LOGPROBS = None
+
+    def _templated(self) -> bool:
+        return self.template is not None
+
+    @model_validator(mode="after")
+    def _stop_without_template(self) -> "GenerationRequest":
+        if self.stop and self._templated():
+            raise invalid("'stop' does not apply to a template (the template decides where the text ends)",
+                           param="stop")
+        return self
+
+    def params(self, sampler_defaults: SamplerSettings) -> Params:
+        """What the request asks for (the template is laid out later, against the model)."""
+        seed = self.seed
+        return Params(
+            max_tokens=self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS,
+            seed=secrets.randbits(63) if seed is None or seed == RANDOM_SEED else seed,
+            sampler=sampler_settings(self.model_extra or {}, sampler_defaults),
+            stop=self.stop or [],
+            stream=bool(self.stream),
+            include_usage=bool(self.stream_options and self.stream_options.include_usage),
+            frames=bool(self.diffusion_frames and self.stream),  # frames only travel in a stream
+        )
+
+
+class ImageURL(BaseModel):
+    """An image_url part's image: data: URLs only (nothing is fetched), decoded here so a bad one is a 400."""
+
+    model_config = ConfigDict(extra="allow")  # "detail" is accepted and ignored
+    url: StrictStr
+    _data: bytes = PrivateAttr(b"")
+
+    @model_validator(mode="after")
+    def _decode(self) -> "ImageURL":
+        if not self.url.startswith("data:"):
+            raise invalid("only data: URLs are accepted for images (this server does not fetch remote URLs); send "
+                           "the picture inline as data:image/...;base64,...", type="remote_image_url")
+        head, _, payload = self.url.partition(",")
+        if not head.endswith(";base64"):
+            raise invalid("the image data: URL must be base64-encoded")
+        try:
+            self._data = base64.b64decode(payload, validate=True)
+        except ValueError as e:
+            raise invalid(f"the image data: URL is not valid base64: {e}") from e
+        return self
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content: {"type": "text", "text"} or {"type": "image_url", "image_url"}."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+    image_url: Annotated[ImageURL | None, BeforeValidator(lambda v: {"url": v} if isinstance(v, str) else v)] = None
+
+    @model_validator(mode="after")
+    def _has_its_value(self) -> "ContentPart":
+        if self.type == "text" and self.text is None:
+            raise invalid("a text part needs its text")
+        if self.type == "image_url" and self.image_url is None:
+            raise invalid("an image_url part needs an image_url with a url")
+        return self
+
+    def to_library(self) -> dict:
+        """The library's part: text as is, an image as {"type": "image", "image": bytes}."""
+        if self.type == "text":
+            return {"type": "text", "text": self.text}
+        return {"type": "image", "image": self.image_url._data}  # type: ignore[union-attr]
+
+
+def _content(v: Any) -> Any:
+    if isinstance(v, str):
+        return [{"type": "text", "text": v}]
+    if v is not None and not isinstance(v, list):
+        raise invalid("content must be a string or an array of text and image_url parts")
+    return v
+
+
+def _str_or_none(v: Any) -> str | None:
+    return v if isinstance(v, str) else None  # kept when a string; other shapes are ignored
+
+
+class Message(BaseModel):
+    """A chat message: role, content (a string or parts), and an assistant's tool calls or a tool's answer."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal[tuple(ROLES)]  # type: ignore[valid-type]
+    content: Annotated[list[ContentPart] | None, BeforeValidator(_content)] = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: Annotated[str | None, BeforeValidator(_str_or_none)] = None  # between one exchange's calls
+    tool_call_id: Annotated[str | None, BeforeValidator(_str_or_none)] = None
+    name: Annotated[str | None, BeforeValidator(_str_or_none)] = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> "Message":
+        if self.content is None and not self._calls():
+            raise invalid("content must be a string or an array of parts (null only in an assistant message with "
+                           "tool_calls)")
+        return self
+
+    def _calls(self) -> list[dict] | None:
+        return self.tool_calls if self.role == "assistant" and self.tool_calls else None
+
+    def to_library(self) -> dict[str, Any]:
+        """The message as the library's chat takes it (images as bytes, text parts joined)."""
+        role = ROLES[self.role]
+        parts = [p.to_library() for p in self.content or []]
+        if any(p["type"] == "image" for p in parts):
+            return {"role": role, "content": parts}
+        msg: dict[str, Any] = {"role": role, "content": "".join(p["text"] for p in parts)}
+        if self._calls():
+            msg["tool_calls"] = self.tool_calls
+            if self.reasoning_content is not None:
+                msg["reasoning_content"] = self.reasoning_content
+        if role == "tool" and self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if role == "tool" and self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+def _tools(v: Any) -> list[dict]:
+    try:  # the library's own rules (chat_format), as for Model.chat
+        return chat_format.check_tools(v)
+    except Error as e:
+        raise invalid(str(e)) from e
+
+
+def _tool_choice(v: Any, info: ValidationInfo) -> str:
+    try:  # when `tools` itself failed, its error is the one reported
+        return chat_format.check_tool_choice(v, info.data.get("tools") or [])
+    except Error as e:
+        raise invalid(str(e)) from e
+
+
+def _template_kwargs(v: dict | None) -> dict | None:
+    reserved = {"messages", "tools", "bos_token", "eos_token", "add_generation_prompt"}
+    if v and reserved & set(v):
+        raise invalid(f"'chat_template_kwargs' must be an object without {sorted(reserved)}")
+    return v
+
+
+class ChatRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    tools: Annotated[Any, AfterValidator(_tools)] = None
+    tool_choice: Annotated[Any, AfterValidator(_tool_choice)] = Field(None, validate_default=True)
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_format: Literal[REASONING_FORMATS] | None = None  # type: ignore[valid-type]
+    chat_template_kwargs: Annotated[dict[str, Any] | None, AfterValidator(_template_kwargs)] = None
+    image_budget: PositiveInt | None = None  # soft tokens per image
+    functions: _FUNCTIONS = None
+    response_format: _RESPONSE_FORMAT = None
+
+    def library_messages(self) -> list[dict[str, Any]]:
+        """The messages as the library's chat takes them."""
+        return [m.to_library() for m in self.messages]
+
+    def chat_params(self, sampler_defaults: SamplerSettings, default_reasoning: str) -> Params:
+        """params() with the chat options; `default_reasoning` is the server's reasoning_format."""
+        tools = self.tools or []
+        offered = tools if self.tool_choice != "none" else []
+        chat = ChatOptions(tools=offered, template_kwargs=self.chat_template_kwargs or {},
+                           prefix=chat_format.forced_prefix(self.tool_choice) if offered else "",
+                           max_calls=1 if self.parallel_tool_calls is False else None,
+                           reasoning=(self.reasoning_format or default_reasoning) == "auto")
+        budget = DEFAULT_BUDGET if self.image_budget is None else self.image_budget
+        return dataclasses.replace(self.params(sampler_defaults), chat=chat, image_budget=budget)
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: one prompt (text or token ids), or none with a template; `suffix` is an infill."""
+
+    prompt: Annotated[str | list[StrictInt] | None, BeforeValidator(_one_prompt)] = None
+    suffix: StrictStr | None = None  # OpenAI's insertion: the text between prompt and suffix
+    echo: _ECHO = None
+    best_of: _BEST_OF = None
+
+    def _templated(self) -> bool:
+        return self.template is not None or bool(self.suffix)
+
+    @model_validator(mode="after")
+    def _prompt_or_template(self) -> "CompletionRequest":
+        if self.suffix and self.template is not None:
+            raise invalid("'suffix' must be a string, and cannot be combined with 'template'", param="suffix")
+        if not self.prompt and not self._templated():
+            raise invalid(PROMPT_RULE, param="prompt")
+        return self
+
+    def completion_params(self, sampler_defaults: SamplerSettings) -> tuple[Params, Any]:
+        """params(), and the template to lay out: the request's, or the infill's hole and suffix."""
+        params = self.params(sampler_defaults)
+        if self.suffix:  # a hole of up to max_tokens (filler allowed, so it may be shorter), then the suffix
+            hole = Hole(params.max_tokens, None, True, "hole (template[0])")
+            return dataclasses.replace(params, infill=True), [hole, self.suffix]
+        return params, self.template
+
+
+# ---- responses -----------------------------------------------------------------------------------------------
+
+
+class _Out(BaseModel):
+    """A response object: fields left None are not sent, except those in `nulls` (OpenAI sends them as null)."""
+
+    nulls: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None or k in self.nulls}
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CanvasInfo(_Out):
+    steps: int
+    stopped_early: bool
+    eos: bool
+
+
+class Diffusion(_Out):
+    """Our extension on a non-streamed answer: the seed, each canvas's steps, the library's timings."""
+
+    seed: int
+    canvases: list[CanvasInfo]
+    timings: dict[str, float]
+    elapsed_ms: float
+
+
+class Frame(_Out):
+    """One denoising step (`"diffusion_frames": true`), sent as the SSE comment line `: diffusion {...}`."""
+
+    type: Literal["frame"] = "frame"
+    canvas: int
+    step: int
+    steps: int
+    temperature: float
+    accepted: int
+    mean_entropy: float
+    text: str
+    tokens: list[int]
+    pieces: list[str]
+    elapsed_ms: float
+    fixed: list[int] | None = None  # a template's fixed positions (1) in this canvas
+
+
+class FramesDone(Diffusion):
+    """The frames' last comment: the run summed up."""
+
+    type: Literal["done"] = "done"
+    usage: Usage
+    finish_reason: str
+
+
+class ChatMessage(_Out):
+    nulls = frozenset({"content"})
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChoice(_Out):
+    nulls = frozenset({"logprobs"})
+    index: int = 0
+    message: ChatMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    diffusion: Diffusion
+
+
+class ChatDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatChunkChoice(_Out):
+    nulls = frozenset({"logprobs", "finish_reason"})
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None  # only in the last chunk, with no choices (stream_options.include_usage)
+
+
+class TextChoice(_Out):
+    nulls = frozenset({"logprobs", "finish_reason"})
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class TextCompletion(_Out):
+    """A /v1/completions answer, or one chunk of its stream (same object name, as in OpenAI's API)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
+    diffusion: Diffusion | None = None
+
+
+class ModelMeta(_Out):
+    canvas_length: int
+    n_ctx: int
+    steps: int
+    n_vocab: int
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "diffgemma"
+    meta: ModelMeta
+
+
+class ModelList(_Out):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class QueueState(BaseModel):
+    waiting: int
+    running: int
+    capacity: int
+
+
+class Health(BaseModel):
+    """GET /health; the model's default diffusion settings (SamplerSettings' fields, null where switched off)
+    ride along as extras."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok"] = "ok"
+    model: str
+    canvas_length: int
+    n_ctx: int
+    devices: list[str]
+    vision: bool
+    max_batch: int
+    queue: QueueState
