@@ -5,6 +5,8 @@ in a bounded FIFO queue. Committed text streams per canvas as standard SSE chunk
 along as SSE comment lines, which every SSE client (the `openai` one included) skips. docs/server.md.
 
 The package, in the shape FastAPI projects use:
+- `defaults`: MAX_BATCH, REASONING_FORMATS (no third-party imports);
+- `errors`: ApiError and the OpenAI error body, validation errors as 400s;
 - `protocol`: the request and response models (pydantic) of the OpenAI endpoints and our extensions;
 - `engine`: the batch driver (`Engine`) and the jobs it runs;
 - `metrics`: the Prometheus metrics (prometheus_client, one registry per app);

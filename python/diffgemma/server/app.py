@@ -232,7 +232,7 @@ class _Api:
         messages = req.library_messages()
         params = req.chat_params(self.model.sampler_defaults, self.reasoning_format)
         chat = params.chat
-        assert chat is not None
+        assert chat is not None  # chat_params always sets it
         ids = await self.tokenize(messages, None, "messages", params.image_budget, tools=chat.tools or None,
                                   template_kwargs=chat.template_kwargs, prefix=chat.prefix)
         template = await self.lay_out(req.template, ids)
