@@ -155,8 +155,8 @@ def test_online_errors_without_the_network(cache, monkeypatch):
 
     # the Hub unreachable: the cache answers, as in llama.cpp (hf_hub_download falls back on it by itself)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo, path: str(cache / f"models--{repo.replace('/', '--')}" / "snapshots" / REV / path))
+    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / REV
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, path, **kw: str(snapshot / path))
     assert hub.resolve_hf(f"{REPO}:Q8_0", mmproj=False)[0].name == "diffusiongemma-tiny-Q8_0.gguf"
     with pytest.raises(dg.Error, match="someone/else is not in the Hugging Face cache .* unreachable: ConnectionError"):
         hub.resolve_hf("someone/else")

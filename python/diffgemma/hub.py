@@ -217,8 +217,9 @@ def _download(repo: str, path: str) -> pathlib.Path:
     hub = _hub()
     from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError
 
-    try:
-        return pathlib.Path(hub.hf_hub_download(repo, path))
+    try:  # the cache and offline mode as huggingface_hub.constants say now (0.24 binds them at import)
+        return pathlib.Path(hub.hf_hub_download(repo, path, cache_dir=hub.constants.HF_HUB_CACHE,
+                                                local_files_only=_offline()))
     except GatedRepoError as e:
         raise Error(f"{repo} is gated: accept its terms on https://huggingface.co/{repo} and log in "
                     "(`hf auth login` or HF_TOKEN)") from e
