@@ -12,7 +12,7 @@ import sys
 import textwrap
 from typing import Any
 
-from . import outputs
+from . import hub, outputs
 from .errors import Error
 from .generation import CanvasEvent, Generation, StepEvent
 
@@ -145,6 +145,25 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+    _hf_arg(s)
+    s.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
+                   help="do not fetch the -hf repository's mmproj")
+
+
+def _hf_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-hf", "-hfr", "--hf-repo", default=None, metavar="OWNER/NAME[:QUANT]",
+                   help="a Hugging Face GGUF repository instead of a file, downloaded into its cache (QUANT as "
+                   "llama.cpp's -hf: default Q4_K_M, else Q8_0, else the first; its mmproj comes too)")
+
+
+def _hf_model(a: argparse.Namespace) -> None:
+    """-hf OWNER/NAME[:QUANT] stands for the model argument hf://OWNER/NAME[:QUANT]."""
+    if getattr(a, "hf_repo", None) is None:
+        return
+    target = "file" if a.cmd == "info" else "model"
+    if getattr(a, target) not in (None, "tiny"):
+        raise Error(f"give the model once: {'FILE' if target == 'file' else '-m'} or -hf, not both")
+    setattr(a, target, a.hf_repo if hub.is_hf(a.hf_repo) else hub.SCHEME + a.hf_repo)
 
 
 def _image_budget_arg(s: argparse.ArgumentParser) -> None:
@@ -303,7 +322,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT, or --template FILE)")
     if a.image and a.no_chat:
         raise Error("--image needs the chat template (drop --no-chat)")
-    if a.image and not a.mmproj:
+    if a.image and not a.mmproj and not hub.is_hf(a.model):  # an -hf repository brings its mmproj
         raise Error("--image needs --mmproj FILE (the vision tower)")
     m = _load(a)
     if a.image:
@@ -619,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", nargs="?", help='a GGUF file, or "tiny" for the embedded model')
     s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
     s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
+    _hf_arg(s)
     s.set_defaults(fn=_cmd_info)
 
     s = sub.add_parser("generate", help="generate text by block diffusion")
@@ -742,6 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        _hf_model(a)
         if a.cmd == "serve":  # the server handles SIGTERM itself (graceful shutdown)
             return int(a.fn(a) or 0)
         with outputs.sigterm_unwinds():  # SIGTERM cleans up like Ctrl-C (no temporary files left)

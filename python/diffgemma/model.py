@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from . import binding as B
-from . import gguf_file, kv, layout, multimodal
+from . import gguf_file, hub, kv, layout, multimodal
 from .batching import Denoise
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, BatchStream, Generation, Stream
@@ -843,6 +843,16 @@ class Model:
         except Exception:
             pass
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, **load_kw: Any) -> Model:
+        """Load a GGUF of the Hugging Face repository `repo_id` ("OWNER/NAME"), downloaded into huggingface_hub's
+        cache unless it is there (HF_HUB_OFFLINE=1: the cache only). filename: a quant tag ("Q8_0"; default
+        Q4_K_M, else Q8_0, else the first .gguf, as llama.cpp's -hf) or a file path in the repository. The
+        repository's mmproj comes along when it has one, unless mmproj= is given (False: none). The other
+        keywords are dg.load's."""
+        path, mmproj = hub.resolve_hf(repo_id, filename=filename, mmproj=load_kw.pop("mmproj", None))
+        return cls(path, mmproj=mmproj, **load_kw)
+
     def __repr__(self) -> str:
         hp = self.hparams
         return (f"<diffgemma.Model {self.path.name}: {hp.n_layer} layers, n_embd {hp.n_embd}, "
@@ -851,7 +861,7 @@ class Model:
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
          flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-         mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16") -> Model:
+         mmproj: str | os.PathLike | bool | None = None, n_batch: int = N_BATCH, kv_type: str = "f16") -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
@@ -859,10 +869,15 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
     context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
-    "f16" (default) or "f32".
+    "f16" (default) or "f32". path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging Face
+    model, downloaded into huggingface_hub's cache (docs/api.md, Hugging Face); a repository brings its mmproj
+    unless mmproj= is given (False: none).
     """
+    if hub.is_hf(path):
+        path, mmproj = hub.resolve_hf(path, mmproj=mmproj)
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj, n_batch=n_batch, kv_type=kv_type)
+                 verbose=verbose, n_ctx=n_ctx, mmproj=None if mmproj is False else mmproj, n_batch=n_batch,
+                 kv_type=kv_type)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
@@ -870,7 +885,10 @@ EMBEDDED = {"tiny": pathlib.Path(__file__).parent / "data" / "shakespeare.gguf"}
 
 
 def resolve(path: str | os.PathLike) -> pathlib.Path:
-    """A file path, or the name of a model embedded in the package ("tiny")."""
+    """A file path, the name of a model embedded in the package ("tiny"), or a Hugging Face model "hf://..."
+    (its file in huggingface_hub's cache, downloaded if need be)."""
+    if hub.is_hf(path):
+        return hub.resolve_hf(path, mmproj=False)[0]
     if not isinstance(path, str | os.PathLike) or not str(path):
         raise Error(f"model must be a GGUF file path or {', '.join(repr(k) for k in EMBEDDED)}, got {path!r}")
     if isinstance(path, str) and path in EMBEDDED and not pathlib.Path(path).exists():
