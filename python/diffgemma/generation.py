@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
-from . import multimodal, sampler
+from . import sampler
 from .batching import Batch, Denoise, Done, Prefill, Request, solo
+from .chat import build_prompt
 from .errors import Error
 from .sampler import FROM_FILE, SamplerSettings
 from .template import Hole, lay_out
@@ -174,7 +175,7 @@ def request(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int 
     lay = None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.
     alone = lay is not None and (prompt is None or prompt == "")
-    ids, images = (model.tokenize(""), []) if alone else multimodal.build(model, prompt, chat, image_budget)
+    ids, images = (model.tokenize(""), []) if alone else build_prompt(model, prompt, chat, image_budget)
     n_canvas = -(-max_new_tokens // L) if lay is None else lay.n_canvas
     if len(ids) + L > model.n_ctx:
         raise Error(f"the prompt ({len(ids)} tokens) leaves no room for a canvas of {L} in n_ctx={model.n_ctx}")

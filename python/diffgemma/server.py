@@ -807,14 +807,14 @@ class _Api:
                        **kw: Any) -> list[int]:
         """The prompt's token ids, checked against the context before queueing: errors are 400s, no waiting."""
         from . import multimodal
-        from .chat import prompt_ids
+        from .chat import build_prompt, prompt_ids
 
         model, L = self.model, self.hp.canvas_length
         try:
             if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
                 if any(kw.values()):
                     raise Error("tools, tool_choice and chat_template_kwargs cannot be combined with images yet")
-                ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
+                ids, _ = await asyncio.to_thread(build_prompt, model, prompt, chat, image_budget)
             else:
                 ids = await asyncio.to_thread(prompt_ids, model, prompt, chat, **kw)
         except Error as e:
