@@ -21,16 +21,16 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from . import binding as B
-from . import gguf_file, images, kv, layout, memory, multimodal
+from . import gguf_file, kv, layout, memory, multimodal
 from .errors import Error, GGUFError
-from .graph import F16, F32, MASKED_LOGIT, Ctx, Graphs
+from .graph import F16, F32, MASKED_LOGIT, Allocated, Graphs, Runner, flash_supported, set_input
+from .images import preprocess
 from .mmproj import Tower  # lead: from .vision at merge
 from .sampler import SamplerSettings
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
 _lib, _ffi = B.lib, B.ffi
-GRAPH_NODES = 32768
 N_BATCH = 512  # default committed tokens encoded per graph (bounds the compute buffer)
 
 
@@ -43,13 +43,6 @@ class Denoise:
     self_cond: bool  # read the previous step's probabilities (False on a canvas's first step)
     uniform: np.ndarray  # one draw per position for the multinomial sample
     vocab: tuple[np.ndarray, np.ndarray] | None = None  # a template's (table, rows), or None
-
-
-@dataclasses.dataclass
-class _Graph:
-    key: tuple
-    ctx: Ctx
-    io: dict[str, Any]
 
 
 _serials = itertools.count()  # graph keys name sequences and tables by serial: an id() can be reused
@@ -141,8 +134,6 @@ class Engine:
         self.threads = threads or len(os.sched_getaffinity(0))
         self._lock = threading.RLock()
         self._closed = False
-        self._observer: Any = None  # the eval callback installed by observe(), kept alive while installed
-        self._observer_error: BaseException | None = None
         self._bufs: list[Any] = []
         self._ctxs: list[Any] = []
         self._owned: list[B.DeviceTensors] = []
@@ -161,7 +152,6 @@ class Engine:
         self._sequences: list[Sequence] = []  # those new_sequence made (freed with the model)
         self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
-        self._graph: _Graph | None = None
         self._main = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -179,10 +169,7 @@ class Engine:
         B.set_n_threads(self.cpu_backend, self.threads)
         self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
         self._gpu_dev = gpu["handle"] if self._gpu_layers else None
-        backends = ([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend]
-        self._backends_arr = _ffi.new("ggml_backend_t[]", backends)
-        self.sched = _lib.ggml_backend_sched_new(self._backends_arr, _ffi.NULL, len(backends), GRAPH_NODES,
-                                                 False, True)
+        self._runner = Runner(([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend])
         self.devices = ([B.cstr(_lib.ggml_backend_name(self.gpu_backend))] if self.gpu_backend else []) + ["CPU"]
 
     def _on_gpu(self, name: str) -> bool:
@@ -240,7 +227,7 @@ class Engine:
             if self.vision is None:
                 raise Error("this model was loaded without a vision tower: dg.load(model, mmproj=...)")
             hp = self.vision.hparams
-            p = images.preprocess(image, image_budget, hp.patch_size, hp.pool)
+            p = preprocess(image, image_budget, hp.patch_size, hp.pool)
             key = (hashlib.blake2b(p.pixels.tobytes(), digest_size=16).digest(), p.cols, p.rows)
             if key not in self._image_cache:  # a chat re-sends its pictures every turn: run the tower once
                 if len(self._image_cache) >= 8:
@@ -254,22 +241,7 @@ class Engine:
         if flash_attn in (False, "off"):
             return False
         # The CPU backend runs flash attention at any head size (exact at F32, ~10% faster per step here).
-        return self.gpu_backend is None or self._flash_supported()
-
-    def _flash_supported(self) -> bool:
-        """Ask the GPU backend whether it runs flash attention at both head sizes of this model."""
-        g = Ctx(64)
-        try:
-            ok = True
-            for d, n_kv in {(self.hparams.head_dim, 1), (self.hparams.head_dim_swa, 1)}:
-                q = _lib.ggml_new_tensor_3d(g.ctx, F32, d, 4, self.hparams.n_head)
-                k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, n_kv)
-                m = _lib.ggml_new_tensor_2d(g.ctx, F16, 16, 4)
-                fa = g.flash_attn_ext(q, k, k, m, 1.0, 0.0, 0.0)
-                ok = ok and bool(_lib.ggml_backend_supports_op(self.gpu_backend, fa))
-            return ok
-        finally:
-            g.free()
+        return self.gpu_backend is None or flash_supported(self.gpu_backend, self.hparams)
 
     def _buffer_type(self, on_gpu: bool) -> Any:
         return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
@@ -366,42 +338,10 @@ class Engine:
 
     # ---- graphs --------------------------------------------------------------------------------------
 
-    def _use_graph(self, key: tuple, build: Any) -> _Graph:
-        """The allocated graph for `key`, building and allocating it only when the shape changed."""
-        if self._graph is not None and self._graph.key == key:
-            return self._graph
-        if self._graph is not None:
-            self._graph.ctx.free()
-            self._graph = None
-        _lib.ggml_backend_sched_reset(self.sched)
-        g = Ctx(GRAPH_NODES)
-        io = build(g)
-        if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
-            g.free()
-            raise Error("ggml could not allocate the compute graph (out of memory?)")
-        self._graph = _Graph(key, g, io)
-        return self._graph
-
-    def _compute(self, gr: _Graph) -> None:
-        status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
-        if self._observer_error is not None:  # observe()'s callback raised: the graph stopped there
-            err, self._observer_error = self._observer_error, None
-            raise err
-        if status != 0:
-            raise Error("ggml graph computation failed")
-
-    def _drop_graph(self) -> None:
-        """Free the allocated graph; the next call builds and allocates one again."""
-        if self._graph is not None:
-            self._graph.ctx.free()
-            self._graph = None
-
-    @staticmethod
-    def _set(t: Any, arr: np.ndarray) -> None:
-        if t.buffer == _ffi.NULL:  # an input this graph does not use (e.g. no global layer to mask)
-            return
-        arr = np.ascontiguousarray(arr)
-        _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(arr), 0, arr.nbytes)
+    @property
+    def _graph(self) -> Allocated | None:
+        """The graph allocated now (tests check which one ran last)."""
+        return self._runner.graph
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         try:
@@ -440,26 +380,26 @@ class Engine:
                                 "(load with a larger n_batch)")
                 here = [sp for sp in spans if start <= sp.start < start + n]
                 store.reserve(store.n + n)
-                gr = self._use_graph(("enc", seq.serial, store.n, n, store.capacity, bool(here)),
-                                     lambda g, n=n, im=bool(here): self._graphs.encode(g, store, n, im))
+                gr = self._runner.use(("enc", seq.serial, store.n, n, store.capacity, bool(here)),
+                                      lambda g, n=n, im=bool(here): self._graphs.encode(g, store, n, im))
                 store.mark(n)
-                self._set(gr.io["ids"], chunk)
-                self._set(gr.io["pos"], np.arange(store.n, store.n + n, dtype=np.int32))
+                set_input(gr.io["ids"], chunk)
+                set_input(gr.io["pos"], np.arange(store.n, store.n + n, dtype=np.int32))
                 masks = store.masks(n, causal=True, dtype=dtype)
                 if here:
                     keep, embd = np.ones((n, 1), np.float32), np.zeros((n, hp.n_embd), np.float32)
                     for sp in here:
                         keep[sp.start - start:sp.end - start] = 0
                         embd[sp.start - start:sp.end - start] = sp.embeddings
-                    self._set(gr.io["text_keep"], keep)
-                    self._set(gr.io["image_embd"], embd)
+                    set_input(gr.io["text_keep"], keep)
+                    set_input(gr.io["image_embd"], embd)
                     if bidirectional:  # same-image keys on both layer kinds, whatever the window says
                         qpos = np.arange(start, start + n)
                         for kind, mask in masks.items():
                             multimodal.allow_image_blocks(mask, qpos, store.key_positions(kind == "swa", n), here)
                 for kind, mask in masks.items():
-                    self._set(gr.io[f"mask_{kind}"], mask)
-                self._compute(gr)
+                    set_input(gr.io[f"mask_{kind}"], mask)
+                self._runner.compute(gr)
                 store.n += n
                 seq.committed.extend(int(t) for t in chunk)
                 seq.images.extend(here)
@@ -525,7 +465,7 @@ class Engine:
                 e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
                 probs = e / e.sum(axis=1, keepdims=True)
                 state = self._self_cond_state(L)
-                self._set(state, probs.astype(np.float32 if state.type == F32 else np.float16))
+                set_input(state, probs.astype(np.float32 if state.type == F32 else np.float16))
             ask = Denoise(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
             gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)
@@ -536,7 +476,7 @@ class Engine:
         """The persistent [V, L] self-conditioning state of a sequence (the model's own by default)."""
         return (sequence or self._main).self_cond_state(self.hparams.n_vocab, L, self._embedding_t().type)
 
-    def _run_decoder(self, batch: list[tuple[Sequence, Denoise]]) -> _Graph:
+    def _run_decoder(self, batch: list[tuple[Sequence, Denoise]]) -> Allocated:
         """One denoising forward pass over each sequence's canvas, after its committed prefix, all in one graph;
         returns the computed graph."""
         V = self.hparams.n_vocab
@@ -565,21 +505,21 @@ class Engine:
         embd_t = self._embedding_t()
         stores = [seq.store for seq, _ in batch]
         states = [self._self_cond_state(L, seq) for seq, _ in batch]
-        gr = self._use_graph(("dec", L, *key),
-                             lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases))
+        gr = self._runner.use(("dec", L, *key),
+                              lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases))
         dtype = np.float16 if self.flash else np.float32
         for b, (seq, ask) in enumerate(batch):
             seq.store.mark(L)
-            self._set(gr.io["mask_swa"][b], seq.store.masks(L, causal=False, kinds=("swa",), dtype=dtype)["swa"])
-            self._set(gr.io["sc_gate"][b], np.full(1, 1.0 if ask.self_cond else 0.0, np.float32))
-            self._set(gr.io["inv_temp"][b], np.full(1, 1.0 / ask.temperature, np.float32))
-            self._set(gr.io["uniform"][b], np.asarray(ask.uniform, dtype=np.float32))
+            set_input(gr.io["mask_swa"][b], seq.store.masks(L, causal=False, kinds=("swa",), dtype=dtype)["swa"])
+            set_input(gr.io["sc_gate"][b], np.full(1, 1.0 if ask.self_cond else 0.0, np.float32))
+            set_input(gr.io["inv_temp"][b], np.full(1, 1.0 / ask.temperature, np.float32))
+            set_input(gr.io["uniform"][b], np.asarray(ask.uniform, dtype=np.float32))
             if ask.vocab is not None:
-                self._set(gr.io["vocab_rows"][b], np.asarray(ask.vocab[1], dtype=np.int32))
-        self._set(gr.io["ids"], np.concatenate([ask.canvas for _, ask in batch]).astype(np.int32))
-        self._set(gr.io["pos"], np.concatenate([np.arange(seq.store.n, seq.store.n + L, dtype=np.int32)
-                                                for seq, _ in batch]))
-        self._compute(gr)
+                set_input(gr.io["vocab_rows"][b], np.asarray(ask.vocab[1], dtype=np.int32))
+        set_input(gr.io["ids"], np.concatenate([ask.canvas for _, ask in batch]).astype(np.int32))
+        set_input(gr.io["pos"], np.concatenate([np.arange(seq.store.n, seq.store.n + L, dtype=np.int32)
+                                                 for seq, _ in batch]))
+        self._runner.compute(gr)
         return gr
 
     def denoise_batch(self, batch: list[tuple[Sequence, Denoise]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -643,26 +583,13 @@ class Engine:
         by the call that ran it. Holds the model for the block (see exclusive)."""
         with self._lock:
             self._check_open()
-            if self._observer is not None:
+            if self._runner.observed:
                 raise Error("this model is already observed (observe() blocks do not nest)")
-
-            def on_node(t: Any, ask: bool, _ud: Any) -> bool:
-                try:
-                    return bool(callback(t, ask))
-                except BaseException as e:  # never let an exception cross into C
-                    self._observer_error = e
-                    return False
-
-            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node)
-            _lib.ggml_backend_sched_set_eval_callback(self.sched, self._observer, _ffi.NULL)
-            self._drop_graph()  # the callback takes effect from the next graph allocation
+            self._runner.set_observer(callback)
             try:
                 yield self
             finally:
-                _lib.ggml_backend_sched_set_eval_callback(self.sched, _ffi.NULL, _ffi.NULL)
-                self._drop_graph()
-                self._observer = None
-                self._observer_error = None
+                self._runner.set_observer(None)
 
     def node_names(self) -> list[str]:
         """Names of the nodes of an encoder and a decoder graph of this model, built but neither allocated nor
@@ -684,10 +611,9 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
-            self._drop_graph()
             if getattr(self, "vision", None) is not None:
                 self.vision.close()
-            _lib.ggml_backend_sched_free(self.sched)
+            self._runner.free()
             for seq in [*getattr(self, "_sequences", []), *([self._main] if hasattr(self, "_main") else [])]:
                 seq._free()
             for owned in self._owned:
