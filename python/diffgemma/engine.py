@@ -18,7 +18,6 @@ from typing import Any, Self
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import quants as gq
 
 from . import binding as B
 from . import gguf_file, kv, layout, memory, multimodal
@@ -313,12 +312,7 @@ class Engine:
 
     def _host_array(self, name: str) -> np.ndarray:
         """A weight read from the mapped file as float32 (dequantized if need be), rows of ne0."""
-        info = self._file.tensors[name]
-        raw = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        if info.type == int(QT.F32):
-            return raw.view(np.float32)
-        rows = math.prod(info.shape[1:])
-        return gq.dequantize(raw.reshape(rows, -1), QT(info.type)).reshape(-1)
+        return gguf_file.decode(self._mmap, self._file.tensors[name])
 
     def _embedding_t(self) -> Any:
         """E^T [V, H] for the self-conditioning product, built once on the embedding's device."""
