@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .engine import Denoise  # the engine's own request record; batching.Denoise is its public name too
+
 if TYPE_CHECKING:
-    from .model import Model, Sequence
+    from .engine import Engine, Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,21 +32,10 @@ class Prefill:
     on_progress: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Denoise:
-    """A request's ask for one denoising step of `canvas`; answered with (argmax, entropy, sample)."""
-
-    canvas: np.ndarray
-    temperature: float
-    self_cond: bool  # read the previous step's probabilities (False on a canvas's first step)
-    uniform: np.ndarray  # one draw per position for the multinomial sample
-    vocab: tuple[np.ndarray, np.ndarray] | None = None  # a template's (table, rows), or None
-
-
 Request = Generator[Any, Any, Any]  # yields Prefill / Denoise / events, returns its result
 
 
-def solo(model: Model, request: Request) -> Generator[Any, None, Any]:
+def solo(model: Engine, request: Request) -> Generator[Any, None, Any]:
     """Run one request on the model's own sequence: its events, then its result as the return value."""
     try:
         answer = None
@@ -85,7 +76,7 @@ class Batch:
     turn) encodes only what is new. Ending the iteration early (or close()) ends every request and frees the
     sequences."""
 
-    def __init__(self, model: Model, max_batch: int) -> None:
+    def __init__(self, model: Engine, max_batch: int) -> None:
         self.model = model
         self.max_batch = max_batch
         self._waiting: collections.deque[_Member] = collections.deque()

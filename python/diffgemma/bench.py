@@ -99,8 +99,6 @@ def hf_model_from_gguf(path: str | os.PathLike, dtype: str = "float32") -> Any:
     """transformers' DiffusionGemmaForBlockDiffusion holding the (dequantized) weights of a GGUF file."""
     _require_reference()
     import torch
-    from gguf import GGMLQuantizationType as QT
-    from gguf import quants as gq
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
 
     from . import gguf_file
@@ -131,10 +129,8 @@ def hf_model_from_gguf(path: str | os.PathLike, dtype: str = "float32") -> Any:
                                                                  canvas_length=hp.canvas_length))
     state: dict[str, Any] = {}
     for info in gf.tensors.values():
-        data = raw[info.offset:info.offset + info.nbytes]
         shape = tuple(reversed(info.shape))
-        arr = data.view(np.float32) if info.type == int(QT.F32) else gq.dequantize(data, QT(info.type))
-        arr = np.array(arr, dtype=np.float32).reshape(shape)  # a writable copy for torch
+        arr = np.array(gguf_file.decode(raw, info), dtype=np.float32).reshape(shape)  # a writable copy for torch
         if info.name == "rope_freqs.weight":
             continue
         if info.name in _GLOBAL_MAP:

@@ -1,5 +1,5 @@
-"""Prompts: the file's chat template (Gemma 4 turn format) rendered with jinja2, and prompt -> token ids;
-`chat()`: messages (and tools) in, the parsed assistant message out."""
+"""Prompts: the file's chat template (Gemma 4 turn format) rendered with jinja2, and prompt -> token ids (with
+image spans, for messages with pictures); `chat()`: messages (and tools) in, the parsed assistant message out."""
 
 from __future__ import annotations
 
@@ -87,13 +87,37 @@ def prompt_ids(model: Any, prompt: Any, chat: bool | None, *, tools: list[dict] 
         raise Error("prompt must be a str, a list of chat messages or a list of token ids, "
                     f"not {type(prompt).__name__}")
     tok = model.tokenizer
-    text = render(template, messages, bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
-                  eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "", tools=tools,
-                  **(template_kwargs or {})) + prefix
+    text = _render_for(model, messages, tools=tools, **(template_kwargs or {})) + prefix
     ids = model.tokenize(text, add_special=False)
     if tok.bos >= 0 and (not ids or ids[0] != tok.bos):
         ids = [tok.bos] + ids
     return ids
+
+
+def _render_for(model: Any, messages: list[dict[str, Any]], **kw: Any) -> str:
+    """`messages` rendered through the model's chat template (None: the built-in Gemma 4 format) with its own
+    BOS and EOS texts; keywords as for render."""
+    tok = model.tokenizer
+    return render(model.metadata.get("tokenizer.chat_template"), messages,
+                  bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
+                  eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "", **kw)
+
+
+def build_prompt(model: Any, prompt: Any, chat: bool | None, image_budget: int
+                 ) -> tuple[list[int], list[multimodal.ImageSpan]]:
+    """Token ids and image spans of a prompt (messages with image parts; anything else has no images, and
+    goes through prompt_ids). Each image is run through the model's vision tower."""
+    if not multimodal.has_images(prompt):
+        return prompt_ids(model, multimodal.text_messages(prompt), chat), []
+    if chat is False:
+        raise Error("chat=False needs a str or token-id prompt, not messages")
+    if model.vision is None:
+        raise Error("the prompt has images but the model was loaded without a vision tower "
+                    "(dg.load(model, mmproj=...))")
+    messages, pictures = multimodal.flatten(list(prompt))
+    embeddings = [model.image_embeddings(p, image_budget=image_budget) for p in pictures]
+    # The template renders with a marker for each image; splice puts the image tokens in their place.
+    return multimodal.splice(model, _render_for(model, messages), embeddings)
 
 
 _marker_ids: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()

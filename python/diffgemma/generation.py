@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
-from . import multimodal, sampler
+from . import sampler
 from .batching import Batch, Denoise, Done, Prefill, Request, solo
+from .chat import build_prompt
 from .errors import Error
 from .sampler import FROM_FILE, SamplerSettings
 from .template import Hole, lay_out
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .engine import Engine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class CanvasEvent:
     timings: Timings  # of the generation so far
 
 
-def eos_ids(model: Model) -> frozenset[int]:
+def eos_ids(model: Engine) -> frozenset[int]:
     """End-of-sequence ids: the file's generation-config list if stored, else every end-of-generation token
     libllama knows for the vocabulary."""
     stored = model.metadata.get("diffusion.eos_token_ids")
@@ -152,7 +153,7 @@ class Stream(_Closes):
 _paused: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
 
 
-def request(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
+def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
             seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
             chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
@@ -174,7 +175,7 @@ def request(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int 
     lay = None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.
     alone = lay is not None and (prompt is None or prompt == "")
-    ids, images = (model.tokenize(""), []) if alone else multimodal.build(model, prompt, chat, image_budget)
+    ids, images = (model.tokenize(""), []) if alone else build_prompt(model, prompt, chat, image_budget)
     n_canvas = -(-max_new_tokens // L) if lay is None else lay.n_canvas
     if len(ids) + L > model.n_ctx:
         raise Error(f"the prompt ({len(ids)} tokens) leaves no room for a canvas of {L} in n_ctx={model.n_ctx}")
@@ -186,7 +187,7 @@ def request(model: Model, prompt: Any, *, max_new_tokens: int = 256, steps: int 
     return _request(model, ids, images, lay, n_canvas, cfg, seed, on_prefill), seed, ids
 
 
-def stream(model: Model, prompt: Any, **kw: Any) -> Stream:
+def stream(model: Engine, prompt: Any, **kw: Any) -> Stream:
     """Check the arguments and lay out the prompt now; return the Stream that generates (see Model.stream)."""
     req, seed, _ = request(model, prompt, **kw)
     me: list[weakref.ref] = []
@@ -195,7 +196,7 @@ def stream(model: Model, prompt: Any, **kw: Any) -> Stream:
     return Stream(events, seed)
 
 
-def _alone(model: Model, req: Request, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
+def _alone(model: Engine, req: Request, me: list[weakref.ref]) -> Generator[StepEvent | CanvasEvent, None, Generation]:
     """A request run by itself on the model's own sequence, the model held until it ends."""
     with model.exclusive():
         prev = _paused.get(model)
@@ -216,7 +217,7 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _request(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings,
+def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings,
              seed: int, on_prefill: Any) -> Request:
     """One generation as a request: yields Prefill / Denoise asks (see batching) and the consumer's events,
     returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver."""
@@ -313,7 +314,7 @@ def _request(model: Model, ids: list[int], images: list[Any], lay: Any, n_canvas
                       prompt_tokens=len(ids), holes=holes)
 
 
-def generate(model: Model, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,
+def generate(model: Engine, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,
              **kw: Any) -> Generation:
     """Generate canvases after `prompt` (see Model.generate): the stream, consumed; on_step sees each StepEvent."""
     if on_step is not None and not callable(on_step):  # checked before any work, not at the first call
@@ -378,7 +379,7 @@ def _per_request(name: str, value: Any, n: int) -> list[Any]:
 BATCH_SETTINGS = frozenset(inspect.signature(request).parameters) - {"model", "prompt"}
 
 
-def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **kw: Any) -> BatchStream:
+def stream_batch(model: Engine, prompts: Any, *, max_batch: int | None = None, **kw: Any) -> BatchStream:
     """Check every request and lay out its prompt now; return the BatchStream (see Model.stream_batch)."""
     if not isinstance(prompts, list | tuple) or not prompts:
         raise Error(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__}")
@@ -405,7 +406,7 @@ def stream_batch(model: Model, prompts: Any, *, max_batch: int | None = None, **
     return BatchStream(batch, seeds)
 
 
-def generate_batch(model: Model, prompts: Any, **kw: Any) -> list[Generation]:
+def generate_batch(model: Engine, prompts: Any, **kw: Any) -> list[Generation]:
     """Generate after every prompt, canvases denoised together (see Model.generate_batch)."""
     with stream_batch(model, prompts, **kw) as s:
         for _ in s:
@@ -414,7 +415,7 @@ def generate_batch(model: Model, prompts: Any, **kw: Any) -> list[Generation]:
     return list(s.generations)
 
 
-def infill(model: Model, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
+def infill(model: Engine, prefix: str, suffix: str, n_tokens: int, **kw: Any) -> str:
     """The text between `prefix` and `suffix` (see Model.infill): the prefix is the raw prompt (no chat
     template), the canvas holds a hole of n_tokens followed by the suffix."""
     if not isinstance(prefix, str) or not isinstance(suffix, str):

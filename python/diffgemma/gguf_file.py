@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -79,6 +80,15 @@ class GGUFFile:
     data_offset: int
     alignment: int
     file_size: int
+
+
+def decode(data: Any, info: TensorInfo) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """A tensor's values as flat float32 (dequantized if need be; an F32 tensor is a view), read from `data`,
+    the whole file's bytes (an mmap or a uint8 memmap)."""
+    raw = np.frombuffer(data, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    if info.type == int(QT.F32):
+        return raw.view(np.float32)
+    return gq.dequantize(raw.reshape(math.prod(info.shape[1:]), -1), QT(info.type)).reshape(-1)
 
 
 def _value(ctx: Any, i: int) -> Any:

@@ -10,15 +10,23 @@ Shapes are in ggml order: activations are [features, tokens].
 Nodes are named as llama.cpp's `cb(cur, name, il)` names them ("attn_norm-3", "attn_out-3", "l_out-3"), and
 every weight product after its weight ("attn_q-3", "ffn_gate_up_exps-3", "self_cond_gate"; see
 weights.product_name), so the profiler and the imatrix collector find nodes by name.
+
+`Runner` runs them: a ggml scheduler over the model's backends that keeps one graph allocated until the shape
+changes, with the eval callback observe() installs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from . import binding as B
 from .binding import F16, F32, I32
+from .errors import Error
 from .kv import PromptKV
 from .layout import HParams
 from .weights import ModelWeights, product_name
@@ -26,6 +34,7 @@ from .weights import ModelWeights, product_name
 _lib, _ffi = B.lib, B.ffi
 GELU_C = math.sqrt(2.0 / math.pi)
 MASKED_LOGIT = -1e30  # a disallowed token's logit bias: its probability underflows to exactly 0, yet finite (0 * s = 0)
+GRAPH_NODES = 32768
 
 
 class Ctx:
@@ -372,3 +381,103 @@ class Graphs:
         sample = g.scale_bias(g.reshape_2d(self._row_dots(g, above, above), 1, L), -1.0, float(V))  # 0/1: a.a = sum
         return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
                 "sample": g.output(g.reshape_1d(sample, L), "sample")}
+
+
+def flash_supported(backend: Any, hp: HParams) -> bool:
+    """Whether `backend` runs flash attention at both head sizes of a model (F16 keys and mask, as we use it)."""
+    g = Ctx(64)
+    try:
+        ok = True
+        for d in {hp.head_dim, hp.head_dim_swa}:
+            q = _lib.ggml_new_tensor_3d(g.ctx, F32, d, 4, hp.n_head)
+            k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, 1)
+            m = _lib.ggml_new_tensor_2d(g.ctx, F16, 16, 4)
+            fa = g.flash_attn_ext(q, k, k, m, 1.0, 0.0, 0.0)
+            ok = ok and bool(_lib.ggml_backend_supports_op(backend, fa))
+        return ok
+    finally:
+        g.free()
+
+
+def set_input(t: Any, arr: np.ndarray) -> None:
+    """Write `arr` into a graph input once allocated (one the graph does not use has no buffer: skipped)."""
+    if t.buffer == _ffi.NULL:  # e.g. no global layer to mask
+        return
+    arr = np.ascontiguousarray(arr)
+    _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(arr), 0, arr.nbytes)
+
+
+@dataclasses.dataclass
+class Allocated:
+    """A built graph allocated on the scheduler: its key (what it was built for) and its input/output tensors."""
+
+    key: tuple
+    ctx: Ctx
+    io: dict[str, Any]
+
+
+class Runner:
+    """A ggml scheduler over `backends` (the first preferred) holding one allocated graph: use() rebuilds and
+    reallocates only when the key changes. An observer (set_observer) sees every node computed."""
+
+    def __init__(self, backends: list[Any]) -> None:
+        self._backends = _ffi.new("ggml_backend_t[]", backends)
+        self.sched = _lib.ggml_backend_sched_new(self._backends, _ffi.NULL, len(backends), GRAPH_NODES, False, True)
+        self.graph: Allocated | None = None  # the one allocated now
+        self._observer: Any = None  # the eval callback, kept alive while installed
+        self._observer_error: BaseException | None = None
+
+    def use(self, key: tuple, build: Callable[[Ctx], dict[str, Any]]) -> Allocated:
+        """The allocated graph for `key`, built by build(ctx) (returning its io tensors) when the key changed."""
+        if self.graph is not None and self.graph.key == key:
+            return self.graph
+        self.drop()
+        _lib.ggml_backend_sched_reset(self.sched)
+        g = Ctx(GRAPH_NODES)
+        io = build(g)
+        if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
+            g.free()
+            raise Error("ggml could not allocate the compute graph (out of memory?)")
+        self.graph = Allocated(key, g, io)
+        return self.graph
+
+    def compute(self, gr: Allocated) -> None:
+        """Run the graph; an exception the observer raised is raised here."""
+        status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
+        if self._observer_error is not None:  # the callback raised: the graph stopped there
+            err, self._observer_error = self._observer_error, None
+            raise err
+        if status != 0:
+            raise Error("ggml graph computation failed")
+
+    def drop(self) -> None:
+        """Free the allocated graph; the next use() builds and allocates one again."""
+        if self.graph is not None:
+            self.graph.ctx.free()
+            self.graph = None
+
+    @property
+    def observed(self) -> bool:
+        return self._observer is not None
+
+    def set_observer(self, callback: Callable[[Any, bool], bool] | None) -> None:
+        """Call callback(node, ask) for the nodes of every graph computed from now on (ggml's scheduler eval
+        callback; None removes it). An exception in it stops the graph and is raised by compute()."""
+        if callback is None:
+            _lib.ggml_backend_sched_set_eval_callback(self.sched, _ffi.NULL, _ffi.NULL)
+            self._observer = self._observer_error = None
+        else:
+            def on_node(t: Any, ask: bool, _ud: Any) -> bool:
+                try:
+                    return bool(callback(t, ask))
+                except BaseException as e:  # never let an exception cross into C
+                    self._observer_error = e
+                    return False
+
+            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node)
+            _lib.ggml_backend_sched_set_eval_callback(self.sched, self._observer, _ffi.NULL)
+        self.drop()  # the callback takes effect from the next graph allocation
+
+    def free(self) -> None:
+        self.drop()
+        _lib.ggml_backend_sched_free(self.sched)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from . import mmproj
 from .errors import Error
 
 MAX_IMAGE_TOKENS = 1120  # soft tokens of one image at the largest budget
@@ -55,8 +56,6 @@ def check_spans(spans: Sequence[ImageSpan], n_tokens: int, n_embd: int) -> list[
 def token_ids(model: Any) -> tuple[int, int, int]:
     """(begin-of-image, placeholder, end-of-image) ids: the mmproj's, else the vocabulary's tokens of those
     names, else the released model's ids."""
-    from . import mmproj
-
     hp = model.vision.hparams
     tok = model.tokenizer
     ids = []
@@ -72,7 +71,7 @@ def token_ids(model: Any) -> tuple[int, int, int]:
     return ids[0], ids[1], ids[2]
 
 
-def _flatten(messages: list[Any]) -> tuple[list[dict[str, str]], list[Any]]:
+def flatten(messages: list[Any]) -> tuple[list[dict[str, str]], list[Any]]:
     """Messages whose content may be a list of parts -> messages with str content (each image replaced by a
     marker) and the images in order."""
     out, found = [], []
@@ -112,29 +111,17 @@ def text_messages(messages: Any) -> Any:
     for image parts (the caller takes the image path for those)."""
     if not _has_parts(messages):
         return messages
-    out, pictures = _flatten(list(messages))
+    out, pictures = flatten(list(messages))
     if pictures:
         raise Error("image parts need the image path (a model loaded with mmproj=)")
     return out
 
 
-def build(model: Any, prompt: Any, chat: bool | None, image_budget: int) -> tuple[list[int], list[ImageSpan]]:
-    """Token ids and image spans of a prompt (messages with image parts; anything else has no images)."""
-    from .chat import prompt_ids
-
-    if not has_images(prompt):
-        return prompt_ids(model, text_messages(prompt), chat), []
-    if chat is False:
-        raise Error("chat=False needs a str or token-id prompt, not messages")
-    if model.vision is None:
-        raise Error("the prompt has images but the model was loaded without a vision tower "
-                    "(dg.load(model, mmproj=...))")
-    messages, pictures = _flatten(list(prompt))
-    embeddings = [model.image_embeddings(p, image_budget=image_budget) for p in pictures]
+def splice(model: Any, marked: str, embeddings: list[np.ndarray]) -> tuple[list[int], list[ImageSpan]]:
+    """Token ids and image spans of a rendered prompt whose i-th image stands as a marker (see flatten): the
+    text between markers is tokenized on its own, as it would be around the (special) image tokens, and each
+    marker becomes `<|image>` N x `<|image|>` `<image|>`; BOS is put first if the text lacks it."""
     boi, img, eoi = token_ids(model)
-    # The template renders with markers; the text between them is tokenized on its own, as it would be
-    # around the (special) image tokens.
-    marked = prompt_ids_text(model, messages)
     ids: list[int] = []
     spans: list[ImageSpan] = []
     rest = marked
@@ -153,15 +140,6 @@ def build(model: Any, prompt: Any, chat: bool | None, image_budget: int) -> tupl
         ids = [tok.bos] + ids
         spans = [dataclasses.replace(s, start=s.start + 1) for s in spans]
     return ids, spans
-
-
-def prompt_ids_text(model: Any, messages: list[dict[str, str]]) -> str:
-    from .chat import render
-
-    tok = model.tokenizer
-    template = model.metadata.get("tokenizer.chat_template")  # None: the built-in Gemma 4 format
-    return render(template, messages, bos_token=tok.token_text(tok.bos) if tok.bos >= 0 else "",
-                  eos_token=tok.token_text(tok.eos) if tok.eos >= 0 else "")
 
 
 def allow_image_blocks(mask: np.ndarray, qpos: np.ndarray, kpos: np.ndarray, spans: Sequence[ImageSpan]

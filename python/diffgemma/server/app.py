@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from .. import multimodal
-from ..chat import prompt_ids
+from ..chat import build_prompt, prompt_ids
 from ..errors import Error
 from ..model import Model
 from ..template import lay_out
@@ -257,7 +257,7 @@ class _Api:
             if multimodal.has_images(prompt):  # the images are decoded and encoded here: bad ones are a 400
                 if any(kw.values()):
                     raise Error("tools, tool_choice and chat_template_kwargs cannot be combined with images yet")
-                ids, _ = await asyncio.to_thread(multimodal.build, model, prompt, chat, image_budget)
+                ids, _ = await asyncio.to_thread(build_prompt, model, prompt, chat, image_budget)
             else:
                 ids = await asyncio.to_thread(prompt_ids, model, prompt, chat, **kw)
         except Error as e:

@@ -1,0 +1,640 @@
+"""The engine of a loaded DiffusionGemma model: memory-mapped weights on ggml backends, prompt-KV stores
+(sequences), the encoder and decoder graphs, logits and denoising steps. It knows nothing of generation:
+model.Model adds the user-level calls (generate, stream, chat, ...) on top."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+import mmap
+import os
+import pathlib
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Self
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import binding as B
+from . import gguf_file, kv, layout, memory, multimodal
+from .errors import Error, GGUFError
+from .graph import F16, F32, MASKED_LOGIT, Allocated, Graphs, Runner, flash_supported, set_input
+from .images import preprocess
+from .mmproj import Tower  # lead: from .vision at merge
+from .sampler import SamplerSettings
+from .tokenizer import Tokenizer
+from .weights import ModelWeights
+
+_lib, _ffi = B.lib, B.ffi
+N_BATCH = 512  # default committed tokens encoded per graph (bounds the compute buffer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoise:
+    """One denoising step asked of a sequence's `canvas`; answered with (argmax, entropy, sample)."""
+
+    canvas: np.ndarray
+    temperature: float
+    self_cond: bool  # read the previous step's probabilities (False on a canvas's first step)
+    uniform: np.ndarray  # one draw per position for the multinomial sample
+    vocab: tuple[np.ndarray, np.ndarray] | None = None  # a template's (table, rows), or None
+
+
+_serials = itertools.count()  # graph keys name sequences and tables by serial: an id() can be reused
+
+
+class Sequence:
+    """One generation's place on the device: a prompt-KV store, the tokens (and images) committed into it, its
+    canvas's self-conditioning state and its template's vocabulary table. The model's own serves the
+    one-at-a-time API (m.prompt_kv); a batch takes one per request (Engine.new_sequence)."""
+
+    def __init__(self, store: kv.PromptKV, buffer_type: Any) -> None:
+        self.store = store
+        self.committed: list[int] = []  # token ids whose K/V are in the store
+        self.images: list[Any] = []  # multimodal.ImageSpan of the committed tokens
+        self.serial = next(_serials)
+        self._buffer_type = buffer_type
+        self._sc_state: dict[int, B.DeviceTensors] = {}  # by canvas length
+        self._vocab: tuple[B.DeviceTensors, np.ndarray, int] | None = None  # (table tensor, table written, serial)
+
+    def common_prefix(self, tokens: np.ndarray) -> int:
+        """How many of `tokens` the store already holds, from the start."""
+        n = min(len(self.committed), len(tokens))
+        same = np.asarray(self.committed[:n]) == np.asarray(tokens[:n])
+        return n if same.all() else int(np.argmin(same))
+
+    def self_cond_state(self, n_vocab: int, L: int, ttype: int) -> Any:
+        """The persistent [V, L] tensor holding the previous step's softmax(logits / T) (zeros until written)."""
+        if L not in self._sc_state:
+            # zeroed: finite, and the first step multiplies it by a zero gate
+            self._sc_state[L] = B.DeviceTensors(self._buffer_type, [(f"self_cond_state.{L}", ttype, (n_vocab, L))],
+                                                what="the self-conditioning state", clear=True)
+        return self._sc_state[L].tensors[0]
+
+    def vocab_bias(self, table: np.ndarray) -> tuple[Any, int]:
+        """(the persistent [V, K] bias tensor of a bool vocabulary table [K, V], its serial), written only when the
+        table changes (once per template)."""
+        if self._vocab is not None and self._vocab[1] is table:
+            return self._vocab[0].tensors[0], self._vocab[2]
+        K, V = table.shape
+        if self._vocab is None or self._vocab[0].tensors[0].ne[1] != K:
+            if self._vocab is not None:
+                self._vocab[0].free()
+                self._vocab = None
+            self._vocab = (B.DeviceTensors(self._buffer_type, [("vocab_bias", F32, (V, K))],
+                                           what="the template's vocabulary table"), table, next(_serials))
+        t = self._vocab[0].tensors[0]
+        bias = np.where(table, np.float32(0.0), np.float32(MASKED_LOGIT)).astype(np.float32)
+        _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(bias), 0, bias.nbytes)
+        self._vocab = (self._vocab[0], table, self._vocab[2])
+        return t, self._vocab[2]
+
+    def _free(self) -> None:  # Engine.free_sequence: the model forgets it too
+        self.store.free()
+        for d in self._sc_state.values():
+            d.free()
+        self._sc_state = {}
+        if self._vocab is not None:
+            self._vocab[0].free()
+            self._vocab = None
+
+
+class Engine:
+    """A DiffusionGemma model loaded from a `diffusion-gemma` GGUF file: the device side (weights, sequences,
+    graphs) that generation drives. Users get a model.Model (see `diffgemma.load`)."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
+                 flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
+                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16"):
+        B.set_verbose(verbose)
+        if flash_attn not in ("auto", "on", "off", True, False):
+            raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
+        self.path = pathlib.Path(path)
+        self._file = gguf_file.read(self.path)
+        self.hparams: layout.HParams = gguf_file.validate(self._file)
+        self.metadata: dict[str, Any] = self._file.metadata
+        self.tokenizer = Tokenizer(self.metadata)
+        hp = self.hparams
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise Error(f"threads must be an int >= 1 or None, got {threads!r}")
+        if not isinstance(n_gpu_layers, int):
+            raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
+        if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
+            raise Error(f"n_batch must be an int >= 1, got {n_batch!r}")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise Error(f"n_ctx must be a positive int or None, got {n_ctx!r}")
+        self.kv_type = kv_type.lower() if isinstance(kv_type, str) else kv_type
+        self._kv_ttype = kv.kv_type_of(self.kv_type)
+        self.n_batch = min(n_batch, n_ctx or hp.context_length)  # as llama.cpp: no chunk beyond the context
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self._lock = threading.RLock()
+        self._closed = False
+        self._bufs: list[Any] = []
+        self._ctxs: list[Any] = []
+        self._owned: list[B.DeviceTensors] = []
+        self._setup_backends(n_gpu_layers)
+        self._load_weights()
+        self.flash = self._want_flash(flash_attn)
+        scale = math.sqrt(hp.n_embd)
+        # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
+        if self._file.tensors["token_embd.weight"].type == int(QT.BF16):
+            scale = float(gguf_file.bf16_bits_to_f32(gguf_file.f32_to_bf16_bits([scale]))[0])
+        self._graphs = Graphs(self.weights, hp, self.flash, scale)
+        self.vision = self._load_vision(mmproj) if mmproj is not None else None
+        self._kv_room = memory.store_room(hp, self.n_batch, self.vision is not None)
+        self.n_ctx = memory.context_length(hp, n_ctx, kv_type=self.kv_type, room=self._kv_room, on_gpu=self._on_gpu,
+                                           tensors=self._file.tensors.values(), free=self._free_bytes)
+        self._sequences: list[Sequence] = []  # those new_sequence made (freed with the model)
+        self._image_cache: dict[tuple, np.ndarray] = {}
+        self._embd_t = None
+        self._main = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+
+    # ---- setup -------------------------------------------------------------------------------------
+
+    def _setup_backends(self, n_gpu_layers: int) -> None:
+        devs = B.devices()
+        cpu = next(d for d in devs if d["type"] == "cpu")
+        gpu = next((d for d in devs if d["type"] in ("gpu", "igpu")), None)
+        hp = self.hparams
+        if gpu is None or n_gpu_layers == 0:
+            self._gpu_layers = 0
+        else:
+            self._gpu_layers = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
+        self.cpu_backend = _lib.ggml_backend_dev_init(cpu["handle"], _ffi.NULL)
+        B.set_n_threads(self.cpu_backend, self.threads)
+        self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
+        self._gpu_dev = gpu["handle"] if self._gpu_layers else None
+        self._runner = Runner(([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend])
+        self.devices = ([B.cstr(_lib.ggml_backend_name(self.gpu_backend))] if self.gpu_backend else []) + ["CPU"]
+
+    def _on_gpu(self, name: str) -> bool:
+        """Last k layers on the GPU (llama.cpp's n_gpu_layers); the output layer (tied embedding, final norm,
+        self-conditioning) counts as layer n_layer."""
+        if not self._gpu_layers:
+            return False
+        il = layout.layer_of(name)
+        il = self.hparams.n_layer if il is None else il
+        return il >= self.hparams.n_layer + 1 - self._gpu_layers
+
+    def _new_ctx(self, n: int) -> Any:
+        ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (n + 8))
+        self._ctxs.append(ctx)
+        return ctx
+
+    def _load_weights(self) -> None:
+        """Memory-map the file; CPU weights point into the mapping (no copy), GPU weights are uploaded; then the
+        typed records (weights.ModelWeights) over those tensors."""
+        infos = list(self._file.tensors.values())
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base = _ffi.from_buffer(self._mmap)
+        tensors: dict[str, Any] = {}
+        groups = {False: [], True: []}
+        for info in infos:
+            groups[self._on_gpu(info.name)].append(info)
+        for on_gpu, group in groups.items():
+            if not group:
+                continue
+            ctx = self._new_ctx(len(group))
+            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
+                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers")
+            tensors.update(weights)
+            self._bufs.append(buf)
+        # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
+        # on the CPU backend, ggml_scale is vectorized.
+        self.weights = ModelWeights.build(self.hparams, tensors, lambda name: float(self._host_array(name)[0]))
+
+    def _load_vision(self, path: str | os.PathLike) -> Any:
+        """The image tower of an mmproj file, on the same devices as the text weights."""
+        backends = [b for b in (self.gpu_backend, self.cpu_backend) if b is not None]
+        tower = Tower(path, backends=backends, gpu_dev=self._gpu_dev)
+        if tower.hparams.n_proj != self.hparams.n_embd:
+            tower.close()
+            raise GGUFError(f"{path}: the vision tower projects to width {tower.hparams.n_proj}, but this text model "
+                            f"has n_embd {self.hparams.n_embd} (an mmproj for another model?)")
+        return tower
+
+    def image_embeddings(self, image: Any, *, image_budget: int = 280) -> np.ndarray:
+        """The projected embeddings [n_tokens, n_embd] of one image (a path, bytes, a PIL image or a uint8
+        array), as they replace the image's placeholder tokens in a prompt."""
+        with self._lock:
+            self._check_open()
+            if self.vision is None:
+                raise Error("this model was loaded without a vision tower: dg.load(model, mmproj=...)")
+            hp = self.vision.hparams
+            p = preprocess(image, image_budget, hp.patch_size, hp.pool)
+            key = (hashlib.blake2b(p.pixels.tobytes(), digest_size=16).digest(), p.cols, p.rows)
+            if key not in self._image_cache:  # a chat re-sends its pictures every turn: run the tower once
+                if len(self._image_cache) >= 8:
+                    self._image_cache.pop(next(iter(self._image_cache)))
+                self._image_cache[key] = self.vision.encode(p.pixels, p.cols, p.rows)
+            return self._image_cache[key].copy()
+
+    def _want_flash(self, flash_attn: str | bool) -> bool:
+        if flash_attn in (True, "on"):
+            return True
+        if flash_attn in (False, "off"):
+            return False
+        # The CPU backend runs flash attention at any head size (exact at F32, ~10% faster per step here).
+        return self.gpu_backend is None or flash_supported(self.gpu_backend, self.hparams)
+
+    def _buffer_type(self, on_gpu: bool) -> Any:
+        return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+
+    def _new_store(self) -> kv.PromptKV:
+        """An empty prompt-KV store of n_ctx tokens, each layer's part on that layer's device."""
+        return kv.PromptKV(self.hparams, n_ctx=self.n_ctx, room=self._kv_room, ttype=self._kv_ttype,
+                           buffer_type=lambda il: self._buffer_type(self._on_gpu(f"blk.{il}.")),
+                           device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+
+    def new_sequence(self) -> Sequence:
+        """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with free_sequence."""
+        with self._lock:
+            self._check_open()
+            seq = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+            self._sequences.append(seq)
+            return seq
+
+    def free_sequence(self, sequence: Sequence) -> None:
+        """Free a sequence made by new_sequence (its store and state)."""
+        with self._lock:
+            if sequence in self._sequences:  # a Sequence compares by identity
+                self._sequences.remove(sequence)
+                sequence._free()
+
+    def _own(self, sequence: Sequence | None) -> Sequence:
+        """The sequence to work on (the model's own for None), checked to be live and this model's."""
+        if sequence is None or sequence is self._main:
+            return self._main
+        if sequence not in self._sequences:
+            raise Error("this sequence is not one of this model's live sequences (freed with free_sequence, or "
+                        "made by another model)")
+        return sequence
+
+    @property
+    def prompt_kv(self) -> kv.PromptKV:
+        """The model's own prompt-KV store (generate, stream, logits, encode)."""
+        return self._main.store
+
+    @property
+    def committed(self) -> list[int]:
+        """Token ids whose K/V are in the model's own store."""
+        return self._main.committed
+
+    @property
+    def images(self) -> list[Any]:
+        """multimodal.ImageSpan of the model's own committed tokens."""
+        return self._main.images
+
+    def _free_bytes(self, on_gpu: bool) -> int:
+        return memory.free_bytes(self._gpu_dev if on_gpu else None)
+
+    @property
+    def sampler_defaults(self) -> SamplerSettings:
+        """The sampler settings generation uses where none are given: the file's diffusion.eb_* keys, the
+        reference defaults for absent ones (checked when the file was loaded)."""
+        return SamplerSettings.from_metadata(self.metadata)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Prompt-KV store bytes each committed token adds (K and V of the global layers, in kv_type)."""
+        return kv.bytes_per_token(self.hparams, self._kv_ttype)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Prompt-KV store bytes allocated now (the sliding layers' rings and the global layers' stores) in the
+        model's own store."""
+        return self.prompt_kv.nbytes
+
+    def _host_array(self, name: str) -> np.ndarray:
+        """A weight read from the mapped file as float32 (dequantized if need be), rows of ne0."""
+        return gguf_file.decode(self._mmap, self._file.tensors[name])
+
+    def _embedding_t(self) -> Any:
+        """E^T [V, H] for the self-conditioning product, built once on the embedding's device."""
+        if self._embd_t is None:
+            info = self._file.tensors["token_embd.weight"]
+            hp = self.hparams
+            e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
+            ttype = F32 if info.type == int(QT.F32) else F16
+            et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
+            self._owned.append(B.DeviceTensors(self._buffer_type(self._on_gpu("token_embd.weight")),
+                                               [("token_embd_t", ttype, (hp.n_vocab, hp.n_embd))], weights=True,
+                                               what="the transposed embedding for self-conditioning"))
+            t = self._owned[-1].tensors[0]
+            _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(et), 0, et.nbytes)
+            self._embd_t = t
+        return self._embd_t
+
+    # ---- graphs --------------------------------------------------------------------------------------
+
+    @property
+    def _graph(self) -> Allocated | None:
+        """The graph allocated now (tests check which one ran last)."""
+        return self._runner.graph
+
+    def _check_ids(self, ids: Any, what: str) -> np.ndarray:
+        try:
+            arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise Error(f"{what} must be a sequence of token ids") from e
+        if arr.size and (arr.min() < 0 or arr.max() >= self.hparams.n_vocab):
+            raise Error(f"{what}: token ids must be in [0, {self.hparams.n_vocab})")
+        return arr.astype(np.int32)
+
+    def encode(self, ids: Any, images: Iterable[Any] = (), *, on_progress: Any = None,
+               sequence: Sequence | None = None) -> None:
+        """Append committed tokens (prompt or a finished canvas) to the prompt-KV store (of `sequence`, else the
+        model's own), causally, in chunks of n_batch tokens (a chunk never cuts an image). images:
+        multimodal.ImageSpan at absolute positions inside these tokens, whose rows take the image embeddings
+        (and whose soft tokens see each other when the tower says so). on_progress(done, total) is called after
+        each chunk."""
+        with self._lock:
+            seq = self._own(sequence)
+            arr = self._check_ids(ids, "committed tokens")
+            store = seq.store
+            if store.n + len(arr) > self.n_ctx:
+                raise Error(f"context full: {store.n} + {len(arr)} tokens > n_ctx={self.n_ctx} (load with a larger "
+                            "n_ctx)")
+            hp = self.hparams
+            spans = multimodal.check_spans(images, store.n + len(arr), hp.n_embd) if images else []
+            if any(s.start < store.n for s in spans):
+                raise Error("an image lies before the tokens being encoded")
+            bidirectional = self.vision is None or self.vision.hparams.bidirectional
+            dtype = np.float16 if self.flash else np.float32
+            for s, e in multimodal.chunk_bounds(store.n, len(arr), self.n_batch, spans):
+                chunk = arr[s:e]
+                n, start = len(chunk), store.n
+                if n > store.room:
+                    raise Error(f"an image of {n} soft tokens does not fit one prefill pass of {store.room} tokens "
+                                "(load with a larger n_batch)")
+                here = [sp for sp in spans if start <= sp.start < start + n]
+                store.reserve(store.n + n)
+                gr = self._runner.use(("enc", seq.serial, store.n, n, store.capacity, bool(here)),
+                                      lambda g, n=n, im=bool(here): self._graphs.encode(g, store, n, im))
+                store.mark(n)
+                set_input(gr.io["ids"], chunk)
+                set_input(gr.io["pos"], np.arange(store.n, store.n + n, dtype=np.int32))
+                masks = store.masks(n, causal=True, dtype=dtype)
+                if here:
+                    keep, embd = np.ones((n, 1), np.float32), np.zeros((n, hp.n_embd), np.float32)
+                    for sp in here:
+                        keep[sp.start - start:sp.end - start] = 0
+                        embd[sp.start - start:sp.end - start] = sp.embeddings
+                    set_input(gr.io["text_keep"], keep)
+                    set_input(gr.io["image_embd"], embd)
+                    if bidirectional:  # same-image keys on both layer kinds, whatever the window says
+                        qpos = np.arange(start, start + n)
+                        for kind, mask in masks.items():
+                            multimodal.allow_image_blocks(mask, qpos, store.key_positions(kind == "swa", n), here)
+                for kind, mask in masks.items():
+                    set_input(gr.io[f"mask_{kind}"], mask)
+                self._runner.compute(gr)
+                store.n += n
+                seq.committed.extend(int(t) for t in chunk)
+                seq.images.extend(here)
+                if on_progress is not None:
+                    on_progress(s + n, len(arr))
+
+    def reset(self) -> None:
+        """Forget every committed token; the store's allocation is kept for the next prompt."""
+        with self._lock:
+            self.prompt_kv.reset()
+            self._main.committed = []
+            self._main.images = []
+
+    def prefill(self, tokens: Any, images: Iterable[Any] = (), *, on_progress: Any = None,
+                sequence: Sequence | None = None) -> None:
+        """Make the prompt-KV store (of `sequence`, else the model's own) hold exactly the committed tokens
+        `tokens` (with `images`: multimodal.ImageSpan at absolute positions), encoding only what is new: the
+        longest prefix it shares with what the store holds is kept (the same pictures included), the rest is
+        dropped and encoded. on_progress(done, total) is called after each encoded chunk of n_batch tokens."""
+        with self._lock:
+            self._check_open()
+            seq = self._own(sequence)
+            prefix = self._check_ids(tokens, "prefill ids")
+            images = list(images)
+            n = seq.common_prefix(prefix)
+            have = seq.committed
+            if images or seq.images:  # the same placeholder ids stand for every image: compare the pictures too
+                n = multimodal.reusable(n, seq.images, images)
+            if n < len(have):  # diverged: drop the tail (K/V of earlier positions do not depend on later ones)
+                if not seq.store.truncate(n):  # the ring lost the window before n: encode from the start
+                    seq.store.reset()
+                    n = 0
+                seq.committed = have[:n]
+                seq.images = [s for s in seq.images if s.end <= n]
+            if n < len(prefix):
+                new_images = [s for s in images if s.start >= n]
+                self.encode(prefix[n:], new_images, on_progress=on_progress, sequence=seq)
+
+    def logits(self, prompt_ids: Any, canvas_ids: Any, *, self_cond: Any = None, images: Any = None) -> np.ndarray:
+        """Denoiser logits (soft-capped, no temperature) for a canvas placed right after the committed prefix
+        `prompt_ids`; float32 [len(canvas_ids), n_vocab]. self_cond: previous step's temperature-scaled logits
+        of the same shape, or None for the first step. images: (position of the first soft token, embeddings
+        [n_tokens, n_embd]) pairs whose rows replace those prompt positions (see image_embeddings)."""
+        with self._lock:
+            self._check_open()
+            prefix = self._check_ids(prompt_ids, "prompt_ids")
+            canvas = self._check_ids(canvas_ids, "canvas_ids")
+            L, V = len(canvas), self.hparams.n_vocab
+            if L == 0:
+                raise Error("canvas_ids is empty")
+            if len(prefix) + L > self.n_ctx:
+                raise Error(f"prompt ({len(prefix)}) + canvas ({L}) exceeds n_ctx={self.n_ctx}")
+            if self_cond is not None:
+                sc = np.asarray(self_cond, dtype=np.float32)
+                if sc.shape != (L, V):
+                    raise Error(f"self_cond must have shape {(L, V)}, got {sc.shape}")
+                if not np.isfinite(sc).all():
+                    raise Error("self_cond contains non-finite values")
+            spans = multimodal.check_spans([multimodal.span(p, e) for p, e in images or ()], len(prefix),
+                                           self.hparams.n_embd)
+            self.prefill(prefix, spans)
+            if self_cond is not None:  # the device state holds softmax(self_cond), in E^T's type
+                e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
+                probs = e / e.sum(axis=1, keepdims=True)
+                state = self._self_cond_state(L)
+                set_input(state, probs.astype(np.float32 if state.type == F32 else np.float16))
+            ask = Denoise(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
+            gr = self._run_decoder([(self._main, ask)])
+            out = np.empty((L, V), dtype=np.float32)
+            _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
+            return out
+
+    def _self_cond_state(self, L: int, sequence: Sequence | None = None) -> Any:
+        """The persistent [V, L] self-conditioning state of a sequence (the model's own by default)."""
+        return (sequence or self._main).self_cond_state(self.hparams.n_vocab, L, self._embedding_t().type)
+
+    def _run_decoder(self, batch: list[tuple[Sequence, Denoise]]) -> Allocated:
+        """One denoising forward pass over each sequence's canvas, after its committed prefix, all in one graph;
+        returns the computed graph."""
+        V = self.hparams.n_vocab
+        L = len(batch[0][1].canvas)
+        key: list[tuple] = []
+        biases: list[Any] = []
+        for seq, ask in batch:
+            store = seq.store
+            if len(ask.canvas) != L:
+                raise Error(f"the canvases of one batch must have one length, got {len(ask.canvas)} and {L}")
+            if store.n + L > self.n_ctx:  # the canvas K/V go into the store's slots after the committed tokens
+                raise Error(f"{store.n} committed + canvas {L} tokens exceed n_ctx={self.n_ctx}")
+            if L > store.room:
+                raise Error(f"a canvas of {L} tokens exceeds the store's room of {store.room} (raise n_batch)")
+            bias = serial = None
+            if ask.vocab is not None:
+                table, rows = ask.vocab
+                rows = np.asarray(rows, dtype=np.int32)
+                if table.ndim != 2 or table.shape[1] != V or rows.shape != (L,) or (
+                        rows.size and (rows.min() < 0 or rows.max() >= table.shape[0])):
+                    raise Error(f"vocab must be (table [K, {V}], rows [{L}] in 0..K-1)")
+                bias, serial = seq.vocab_bias(table)
+            biases.append(bias)
+            store.reserve(store.n + L)
+            key.append((seq.serial, store.n, store.capacity, serial))
+        embd_t = self._embedding_t()
+        stores = [seq.store for seq, _ in batch]
+        states = [self._self_cond_state(L, seq) for seq, _ in batch]
+        gr = self._runner.use(("dec", L, *key),
+                              lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases))
+        dtype = np.float16 if self.flash else np.float32
+        for b, (seq, ask) in enumerate(batch):
+            seq.store.mark(L)
+            set_input(gr.io["mask_swa"][b], seq.store.masks(L, causal=False, kinds=("swa",), dtype=dtype)["swa"])
+            set_input(gr.io["sc_gate"][b], np.full(1, 1.0 if ask.self_cond else 0.0, np.float32))
+            set_input(gr.io["inv_temp"][b], np.full(1, 1.0 / ask.temperature, np.float32))
+            set_input(gr.io["uniform"][b], np.asarray(ask.uniform, dtype=np.float32))
+            if ask.vocab is not None:
+                set_input(gr.io["vocab_rows"][b], np.asarray(ask.vocab[1], dtype=np.int32))
+        set_input(gr.io["ids"], np.concatenate([ask.canvas for _, ask in batch]).astype(np.int32))
+        set_input(gr.io["pos"], np.concatenate([np.arange(seq.store.n, seq.store.n + L, dtype=np.int32)
+                                                 for seq, _ in batch]))
+        self._runner.compute(gr)
+        return gr
+
+    def denoise_batch(self, batch: list[tuple[Sequence, Denoise]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One denoising step of several sequences' canvases in one decoder pass (see denoise_step); each
+        sequence is answered as it would be alone. Returns (argmax, entropy, sample) per sequence."""
+        with self._lock:
+            self._check_open()
+            if not batch:
+                return []
+            for seq, _ in batch:
+                self._own(seq)
+            if len({id(seq) for seq, _ in batch}) < len(batch):
+                raise Error("a sequence appears twice in one batch (each canvas needs its own sequence)")
+            gr = self._run_decoder(batch)
+            L, top = len(batch[0][1].canvas), self.hparams.n_vocab - 1
+            out = []
+            for b in range(len(batch)):
+                argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
+                for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
+                    _lib.ggml_backend_tensor_get(gr.io[name][b], _ffi.from_buffer(arr), 0, arr.nbytes)
+                out.append((argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64)))
+            return out
+
+    def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray,
+                     vocab: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step of the sampler on the device: (argmax, entropy, sample) of softmax(logits / temperature) per
+        canvas position. Self-conditioning reads the previous step's scaled logits from the device when
+        `self_cond`; only O(canvas) numbers cross to the host. vocab=(table, rows): position j may only take
+        the tokens where the bool table [K, n_vocab] is True in row rows[j], masked on the device before
+        softmax (the statistics are those of the renormalised distribution)."""
+        ask = Denoise(np.asarray(canvas), temperature, self_cond, uniform, vocab)
+        return self.denoise_batch([(self._main, ask)])[0]
+
+    # ---- text ------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of `text` (BOS added when add_special; control tokens in the text are recognised)."""
+        return self.tokenizer.tokenize(text, add_special=add_special)
+
+    def detokenize(self, ids: Any, *, special: bool = False) -> str:
+        """Text of token ids; control tokens are left out unless special=True."""
+        return self.tokenizer.detokenize(ids, special=special)
+
+    # ---- hooks: what generation, calibration, benchmarks and the profiler drive the model with ------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Self]:
+        """Hold the model for a sequence of calls (prefill, denoise_step, ...): other threads wait until the
+        block ends. Reentrant: the model's own methods run inside it."""
+        with self._lock:
+            self._check_open()
+            yield self
+
+    @contextmanager
+    def observe(self, callback: Callable[[Any, bool], bool]) -> Iterator[Self]:
+        """Within the block, every graph the model computes calls callback(node, ask) for its nodes (ggml's
+        scheduler eval callback; node is a `struct ggml_tensor *`): with ask=True it returns whether it wants
+        the node once computed, then it is called again with ask=False and may read the node's data (return
+        False to skip the rest of the graph). Nodes are named as llama.cpp names them (graph.py: "attn_out-3",
+        products after their weight: "attn_q-3"). An exception in the callback stops the graph and is raised
+        by the call that ran it. Holds the model for the block (see exclusive)."""
+        with self._lock:
+            self._check_open()
+            if self._runner.observed:
+                raise Error("this model is already observed (observe() blocks do not nest)")
+            self._runner.set_observer(callback)
+            try:
+                yield self
+            finally:
+                self._runner.set_observer(None)
+
+    def node_names(self) -> list[str]:
+        """Names of the nodes of an encoder and a decoder graph of this model, built but neither allocated nor
+        run (what observe() will see; e.g. the weights an imatrix should collect)."""
+        with self._lock:
+            self._check_open()
+            L = self.hparams.canvas_length
+            return self._graphs.node_names(self.prompt_kv, L, self._embedding_t(), self._self_cond_state(L))
+
+    # ---- lifetime --------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Error("this model was closed")
+
+    def close(self) -> None:
+        """Free backends, buffers and the mapping (the object is unusable afterwards)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if getattr(self, "vision", None) is not None:
+                self.vision.close()
+            self._runner.free()
+            for seq in [*getattr(self, "_sequences", []), *([self._main] if hasattr(self, "_main") else [])]:
+                seq._free()
+            for owned in self._owned:
+                owned.free()
+            for buf in self._bufs:
+                _lib.ggml_backend_buffer_free(buf)
+            for ctx in self._ctxs:
+                _lib.ggml_free(ctx)
+            if self.gpu_backend is not None:
+                _lib.ggml_backend_free(self.gpu_backend)
+            _lib.ggml_backend_free(self.cpu_backend)
+            del self._base
+            self._mmap.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        hp = self.hparams
+        return (f"<diffgemma.{type(self).__name__} {self.path.name}: {hp.n_layer} layers, n_embd {hp.n_embd}, "
+                f"{hp.n_expert} experts (top {hp.n_expert_used}), canvas {hp.canvas_length}, on {self.devices}>")
