@@ -87,11 +87,18 @@ def prompt_ids(model: Any, prompt: Any, chat: bool | None, *, tools: list[dict] 
         raise Error("prompt must be a str, a list of chat messages or a list of token ids, "
                     f"not {type(prompt).__name__}")
     tok = model.tokenizer
-    text = _render_for(model, messages, tools=tools, **(template_kwargs or {})) + prefix
-    ids = model.tokenize(text, add_special=False)
+    ids = model.tokenize(prompt_text(model, messages, tools=tools, template_kwargs=template_kwargs, prefix=prefix),
+                         add_special=False)
     if tok.bos >= 0 and (not ids or ids[0] != tok.bos):
         ids = [tok.bos] + ids
     return ids
+
+
+def prompt_text(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
+                template_kwargs: dict[str, Any] | None = None, prefix: str = "") -> str:
+    """The text that text-only chat `messages` render to, `prefix` appended: what prompt_ids tokenizes (the
+    file's chat template, or the built-in Gemma 4 format; BOS as text where the template writes it)."""
+    return _render_for(model, messages, tools=tools, **(template_kwargs or {})) + prefix
 
 
 def _render_for(model: Any, messages: list[dict[str, Any]], **kw: Any) -> str:
