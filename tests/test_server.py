@@ -212,7 +212,8 @@ def test_seed_minus_one_is_random(client):
 @pytest.mark.parametrize("kw, param", [
     ({"extra_body": {"steps": 0}}, "steps"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 5}, "n"),  # more than the server runs at once (--max-batch 4)
+    ({"n": 0}, "n"),
     ({"seed": -2}, "seed"),  # -1 means "random", as in llama.cpp
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),

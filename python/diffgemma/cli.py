@@ -588,7 +588,9 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     from .server import Server
+    from .server.auth import api_keys
 
+    keys = api_keys(a.api_key, a.api_key_file)  # a bad key file fails before the model loads
     if a.queue_size < 0:
         raise Error(f"--queue-size must be >= 0, got {a.queue_size}")
     if a.max_batch < 1:
@@ -596,7 +598,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     m = _load(a)
     try:
         srv = Server(m, host=a.host, port=a.port, queue_size=a.queue_size, model_name=a.alias,
-                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format, max_batch=a.max_batch)
+                     shutdown_timeout=a.shutdown_timeout, reasoning_format=a.reasoning_format, max_batch=a.max_batch,
+                     api_key=keys, access_log=not a.log_disable)
         print(f"diffgemma: serving {a.alias or m.path.stem} at {srv.url}/ (web view), OpenAI API at {srv.url}/v1",
               file=sys.stderr, flush=True)
         srv.run()
@@ -622,6 +625,9 @@ def _add_serve_parser(sub: Any) -> None:
                    help="seconds to let open responses finish on Ctrl-C/SIGTERM (default 10)")
     s.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="auto",
                    help="auto: the thinking channel goes to reasoning_content; none: it stays in the content")
+    s.add_argument("--api-key", default=None, help="require this key (Bearer; several: comma-separated)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE", help="require one of these keys (one a line)")
+    s.add_argument("--log-disable", action="store_true", help="no access log (one line per request, on stderr)")
     s.set_defaults(fn=_cmd_serve)
 
 

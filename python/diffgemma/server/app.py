@@ -13,7 +13,7 @@ import importlib.resources
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,9 +26,20 @@ from ..chat import build_prompt, prompt_ids
 from ..errors import Error
 from ..model import Model
 from ..template import lay_out
+from .auth import RequireApiKey, api_keys
 from .defaults import MAX_BATCH, REASONING_FORMATS
-from .engine import Engine, Job
+from .engine import Engine, Event, Job
 from .errors import ApiError, bad_request, validation_error
+from .llama_api import (
+    ApplyTemplateResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    LlamaApi,
+    Props,
+    Slot,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import (
     ChatChoice,
@@ -50,7 +61,11 @@ from .protocol import (
 )
 
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# The paths served (requests are counted by path in /metrics). llama-server answers some without /v1 too.
+CHAT, COMPLETIONS, MODELS, HEALTH = ("/v1/chat/completions", "/chat/completions"), ("/v1/completions",), \
+    ("/v1/models", "/models"), ("/health", "/v1/health")
+LLAMA = ("/tokenize", "/detokenize", "/apply-template", "/props", "/slots")
+ENDPOINTS = ("/", "/metrics", *CHAT, *COMPLETIONS, *MODELS, *HEALTH, *LLAMA)
 
 
 class _Cancelled(Exception):
@@ -58,11 +73,12 @@ class _Cancelled(Exception):
 
 
 def create_app(model: Model, *, queue_size: int = 16, model_name: str | None = None, reasoning_format: str = "auto",
-               max_batch: int = MAX_BATCH) -> FastAPI:
+               max_batch: int = MAX_BATCH, api_key: str | Iterable[str] | None = None) -> FastAPI:
     """The FastAPI application serving `model` (see docs/server.md). The model must stay open while it runs.
     reasoning_format: "auto" puts thinking in `reasoning_content`, "none" leaves it in the content (a request's
     own reasoning_format wins). max_batch: requests whose canvases share each decoder step; queue_size: how
-    many more may wait (503 beyond)."""
+    many more may wait (503 beyond). api_key: one key, several separated by commas, or a list: requests must
+    carry one (server.auth); none: no check."""
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
         raise Error(f"queue_size must be an int >= 0, got {queue_size!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -72,15 +88,20 @@ def create_app(model: Model, *, queue_size: int = 16, model_name: str | None = N
     metrics = Metrics()
     engine = Engine(model, queue_size, metrics, max_batch)
     metrics.track_queue(engine.depth, queue_size)
-    api = _Api(model, engine, name=model_name or model.path.stem, queue_size=queue_size,
-               reasoning_format=reasoning_format)
+    name = model_name or model.path.stem
+    api = _Api(model, engine, name=name, queue_size=queue_size, reasoning_format=reasoning_format)
+    llama = LlamaApi(model, engine, name=name, reasoning_format=reasoning_format,
+                     build_info=f"diffgemma {_version()}")
     app = FastAPI(title="diffgemma", version=_version(), lifespan=_lifespan(engine), docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.metrics = metrics
     app.add_middleware(_JsonBodies)
+    keys = api_keys(api_key)
+    if keys:
+        app.add_middleware(RequireApiKey, keys=keys)  # inside _CountRequests: refused requests are counted too
     app.add_middleware(_CountRequests, metrics=metrics)
     _add_error_handlers(app)
-    _add_routes(app, api)
+    _add_routes(app, api, llama)
     return app
 
 
@@ -124,25 +145,59 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(ApiError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
 
 
-def _add_routes(app: FastAPI, api: "_Api") -> None:
-    """The endpoints (ENDPOINTS), each handed to _Api."""
+def _add_routes(app: FastAPI, api: "_Api", llama: LlamaApi) -> None:
+    """The endpoints (ENDPOINTS), each handed to _Api or LlamaApi."""
     page = importlib.resources.files(__package__).joinpath("web/index.html").read_text(encoding="utf-8")
 
-    @app.post("/v1/chat/completions")
+    def route(method: str, paths: tuple[str, ...]) -> Callable[[Callable], Callable]:
+        def register(handler: Callable) -> Callable:  # one handler under each of its paths
+            for path in paths:
+                app.add_api_route(path, handler, methods=[method])
+            return handler
+
+        return register
+
+    def post(paths: tuple[str, ...]) -> Callable[[Callable], Callable]:
+        return route("POST", paths)
+
+    def get(paths: tuple[str, ...]) -> Callable[[Callable], Callable]:
+        return route("GET", paths)
+
+    @post(CHAT)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         return await api.chat_completions(body, request)
 
-    @app.post("/v1/completions")
+    @post(COMPLETIONS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.completions(body, request)
 
-    @app.get("/v1/models")
+    @get(MODELS)
     async def models() -> ModelList:
         return api.models()
 
-    @app.get("/health")
+    @get(HEALTH)
     async def health() -> Health:
         return api.health()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await llama.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await llama.detokenize(body)
+
+    @app.post("/apply-template")
+    async def apply_template(body: ChatRequest) -> ApplyTemplateResponse:
+        return await llama.apply_template(body)
+
+    @app.get("/props")
+    async def props() -> Props:
+        return llama.props()
+
+    @app.get("/slots")
+    async def slots(fail_on_no_slot: bool = False) -> list[Slot]:
+        return llama.slots(fail_on_no_slot)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -207,14 +262,32 @@ def _comment(obj: Any) -> str:
     return f": diffusion {obj.model_dump_json()}\n\n"
 
 
-async def _next_event(request: Request, job: Job) -> tuple[str, Any]:
-    """The job's next event; _Cancelled once its client has gone."""
+async def _next_event(request: Request, events: asyncio.Queue) -> Event:
+    """The request's next event (kind, payload, choice index); _Cancelled once its client has gone."""
     while True:
         try:
-            return await asyncio.wait_for(job.events.get(), POLL_S)
+            return await asyncio.wait_for(events.get(), POLL_S)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 raise _Cancelled from None
+
+
+def _usage(dones: list[dict]) -> dict:
+    """A request's usage: the prompt once, the completion tokens of every choice (as OpenAI counts n > 1)."""
+    usage = dones[0]["usage"]
+    if len(dones) == 1:
+        return usage
+    completion = sum(d["usage"]["completion_tokens"] for d in dones)
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
+
+
+def _diffusion(dones: list[dict]) -> dict:
+    """The `diffusion` extension: choice 0's, and with n > 1 every choice's under `choices`."""
+    first = dones[0]["diffusion"]
+    if len(dones) == 1:
+        return first
+    return {**first, "elapsed_ms": max(d["diffusion"]["elapsed_ms"] for d in dones),
+            "choices": [d["diffusion"] for d in dones]}
 
 
 class _Api:
@@ -238,7 +311,7 @@ class _Api:
         template = await self.lay_out(req.template, ids)
         params = dataclasses.replace(params, template=template,
                                      messages=messages if multimodal.has_images(messages) else None)
-        return await self.run(request, "chat", ids, params)
+        return await self.run(request, "chat", ids, params, req.n or 1)
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
         params, template = req.completion_params(self.model.sampler_defaults)
@@ -247,7 +320,7 @@ class _Api:
         else:  # a template alone: its canvases follow BOS
             ids = self.model.tokenize("")
         params = dataclasses.replace(params, template=await self.lay_out(template, ids))
-        return await self.run(request, "completion", ids, params)
+        return await self.run(request, "completion", ids, params, req.n or 1)
 
     async def tokenize(self, prompt: Any, chat: bool | None, param: str, image_budget: int = 0,
                        **kw: Any) -> list[int]:
@@ -263,10 +336,17 @@ class _Api:
         except Error as e:
             raise bad_request(str(e), param) from e
         if len(ids) + L > model.n_ctx:
-            raise bad_request(f"the prompt is {len(ids)} tokens; with a canvas of {L} that exceeds the context of "
-                              f"{model.n_ctx} tokens (start the server with a larger --n-ctx, up to "
-                              f"{self.hp.context_length})", param, "context_length_exceeded")
+            raise bad_request(f"the prompt is {len(ids)} tokens; with a canvas of {L} that exceeds "
+                              f"{self.context()}", param, "context_length_exceeded")
         return ids
+
+    def context(self) -> str:
+        """The limit a context_length_exceeded error names: this server's n_ctx, and whether it can grow."""
+        n_ctx, trained = self.model.n_ctx, self.hp.context_length
+        if n_ctx < trained:
+            return (f"this server's context of {n_ctx} tokens (-c/--n-ctx; the model's own is {trained}: restart "
+                    "the server with a larger -c to send longer prompts)")
+        return f"this server's context of {n_ctx} tokens (the model's own context length)"
 
     async def lay_out(self, template: Any, ids: list[int]) -> Any:
         """The request's template laid out for the model (None without one): errors are 400s."""
@@ -279,85 +359,97 @@ class _Api:
         L = self.hp.canvas_length
         if len(ids) + layout.n_canvas * L > self.model.n_ctx:
             raise bad_request(f"the prompt ({len(ids)} tokens) and the template ({layout.n_canvas} canvases of "
-                              f"{L}) exceed the context of {self.model.n_ctx} tokens", "template",
-                              "context_length_exceeded")
+                              f"{L}) exceed {self.context()}", "template", "context_length_exceeded")
         return layout
 
     # -- answers --
 
-    async def run(self, request: Request, kind: str, ids: list[int], params: Params) -> Response:
-        """Queue the job and answer: an SSE stream, or one JSON body once it is done."""
-        job = Job(asyncio.get_running_loop(), ids, params)
-        self.engine.submit(job)
+    async def run(self, request: Request, kind: str, ids: list[int], params: Params, n: int = 1) -> Response:
+        """Queue the request's jobs (one per choice; choice i has seed + i) and answer: an SSE stream, or one JSON
+        body once every choice is done."""
+        if n > self.engine.max_batch:  # its choices could never run together: refused rather than serialised
+            raise bad_request(f"'n'={n} is more than this server generates at once (--max-batch "
+                              f"{self.engine.max_batch})", "n")
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        jobs = [Job(loop, ids, dataclasses.replace(params, seed=params.seed + i), events=events, index=i,
+                    request_id=rid) for i in range(n)]
+        self.engine.submit(*jobs)
         t = int(time.time())
         if params.stream:
-            return StreamingResponse(self.sse(request, job, kind, rid, t), media_type="text/event-stream",
+            return StreamingResponse(self.sse(request, jobs, kind, rid, t), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        dones: dict[int, dict] = {}
         try:
-            while True:
-                ev, payload = await _next_event(request, job)
+            while len(dones) < n:
+                ev, payload, i = await _next_event(request, events)
                 if ev == "error":
                     raise payload
                 if ev == "done":
-                    break
+                    dones[i] = payload
         except _Cancelled:
             return PlainTextResponse("client disconnected", status_code=499)
         finally:
-            self.engine.cancel(job)
-        return JSONResponse(self.answer(kind, rid, t, payload).model_dump(mode="json"))
+            for job in jobs:
+                self.engine.cancel(job)
+        return JSONResponse(self.answer(kind, rid, t, [dones[i] for i in range(n)]).model_dump(mode="json"))
 
-    def answer(self, kind: str, rid: str, t: int, done: dict) -> ChatCompletion | TextCompletion:
-        """A non-streamed answer, from the engine's `done` payload."""
+    def answer(self, kind: str, rid: str, t: int, dones: list[dict]) -> ChatCompletion | TextCompletion:
+        """A non-streamed answer, from the engine's `done` payload of each choice."""
+        usage, diffusion = _usage(dones), _diffusion(dones)
         if kind == "chat":
-            return ChatCompletion(id=rid, created=t, model=self.name, usage=done["usage"],
-                                  diffusion=done["diffusion"],
-                                  choices=[ChatChoice(message=done["message"], finish_reason=done["finish_reason"])])
-        return TextCompletion(id=rid, created=t, model=self.name, usage=done["usage"], diffusion=done["diffusion"],
-                              choices=[TextChoice(text=done["text"], finish_reason=done["finish_reason"])])
+            return ChatCompletion(id=rid, created=t, model=self.name, usage=usage, diffusion=diffusion,
+                                  choices=[ChatChoice(index=i, message=d["message"], finish_reason=d["finish_reason"])
+                                           for i, d in enumerate(dones)])
+        return TextCompletion(id=rid, created=t, model=self.name, usage=usage, diffusion=diffusion,
+                              choices=[TextChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
+                                       for i, d in enumerate(dones)])
 
-    def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None,
-              role: bool = False) -> ChatCompletionChunk | TextCompletion:
-        """One SSE chunk: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or completion text."""
+    def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False,
+              index: int = 0) -> ChatCompletionChunk | TextCompletion:
+        """One SSE chunk of choice `index`: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or
+        completion text."""
         if kind == "chat":
             d = ChatDelta(**({"role": "assistant", "content": ""} if role else {}), **(delta or {}))
             return ChatCompletionChunk(id=rid, created=t, model=self.name,
-                                       choices=[ChatChunkChoice(delta=d, finish_reason=finish)])
+                                       choices=[ChatChunkChoice(index=index, delta=d, finish_reason=finish)])
         return TextCompletion(id=rid, created=t, model=self.name,
-                              choices=[TextChoice(text=delta or "", finish_reason=finish)])
+                              choices=[TextChoice(index=index, text=delta or "", finish_reason=finish)])
 
-    async def sse(self, request: Request, job: Job, kind: str, rid: str, t: int) -> AsyncIterator[str]:
-        """The job's events as SSE: a chunk per text delta, frames as comment lines, then usage and [DONE]."""
+    async def sse(self, request: Request, jobs: list[Job], kind: str, rid: str, t: int) -> AsyncIterator[str]:
+        """The jobs' events as SSE: a chunk per text delta (with its choice's index), frames as comment lines, a
+        finish chunk as each choice ends, then usage and [DONE]."""
+        p, n = jobs[0].p, len(jobs)
+        dones: dict[int, dict] = {}
         try:
             if kind == "chat":
-                yield _sse(self.chunk(kind, rid, t, None, None, role=True))
-            while True:
-                ev, payload = await _next_event(request, job)
+                for i in range(n):
+                    yield _sse(self.chunk(kind, rid, t, None, None, role=True, index=i))
+            while len(dones) < n:
+                ev, payload, i = await _next_event(request, jobs[0].events)
                 if ev == "frame":
-                    yield _comment(payload)
+                    yield _comment(payload.model_copy(update={"index": i}) if n > 1 else payload)
                 elif ev == "delta":
-                    yield _sse(self.chunk(kind, rid, t, payload, None))
+                    yield _sse(self.chunk(kind, rid, t, payload, None, index=i))
                 elif ev == "error":
                     yield _sse(payload.body())  # the openai client raises APIError on an "error" event
                     return
                 elif ev == "done":
-                    for line in self.closing(kind, rid, t, job.p, payload):
-                        yield line
-                    return
-        finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generation stops
-            self.engine.cancel(job)
-
-    def closing(self, kind: str, rid: str, t: int, p: Params, done: dict) -> list[str]:
-        """The last SSE lines: the finish chunk, the usage (if asked for), the frames' summary, [DONE]."""
-        lines = [_sse(self.chunk(kind, rid, t, None, done["finish_reason"]))]
-        if p.include_usage:
-            usage = (ChatCompletionChunk if kind == "chat" else TextCompletion)(
-                id=rid, created=t, model=self.name, choices=[], usage=done["usage"])
-            lines.append(_sse(usage))
-        if p.frames:
-            lines.append(_comment(FramesDone(**done["diffusion"], usage=done["usage"],
-                                             finish_reason=done["finish_reason"])))
-        return [*lines, "data: [DONE]\n\n"]
+                    dones[i] = payload
+                    yield _sse(self.chunk(kind, rid, t, None, payload["finish_reason"], index=i))
+            if p.include_usage:
+                yield _sse((ChatCompletionChunk if kind == "chat" else TextCompletion)(
+                    id=rid, created=t, model=self.name, choices=[], usage=_usage([dones[i] for i in range(n)])))
+            if p.frames:  # the summary of each choice's run
+                for i in range(n):
+                    d = dones[i]
+                    yield _comment(FramesDone(**d["diffusion"], usage=d["usage"], finish_reason=d["finish_reason"],
+                                              index=i if n > 1 else None))
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, client gone (task cancelled) or shutdown: make sure the generations stop
+            for job in jobs:
+                self.engine.cancel(job)
 
     # -- the others --
 

@@ -2,12 +2,14 @@
 
 Up to `max_batch` jobs run at a time, their canvases denoised in one decoder pass per step (continuous batching:
 jobs join and leave between steps); the others wait in a bounded FIFO queue. Each job's events (frames, text
-deltas, the answer or an error) go to its request's asyncio loop.
+deltas, the answer or an error) go to its request's asyncio loop. A request with `n` choices is n jobs, which
+share one event queue; each running job holds one of the batch's `max_batch` places (its slot, for /slots).
 """
 
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -29,21 +31,29 @@ from .protocol import Frame, Params
 log = logging.getLogger("diffgemma.server")
 
 
-class Job:
-    """One request's generation: its prompt ids and Params in (`p`), events out (to the request's asyncio loop)."""
+Event = tuple[str, Any, int]  # (kind, payload, the job's choice index)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], params: Params):
+
+class Job:
+    """One choice of a request: its prompt ids and Params in (`p`), events out (to the request's asyncio loop).
+    The n jobs of a request with n choices share `events`; each event carries the job's `index`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ids: list[int], params: Params, *,
+                 events: "asyncio.Queue[Event] | None" = None, index: int = 0, request_id: str = ""):
         self.loop = loop
         self.ids = ids
         self.p = params
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.events: asyncio.Queue[Event] = asyncio.Queue() if events is None else events
+        self.index = index
+        self.request_id = request_id  # the response's id (chatcmpl-...), shown by /slots
+        self.task = -1  # a number of its own, given when queued (llama-server's id_task)
         self.cancelled = threading.Event()
         self.finished = False
 
     def put(self, kind: str, payload: Any = None) -> None:
         """Send an event ("frame", "delta", "done" or "error") to the request's handler."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload, self.index))
         except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
             self.cancelled.set()
 
@@ -107,6 +117,8 @@ class Run:
         self.canvases: list[CanvasEvent] = []
         self.cancelled = False
         self.t0 = time.perf_counter()
+        self.slot = -1  # its place in the batch while it runs
+        self.position: tuple[int, int, int] | None = None  # (canvas, step, steps) of its last denoising step
 
     def on_event(self, ev: StepEvent | CanvasEvent) -> bool:
         """Take one event of the stream; False when the generation should stop here."""
@@ -114,6 +126,7 @@ class Run:
             self.cancelled = True
             return False
         if isinstance(ev, StepEvent):
+            self.position = (ev.canvas_index, ev.step, ev.steps)
             if self.job.p.frames:
                 self.job.put("frame", self._frame(ev))
             return True
@@ -223,6 +236,8 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._runs: dict[int, Run] = {}  # id(job) -> its run, for the jobs in the batch (worker thread only)
         self._running = 0  # len(_runs), for the other threads
+        self._slots: list[Run | None] = [None] * max_batch  # the batch's places (changed under _cv)
+        self._tasks = itertools.count()
         self._closing = False
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
@@ -240,17 +255,25 @@ class Engine:
         with self._cv:
             return len(self._waiting), self._running
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; a 503 when the queue is full or the server is stopping."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue a request's jobs (one per choice), all or none: a 503 when the queue has no room for all of them
+        or the server is stopping."""
         with self._cv:
             if self._closing:
                 raise shutdown_error()
-            # A job that a free place in the batch will take at the next step does not count as waiting.
-            if len(self._waiting) - (self.max_batch - self._running) >= self.queue_size:
+            # Jobs that free places in the batch will take at the next step do not count as waiting.
+            if len(self._waiting) + len(jobs) - (self.max_batch - self._running) > self.queue_size:
                 raise ApiError(503, f"the request queue is full ({self.queue_size} waiting); retry later",
                                type="server_error", code="queue_full")
-            self._waiting.append(job)
+            for job in jobs:
+                job.task = next(self._tasks)
+                self._waiting.append(job)
             self._cv.notify()
+
+    def slots(self) -> list[Run | None]:
+        """The batch's places now: the Run in each (None where free)."""
+        with self._cv:
+            return list(self._slots)
 
     def cancel(self, job: Job) -> None:
         """Forget a job whose client left: drop it from the queue, or take it out of the batch at the next step."""
@@ -326,6 +349,9 @@ class Engine:
             return
         batch.add(job, request, ids)
         self._runs[id(job)] = run
+        with self._cv:
+            run.slot = self._slots.index(None)  # there is one: no more than max_batch run
+            self._slots[run.slot] = run
 
     def _step(self, batch: Batch) -> None:
         """One decoder pass over every job's canvas; each job's events go to its Run as they come."""
@@ -344,6 +370,8 @@ class Engine:
     def _leave(self, batch: Batch, job: Job, g: Generation | None, answered: bool = False) -> None:
         batch.cancel(job)
         run = self._runs.pop(id(job))
+        with self._cv:
+            self._slots[run.slot] = None
         if not answered:
             run.finish(g, shutting_down=self._closing)
         self._done(job)

@@ -15,7 +15,7 @@ class ErrorInfo(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: str | None = None
+    code: str | int | None = None  # OpenAI's codes are names; llama-server's 401 carries the status
 
 
 class ErrorResponse(BaseModel):
@@ -28,7 +28,7 @@ class ApiError(Exception):
     """An error answered with an OpenAI-style body (status: the HTTP status)."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

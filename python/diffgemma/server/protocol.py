@@ -106,7 +106,6 @@ def _one_prompt(p: Any) -> Any:
 
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-_N = _supported_if(lambda v: v in (None, 1))
 _LOGPROBS = _supported_if(lambda v: v in (None, False, 0))
 _TOP_LOGPROBS = _supported_if(lambda v: v in (None, 0))
 _FUNCTIONS = _supported_if(lambda v: not v)  # the legacy form of tools
@@ -191,7 +190,7 @@ class GenerationRequest(BaseModel):
     stop: Annotated[list[Annotated[StrictStr, Field(min_length=1)]] | None, BeforeValidator(_stop_list),
                     Field(max_length=4)] = None
     template: Annotated[Any, AfterValidator(_template)] = None
-    n: _N = None
+    n: PositiveInt | None = None  # choices: n jobs, with seeds seed, seed + 1, ... (at most the server's max batch)
     logprobs: _LOGPROBS = None
     top_logprobs: _TOP_LOGPROBS = None
 
@@ -425,6 +424,7 @@ class Diffusion(_Out):
     canvases: list[CanvasInfo]
     timings: dict[str, float]
     elapsed_ms: float
+    choices: "list[Diffusion] | None" = None  # n > 1: each choice's (the fields above are choice 0's)
 
 
 class Frame(_Out):
@@ -442,6 +442,7 @@ class Frame(_Out):
     pieces: list[str]
     elapsed_ms: float
     fixed: list[int] | None = None  # a template's fixed positions (1) in this canvas
+    index: int | None = None  # the choice it belongs to (requests with n > 1)
 
 
 class FramesDone(Diffusion):
@@ -450,6 +451,7 @@ class FramesDone(Diffusion):
     type: Literal["done"] = "done"
     usage: Usage
     finish_reason: str
+    index: int | None = None  # the choice it sums up (requests with n > 1)
 
 
 class ChatMessage(_Out):

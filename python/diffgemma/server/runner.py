@@ -2,19 +2,32 @@
 notebooks), with a graceful stop on Ctrl-C / SIGTERM."""
 
 import asyncio
+import copy
+import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import uvicorn
+import uvicorn.config
 
 from ..errors import Error
 from ..model import Model
 from .app import create_app
+from .auth import api_keys
 from .defaults import MAX_BATCH
 from .engine import Engine
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, with the access log on stderr beside the server's other lines (uvicorn sends it to
+    stdout): `diffgemma serve 2> server.log` keeps the whole story in one place."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
 
 
 class _Uvicorn(uvicorn.Server):
@@ -32,21 +45,25 @@ class _Uvicorn(uvicorn.Server):
 
 class Server:
     """uvicorn serving `create_app(model)`: `run()` blocks (Ctrl-C / SIGTERM stop it gracefully); `start()` runs
-    it on a background thread (tests, notebooks) until `stop()`. port=0 picks a free port (see `.port`)."""
+    it on a background thread (tests, notebooks) until `stop()`. port=0 picks a free port (see `.port`).
+    api_key (one key, several separated by commas, or a list) and api_key_file (one key a line): requests must
+    carry one of them (server.auth). access_log: one line per request on stderr, in uvicorn's format."""
 
     def __init__(self, model: Model, *, host: str = "127.0.0.1", port: int = 8080, queue_size: int = 16,
                  model_name: str | None = None, log_level: str = "info", shutdown_timeout: float = 10.0,
-                 reasoning_format: str = "auto", max_batch: int = MAX_BATCH):
+                 reasoning_format: str = "auto", max_batch: int = MAX_BATCH,
+                 api_key: str | Iterable[str] | None = None, api_key_file: str | os.PathLike | None = None,
+                 access_log: bool = True):
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise Error(f"port must be in 0..65535, got {port!r}")
         self.app = create_app(model, queue_size=queue_size, model_name=model_name, reasoning_format=reasoning_format,
-                              max_batch=max_batch)
+                              max_batch=max_batch, api_key=api_keys(api_key, api_key_file))
         self.host = host
         self._sock = self._bind(host, port)
         self.port = self._sock.getsockname()[1]
         # uvicorn's own limit is only a backstop, for responses that ignore the abort.
-        config = uvicorn.Config(self.app, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=shutdown_timeout + 5)
+        config = uvicorn.Config(self.app, log_level=log_level, lifespan="on", log_config=_log_config(),
+                                access_log=access_log, timeout_graceful_shutdown=shutdown_timeout + 5)
         self._uv = _Uvicorn(config, self.app.state.engine, shutdown_timeout)
         self._thread: threading.Thread | None = None
 
