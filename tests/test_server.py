@@ -467,6 +467,9 @@ def test_serve_parser_wiring():
     assert (a.n_batch, a.kv_type) == (512, "f16")  # the same store flags as generate and chat
     a = p.parse_args(["serve", "-b", "64", "--kv-type", "f32"])
     assert (a.n_batch, a.kv_type) == (64, "f32")
+    assert (a.api_key, a.api_key_file, a.log_disable) == (None, None, False)
+    a = p.parse_args(["serve", "--api-key", "k1,k2", "--api-key-file", "keys.txt", "--log-disable"])
+    assert (a.api_key, a.api_key_file, a.log_disable) == ("k1,k2", "keys.txt", True)
 
 
 def test_cli_serve_finishes_open_streams_on_sigterm_and_exits_0(tmp_path):

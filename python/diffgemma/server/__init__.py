@@ -10,6 +10,8 @@ The package, in the shape FastAPI projects use:
 - `protocol`: the request and response models (pydantic) of the OpenAI endpoints and our extensions;
 - `engine`: the batch driver (`Engine`) and the jobs it runs;
 - `metrics`: the Prometheus metrics (prometheus_client, one registry per app);
+- `auth`: the API keys (`--api-key`) and the middleware that checks them;
+- `llama_api`: llama-server's own endpoints (/tokenize, /detokenize, /apply-template, /props, /slots);
 - `app`: `create_app`, the routes, SSE, error handlers and lifespan;
 - `runner`: `Server`, uvicorn serving the app (blocking, or on a background thread);
 - `web/`: the web view's page.
