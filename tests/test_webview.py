@@ -98,3 +98,29 @@ def test_stop_button_cancels_and_errors_are_shown(server, page, monkeypatch):
     page.click("#generate")
     page.wait_for_function("document.getElementById('status').textContent === 'error'")
     assert "HTTP 400" in page.text_content("#error") and "entropy_bound" in page.text_content("#error")
+
+
+def test_a_server_with_an_api_key_asks_for_it_once(server, page):
+    model = server.app.state.engine.model
+    with srv.Server(model, port=0, log_level="warning", api_key="sesame") as guarded:
+        asked = []
+
+        def answer(dialog):  # the page's prompt for the key
+            asked.append(dialog.message)
+            dialog.accept("sesame")
+
+        page.on("dialog", answer)
+        try:
+            page.goto(guarded.url + "/")
+            page.evaluate("localStorage.removeItem('diffgemma-api-key')")
+            for _ in range(2):  # the second run sends the kept key without asking
+                page.fill("#prompt", "Hi")
+                page.fill("#max-tokens", "16")
+                page.fill("#steps", "2")
+                page.click("#generate")
+                page.wait_for_function("['done', 'error'].includes(document.getElementById('status').textContent)",
+                                       timeout=30_000)
+                assert page.text_content("#status") == "done", page.text_content("#error")
+        finally:
+            page.remove_listener("dialog", answer)
+        assert len(asked) == 1 and "API key" in asked[0]
