@@ -1,5 +1,11 @@
 """imatrix collection through the diffusion graph: sums against numpy, expert attribution, modes, files."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -141,3 +147,67 @@ def test_llama_quantize_loads_our_files(tmp_path, random_tiny, suffix):
     p = subprocess.run([_llama_quantize(), "--imatrix", str(out), str(random_tiny), str(tmp_path / "q.gguf"),
                         "Q4_K_M"], capture_output=True, text=True)
     assert f"loaded {r.entries} importance matrix entries" in p.stdout + p.stderr
+
+
+class _Stop(BaseException):
+    """Stands for KeyboardInterrupt / SystemExit without stopping pytest itself."""
+
+
+def test_an_exception_as_the_callback_starts_stops_the_caller(random_tiny):
+    """A signal handler runs at the first bytecode of the Python code C calls next, so Ctrl-C or SIGTERM's
+    SystemExit is raised as observe()'s cffi callback starts, before any try inside it (issue 29: cffi
+    printed "Exception ignored" and imatrix ran on). Raised there from a trace function, it must stop the
+    observed call, and the callback is not called again."""
+    import sys
+
+    calls = []
+
+    def callback(t, ask):
+        calls.append(ask)
+        return True
+
+    def tracer(frame, event, arg):  # the next Python function entered after the callback answered once
+        if event == "call" and calls:
+            sys.settrace(None)
+            raise _Stop
+        return None
+
+    with dg.load(random_tiny) as m:
+        canvas = np.arange(100, 100 + m.hparams.canvas_length)
+        want = m.logits([2, 40, 41], canvas)
+        with m.observe(callback):
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(_Stop):
+                    m.logits([2, 40, 41], canvas)
+            finally:
+                sys.settrace(None)
+            assert len(calls) == 1
+            np.testing.assert_array_equal(m.logits([2, 40, 41], canvas), want)  # the model is fine after it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_imatrix_stops_at_the_first_signal(tmp_path, random_tiny, sig):
+    """`diffgemma imatrix` stops promptly at one Ctrl-C / SIGTERM (issue 29: it ran to the end), keeping the
+    file of its last periodic save whole and no temporary file."""
+    calib, out = tmp_path / "calib.txt", tmp_path / "im.gguf"
+    calib.write_text(TEXT * 20)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.Popen([sys.executable, "-m", "diffgemma", "imatrix", "-m", str(random_tiny), "-f", str(calib),
+                          "-o", str(out), "--chunks", "200", "--save-every", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not out.exists():  # saved after the first chunk: the run is in its chunks
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(sig)
+    t0 = time.monotonic()
+    try:
+        _, err = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    assert time.monotonic() - t0 < 10 and p.returncode == 128 + sig, err
+    assert "Exception ignored" not in err
+    assert 1 <= imatrix_file.load(out).chunk_count < 200
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["calib.txt", "im.gguf"]

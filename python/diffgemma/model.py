@@ -423,7 +423,7 @@ class Model:
 
     def _compute(self, gr: _Graph) -> None:
         status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
-        if self._observer_error is not None:  # observe()'s callback raised: the graph stopped there
+        if self._observer_error is not None:  # observe()'s callback raised: it went unobserved from there
             err, self._observer_error = self._observer_error, None
             raise err
         if status != 0:
@@ -768,21 +768,28 @@ class Model:
         scheduler eval callback; node is a `struct ggml_tensor *`): with ask=True it returns whether it wants
         the node once computed, then it is called again with ask=False and may read the node's data (return
         False to skip the rest of the graph). Nodes are named as llama.cpp names them (graph.py: "attn_out-3",
-        products after their weight: "attn_q-3"). An exception in the callback stops the graph and is raised
-        by the call that ran it. Holds the model for the block (see exclusive)."""
+        products after their weight: "attn_q-3"). An exception in the callback (Ctrl-C and SIGTERM's included)
+        ends the observation: the graph finishes unobserved and the call that ran it raises the exception.
+        Holds the model for the block (see exclusive)."""
         with self._lock:
             self._check_open()
             if self._observer is not None:
                 raise Error("this model is already observed (observe() blocks do not nest)")
 
             def on_node(t: Any, ask: bool, _ud: Any) -> bool:
-                try:
-                    return bool(callback(t, ask))
-                except BaseException as e:  # never let an exception cross into C
-                    self._observer_error = e
-                    return False
+                if self._observer_error is not None:  # stopped: the rest of the graph runs unobserved
+                    return not ask
+                return bool(callback(t, ask))
 
-            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node)
+            def on_error(_type: Any, e: BaseException, _tb: Any) -> bool:
+                # cffi hands over whatever leaves on_node, even a signal handler's exception raised as on_node
+                # starts (a try inside it misses that one); the first is kept for _compute to raise.
+                if self._observer_error is None:
+                    self._observer_error = e
+                return True  # "need it" / "go on": the graph completes (stopping one backend split early would
+                # leave the later splits reading stale inputs, e.g. expert ids out of range)
+
+            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node, onerror=on_error)
             _lib.ggml_backend_sched_set_eval_callback(self.sched, self._observer, _ffi.NULL)
             self._drop_graph()  # the callback takes effect from the next graph allocation
             try:
