@@ -1,5 +1,11 @@
 """imatrix collection through the diffusion graph: sums against numpy, expert attribution, modes, files."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -141,3 +147,118 @@ def test_llama_quantize_loads_our_files(tmp_path, random_tiny, suffix):
     p = subprocess.run([_llama_quantize(), "--imatrix", str(out), str(random_tiny), str(tmp_path / "q.gguf"),
                         "Q4_K_M"], capture_output=True, text=True)
     assert f"loaded {r.entries} importance matrix entries" in p.stdout + p.stderr
+
+
+class _Stop(BaseException):
+    """Stands for KeyboardInterrupt / SystemExit without stopping pytest itself."""
+
+
+def test_an_exception_as_the_callback_starts_stops_the_caller(random_tiny):
+    """A signal handler runs at the first bytecode of the Python code C calls next, so Ctrl-C or SIGTERM's
+    SystemExit is raised as observe()'s cffi callback starts, before any try inside it (issue 29: cffi
+    printed "Exception ignored" and imatrix ran on). Raised there from a trace function, it must stop the
+    observed call, and the callback is not called again."""
+    import sys
+
+    calls = []
+
+    def callback(t, ask):
+        calls.append(ask)
+        return True
+
+    def tracer(frame, event, arg):  # the next Python function entered after the callback answered once
+        if event == "call" and calls:
+            sys.settrace(None)
+            raise _Stop
+        return None
+
+    with dg.load(random_tiny) as m:
+        canvas = np.arange(100, 100 + m.hparams.canvas_length)
+        want = m.logits([2, 40, 41], canvas)
+        with m.observe(callback):
+            sys.settrace(tracer)
+            try:
+                with pytest.raises(_Stop):
+                    m.logits([2, 40, 41], canvas)
+            finally:
+                sys.settrace(None)
+            assert len(calls) == 1
+            np.testing.assert_array_equal(m.logits([2, 40, 41], canvas), want)  # the model is fine after it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_imatrix_stops_at_the_first_signal(tmp_path, random_tiny, sig):
+    """`diffgemma imatrix` stops promptly at one Ctrl-C / SIGTERM (issue 29: it ran to the end), keeping the
+    file of its last periodic save whole and no temporary file."""
+    calib, out = tmp_path / "calib.txt", tmp_path / "im.gguf"
+    calib.write_text(TEXT * 20)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.Popen([sys.executable, "-m", "diffgemma", "imatrix", "-m", str(random_tiny), "-f", str(calib),
+                          "-o", str(out), "--chunks", "200", "--save-every", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not out.exists():  # saved after the first chunk: the run is in its chunks
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(sig)
+    t0 = time.monotonic()
+    try:
+        _, err = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    assert time.monotonic() - t0 < 10 and p.returncode == 128 + sig, err
+    assert "Exception ignored" not in err
+    assert 1 <= imatrix_file.load(out).chunk_count < 200
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["calib.txt", "im.gguf"]
+
+
+def test_a_calibration_file_that_is_not_text_is_refused(tmp_path, random_tiny):
+    """Issue 29: a binary file given by mistake was decoded with replacement characters and tokenized whole
+    (14 GB); a file whose first block holds a NUL byte or is not UTF-8 is an Error naming it."""
+    binary, latin1 = tmp_path / "weights.bin", tmp_path / "latin1.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    latin1.write_bytes(("Juliet, caf\xe9 au lait\n" * 100).encode("latin-1"))
+    with pytest.raises(dg.Error, match=r"weights\.bin: not a text file \(byte 0x00 at offset 0\)"):
+        dg.imatrix(random_tiny, binary, tmp_path / "im.gguf", chunks=1, progress=False)
+    with pytest.raises(dg.Error, match=r"latin1\.txt: not a text file \(byte 0xe9 at offset 11\)"):
+        dg.imatrix(random_tiny, latin1, tmp_path / "im.gguf", chunks=1, progress=False)
+    assert not (tmp_path / "im.gguf").exists()
+
+
+def test_only_what_the_chunks_need_is_read(tmp_path, random_tiny, monkeypatch):
+    """Issue 29: --chunks 1 on 20 MB of text tokenized all of it (565 MB). Now the file is tokenized a block at a
+    time until the chunks have their tokens; a file without newlines in pieces of about LONG_LINE."""
+    tokenized = []
+    real = dg.Model.tokenize
+
+    def spy(self, text, **kw):
+        tokenized.append(len(text))
+        return real(self, text, **kw)
+
+    monkeypatch.setattr(dg.Model, "tokenize", spy)
+    lines, one_line = tmp_path / "lines.txt", tmp_path / "one-line.txt"
+    lines.write_text((TEXT + "\n") * 3000)  # 4.5 MB
+    one_line.write_text(TEXT * 3000)
+    r = dg.imatrix(random_tiny, lines, tmp_path / "a.gguf", chunks=1, progress=False)
+    assert r.chunks == 1 and sum(tokenized) < 200_000  # of 4.5 MB
+    tokenized.clear()
+    r = dg.imatrix(random_tiny, one_line, tmp_path / "b.gguf", chunks=1, progress=False)
+    assert r.chunks == 1 and sum(tokenized) < 1_200_000  # a line of 4.5 MB: in pieces of about 1 MB
+
+
+def test_tokens_read_a_block_at_a_time_are_those_of_the_whole_text(tmp_path, random_tiny, monkeypatch):
+    """Cut after newline runs (where gemma4's tokenizer splits anyway) and decoded incrementally, the text gives
+    the tokens it gives whole, multi-byte characters across blocks included."""
+    text = "".join(f"{TEXT[i % 50:i % 50 + i % 70]} café — 日本 🙂\t{'  ' * (i % 3)}" + "\n" * (1 + i % 3)
+                   for i in range(400))
+    path = tmp_path / "calib.txt"
+    path.write_text(text, encoding="utf-8")
+    with dg.load(random_tiny) as m:
+        whole = m.tokenize(text, add_special=False)
+        for block in (5, 97, 4096):
+            monkeypatch.setattr(calibration, "BLOCK", block)
+            assert calibration._calibration_tokens(m, path, None)[0].tolist() == whole
+            assert calibration._calibration_tokens(m, text, None)[0].tolist() == whole
+            assert calibration._calibration_tokens(m, [text, text], None)[0].tolist() == whole + whole
+            assert len(calibration._calibration_tokens(m, path, 100)[0]) < len(whole)

@@ -16,10 +16,13 @@ Modes:
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import itertools
 import os
 import pathlib
 import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -175,26 +178,77 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
         _lib.ggml_free(ctx)
 
 
-def _calibration_tokens(model: Model, calibration: Any) -> tuple[list[int], list[str]]:
-    """Token ids of the calibration: a file as os.PathLike (e.g. pathlib.Path), text as a str, or texts as a
-    list of str. A str is always text, never opened: a mistyped path must not silently become the text."""
+BLOCK = 1 << 16  # characters (bytes, for a file) read and tokenized at a time: a few chunks' worth
+LONG_LINE = 1 << 20  # a line longer than this is cut at a space (a file without newlines must not be read whole)
+
+
+def _file_text(p: pathlib.Path) -> Iterator[str]:
+    """The text of the file at `p`, block by block; an Error if its first block is not UTF-8 text (a binary file
+    given by mistake would otherwise be tokenized whole, in gigabytes). Later undecodable bytes become U+FFFD."""
+    if not p.is_file():
+        raise Error(f"{p}: no such calibration file", cli=f"{p}: no such calibration file (-f)")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    with open(p, "rb") as f:
+        first = f.read(BLOCK)
+        bad = first.find(b"\0")  # valid UTF-8, but no text holds it
+        try:
+            text = decoder.decode(first)
+        except UnicodeDecodeError as e:
+            bad = e.start if bad < 0 else min(bad, e.start)
+        if bad >= 0:
+            raise Error(f"{p}: not a text file (byte {first[bad]:#04x} at offset {bad}); the calibration must be "
+                        "UTF-8 text")
+        decoder.errors = "replace"
+        yield text
+        while block := f.read(BLOCK):
+            yield decoder.decode(block)
+        yield decoder.decode(b"", final=True)
+
+
+def _blocks(text: str) -> Iterator[str]:
+    return (text[i:i + BLOCK] for i in range(0, len(text), BLOCK))
+
+
+def _pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """The text cut after runs of newlines, where gemma4's tokenizer splits it anyway: the pieces' tokens, one
+    after the other, are the tokens of the whole text (only a line longer than LONG_LINE is cut elsewhere)."""
+    rest = ""
+    for block in blocks:
+        text = rest + block
+        cut = text.rstrip("\n").rfind("\n") + 1  # after the last newline run that text follows in this block
+        if cut == 0 and len(text) > LONG_LINE:
+            cut = text.rfind(" ") if text.rfind(" ") > 0 else len(text)
+        if cut > 0:
+            yield text[:cut]
+        rest = text[cut:]
+    if rest:
+        yield rest
+
+
+def _calibration_tokens(model: Model, calibration: Any, need: int | None) -> tuple[np.ndarray, list[str]]:
+    """Token ids of the calibration, tokenized piece by piece until there are `need` (None: all): a file as
+    os.PathLike (e.g. pathlib.Path), text as a str, or texts as a list of str. A str is always text, never
+    opened: a mistyped path must not silently become the text."""
     if isinstance(calibration, os.PathLike):
         p = pathlib.Path(calibration)
-        if not p.is_file():
-            raise Error(f"{p}: no such calibration file", cli=f"{p}: no such calibration file (-f)")
-        return model.tokenize(p.read_text(encoding="utf-8", errors="replace"), add_special=False), [p.name]
-    if isinstance(calibration, str):
+        texts, datasets = [_pieces(_file_text(p))], [p.name]
+    elif isinstance(calibration, str):
         if "\n" not in calibration and len(calibration) < 4096 and os.path.exists(calibration):
             raise Error(f"calibration {calibration!r} is a str naming a file; a str is calibration text: pass "
                         f"pathlib.Path({calibration!r}) to read the file")
-        return model.tokenize(calibration, add_special=False), ["<text>"]
-    if isinstance(calibration, list | tuple) and calibration and all(isinstance(s, str) for s in calibration):
-        ids: list[int] = []
-        for s in calibration:
-            ids += model.tokenize(s, add_special=False)
-        return ids, [f"<{len(calibration)} texts>"]
-    raise Error("calibration must be a file path as os.PathLike (pathlib.Path), a str of text or a list of str, "
-                f"not {type(calibration).__name__}")
+        texts, datasets = [_pieces(_blocks(calibration))], ["<text>"]
+    elif isinstance(calibration, list | tuple) and calibration and all(isinstance(s, str) for s in calibration):
+        texts, datasets = [_pieces(_blocks(s)) for s in calibration], [f"<{len(calibration)} texts>"]
+    else:
+        raise Error("calibration must be a file path as os.PathLike (pathlib.Path), a str of text or a list of "
+                    f"str, not {type(calibration).__name__}")
+    parts, n = [], 0
+    for piece in itertools.chain.from_iterable(texts):
+        parts.append(np.asarray(model.tokenize(piece, add_special=False), dtype=np.int32))
+        n += len(parts[-1])
+        if need is not None and n >= need:
+            break
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32), datasets
 
 
 def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
@@ -206,7 +260,8 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
 
     calibration: a text file as os.PathLike (`pathlib.Path("calib.txt")`), the text itself as a str, or a list
     of str. A str is never opened as a file (a str naming an existing file is an Error), so a mistyped path
-    cannot silently become calibration text. chunk_size tokens per chunk (default 2 x canvas): the head is the
+    cannot silently become calibration text. A file is read only as far as the chunks need and must be UTF-8
+    text (a binary file is an Error). chunk_size tokens per chunk (default 2 x canvas): the head is the
     causal prompt, the last canvas_length tokens the canvas. mode: "denoise" (what generation sees, default)
     or "unified" (llama-imatrix's clean canvas). The file is saved every `save_every` chunks, so an
     interrupted run keeps what it had. An existing `out` is an Error unless overwrite=True."""
@@ -223,7 +278,9 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
         raise Error(f"chunk_size must exceed the canvas length {L}")
     if size > m.n_ctx:
         raise Error(f"chunk_size {size} exceeds n_ctx {m.n_ctx}")
-    toks, datasets = _calibration_tokens(m, calibration)
+    if chunks is not None and int(chunks) <= 0:
+        raise Error(f"chunks must be > 0, got {chunks}")
+    toks, datasets = _calibration_tokens(m, calibration, None if chunks is None else int(chunks) * (size - 1))
     bos = m.tokenizer.bos
     n_avail = len(toks) // (size - 1)
     if n_avail == 0:
@@ -231,8 +288,6 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
         raise Error(f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS){hint}",
                     cli=f"calibration text has {len(toks)} tokens, a chunk needs {size - 1} (plus BOS)")
     n_chunks = n_avail if chunks is None else min(int(chunks), n_avail)
-    if n_chunks <= 0:
-        raise Error(f"chunks must be > 0, got {chunks}")
     out = pathlib.Path(out)
     imatrix_file._format_for(out, format)
     rng = np.random.default_rng(resolve_seed(seed))  # -1/None: a random one, as in generate
@@ -252,8 +307,8 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
         try:
             for c in range(n_chunks):
                 chunk = toks[c * (size - 1):(c + 1) * (size - 1)]
-                prompt = np.asarray(([bos] if bos >= 0 else []) + chunk[: size - 1 - L], dtype=np.int32)
-                target = np.asarray(chunk[size - 1 - L:], dtype=np.int64)
+                prompt = np.concatenate([np.full(int(bos >= 0), bos, np.int32), chunk[: size - 1 - L]])
+                target = chunk[size - 1 - L:].astype(np.int64)
                 m.reset()
                 col.record_self_cond = False
                 m.prefill(prompt)

@@ -573,8 +573,9 @@ class Engine:
         scheduler eval callback; node is a `struct ggml_tensor *`): with ask=True it returns whether it wants
         the node once computed, then it is called again with ask=False and may read the node's data (return
         False to skip the rest of the graph). Nodes are named as llama.cpp names them (graph.py: "attn_out-3",
-        products after their weight: "attn_q-3"). An exception in the callback stops the graph and is raised
-        by the call that ran it. Holds the model for the block (see exclusive)."""
+        products after their weight: "attn_q-3"). An exception in the callback (Ctrl-C and SIGTERM's included)
+        ends the observation: the graph finishes unobserved and the call that ran it raises the exception.
+        Holds the model for the block (see exclusive)."""
         with self._lock:
             self._check_open()
             if self._runner.observed:

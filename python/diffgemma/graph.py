@@ -444,7 +444,7 @@ class Runner:
     def compute(self, gr: Allocated) -> None:
         """Run the graph; an exception the observer raised is raised here."""
         status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
-        if self._observer_error is not None:  # the callback raised: the graph stopped there
+        if self._observer_error is not None:  # the callback raised: the graph went unobserved from there
             err, self._observer_error = self._observer_error, None
             raise err
         if status != 0:
@@ -462,19 +462,26 @@ class Runner:
 
     def set_observer(self, callback: Callable[[Any, bool], bool] | None) -> None:
         """Call callback(node, ask) for the nodes of every graph computed from now on (ggml's scheduler eval
-        callback; None removes it). An exception in it stops the graph and is raised by compute()."""
+        callback; None removes it). An exception in it (Ctrl-C and SIGTERM's included) ends the observation: the
+        graph finishes unobserved and compute() raises it."""
         if callback is None:
             _lib.ggml_backend_sched_set_eval_callback(self.sched, _ffi.NULL, _ffi.NULL)
             self._observer = self._observer_error = None
         else:
             def on_node(t: Any, ask: bool, _ud: Any) -> bool:
-                try:
-                    return bool(callback(t, ask))
-                except BaseException as e:  # never let an exception cross into C
-                    self._observer_error = e
-                    return False
+                if self._observer_error is not None:  # stopped: the rest of the graph runs unobserved
+                    return not ask
+                return bool(callback(t, ask))
 
-            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node)
+            def on_error(_type: Any, e: BaseException, _tb: Any) -> bool:
+                # cffi hands over whatever leaves on_node, even a signal handler's exception raised as on_node
+                # starts (a try inside it misses that one); the first is kept for compute() to raise.
+                if self._observer_error is None:
+                    self._observer_error = e
+                return True  # "need it" / "go on": the graph completes (stopping one backend split early would
+                # leave the later splits reading stale inputs, e.g. expert ids out of range)
+
+            self._observer = _ffi.callback("bool(struct ggml_tensor *, bool, void *)", on_node, onerror=on_error)
             _lib.ggml_backend_sched_set_eval_callback(self.sched, self._observer, _ffi.NULL)
         self.drop()  # the callback takes effect from the next graph allocation
 
