@@ -66,7 +66,7 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
     loaded once with `n_gpu_layers` and cached (one model at a time). prompt: a str, a list of chat messages
-    [{"role", "content"}] or a list of token ids. max_new_tokens: rounded up to whole canvases. Sampler
+    [{"role", "content"}] or a list of token ids. max_new_tokens: most new tokens (the last canvas is cut). Sampler
     settings (steps, t_min, t_max, entropy_bound) left as None take the file's values; stability/confidence
     =None disable the adaptive stop; seed None or -1 draws a random one (Stream.seed). chat=None applies the
     file's chat template when it has one. on_prefill(done, total) after each encoded chunk; image_budget:

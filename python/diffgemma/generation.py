@@ -59,15 +59,21 @@ class Timings:
     host_ms: float  # mean host time per step (acceptance, re-noising, stopping, callbacks)
 
 
+# Why a generation ended (Generation.finish_reason): an EOS token, max_new_tokens reached, the context (n_ctx)
+# full before that, or a template filled (the template decides where the text ends).
+FINISH_REASONS = ("eos", "length", "context", "stop")
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     text: str
-    tokens: list[int]  # new tokens (whole canvases; cut after the first EOS, which is kept)
+    tokens: list[int]  # new tokens: at most max_new_tokens, cut after the first EOS (which is kept)
     canvases: list[CanvasInfo]
     timings: Timings
     seed: int
     prompt_tokens: int
     holes: list[str] = dataclasses.field(default_factory=list)  # with a template: each hole's text
+    finish_reason: str = "length"  # one of FINISH_REASONS
 
     @property
     def steps(self) -> int:
@@ -85,6 +91,7 @@ class CanvasEvent:
     stopped_early: bool  # stable and confident before the step budget ran out
     eos: bool  # an end-of-sequence token ended generation in this canvas
     timings: Timings  # of the generation so far
+    finish_reason: str | None = None  # on the generation's last canvas: why it ended (FINISH_REASONS)
 
 
 def eos_ids(model: Engine) -> frozenset[int]:
@@ -184,7 +191,8 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
     seed = resolve_seed(seed)
-    return _request(model, ids, images, lay, n_canvas, cfg, seed, on_prefill), seed, ids
+    limit = None if lay is not None else max_new_tokens  # a template sets its own length
+    return _request(model, ids, images, lay, n_canvas, limit, cfg, seed, on_prefill), seed, ids
 
 
 def stream(model: Engine, prompt: Any, **kw: Any) -> Stream:
@@ -217,10 +225,20 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings,
-             seed: int, on_prefill: Any) -> Request:
+def _finish_reason(lay: Any, hit_eos: bool, n_new: int, limit: int | None) -> str:
+    """Why a generation ended after its last canvas (FINISH_REASONS)."""
+    if lay is not None:
+        return "stop"
+    if hit_eos:
+        return "eos"
+    return "length" if limit is not None and n_new >= limit else "context"
+
+
+def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, limit: int | None,
+             cfg: SamplerSettings, seed: int, on_prefill: Any) -> Request:
     """One generation as a request: yields Prefill / Denoise asks (see batching) and the consumer's events,
-    returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver."""
+    returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver.
+    limit: most new tokens (canvases are denoised whole; the last one is cut), None with a template."""
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
@@ -231,6 +249,7 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
     prefill = forward = host = 0.0
     n_steps = 0
     sent = 0  # characters of the text streamed so far
+    finish = "stop"
     t_start = time.perf_counter()
 
     def timings() -> Timings:
@@ -249,7 +268,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
             committed.extend(int(t) for t in argmax)
             text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
-            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
+            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings(),
+                              finish if last else None)
             continue
         t0 = time.perf_counter()
         yield Prefill(np.asarray(committed, dtype=np.int32), images, on_prefill)
@@ -290,11 +310,15 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
                 break
         # With a template, the template decides where generation ends, not an EOS.
         canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
+        if limit is not None and len(new) + len(canvas) > limit:  # max_new_tokens ends inside this canvas
+            canvas, hit_eos = canvas[: limit - len(new)], False
         info = CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps, eos=hit_eos)
         infos.append(info)
         new.extend(int(t) for t in canvas)
         committed.extend(int(t) for t in argmax)
         last = last or hit_eos
+        if last:
+            finish = _finish_reason(lay, hit_eos, len(new), limit)
         # A template's text is only known once it is filled: it comes whole with the last canvas.
         if lay is None:
             text = model.detokenize(new)
@@ -302,7 +326,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
         delta = _text_delta(text, sent, last)
         sent += len(delta)
-        yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings())
+        yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings(),
+                          finish if last else None)
         if hit_eos:
             break
     holes: list[str] = []
@@ -311,7 +336,7 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
     else:
         text, holes, new = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)
     return Generation(text=text, tokens=new, canvases=infos, timings=timings(), seed=int(seed),
-                      prompt_tokens=len(ids), holes=holes)
+                      prompt_tokens=len(ids), holes=holes, finish_reason=finish)
 
 
 def generate(model: Engine, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,

@@ -35,10 +35,11 @@ class Model(Engine):
         uint8 array} (needs mmproj=; image_budget: soft tokens per image, 70..1120). chat=None applies
         the file's chat template to str/messages when the file has one. Sampler settings left as None take the
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
-        adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
-        denoising step, on_prefill(done, total) after every chunk of n_batch tokens encoded (the prompt, then
-        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed); see stream
-        for the same generation as events.
+        adaptive stop. max_new_tokens: most new tokens (canvases are denoised whole, the last one is cut there).
+        on_step(event) is called after every denoising step, on_prefill(done, total) after every chunk of n_batch
+        tokens encoded (the prompt, then each finished canvas). Returns a Generation (.text, .tokens, .canvases,
+        .timings, .seed, .finish_reason: "eos", "length" (max_new_tokens), "context" (n_ctx full first) or, with a
+        template, "stop"); see stream for the same generation as events.
 
         template: fixed text with holes to fill (docs/templates.md): text with {{hole N ...}} tags or a list of
         str and dg.Hole parts. It is laid over as many canvases as it needs (max_new_tokens is then ignored, as
