@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import generation
 from ..batching import Batch, Done
-from ..chat import output_text
+from ..chat import OPENAI_FINISH, output_text
 from ..chat_format import OutputStream
 from ..errors import Error
 from ..generation import CanvasEvent, Generation, StepEvent
@@ -80,6 +80,23 @@ class _Text:
         delta = text[len(self.sent):]
         self.sent += delta
         return delta
+
+    def covering(self, text: str) -> int:
+        """How many of the tokens make `text` (a start of the output): the fewest whose decoded text reaches its
+        length (a token cut by a stop sequence counts). Decoding is prefix-stable, so a bisection does."""
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.prefix + self.decode(self.tokens[:mid])) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def n_tokens(self) -> int:
+        """The completion's token count: all tokens kept (at most max_tokens), or those that make the text
+        before a stop sequence."""
+        return self.covering(self.text) if self.hit_stop else len(self.tokens)
 
 
 class Run:
@@ -160,21 +177,24 @@ class Run:
             return None
         if g is not None and p.template is not None:  # the filled template, whatever its length
             delta = text.text = text.sent = g.holes[0] if p.infill else g.text
-            text.tokens = g.tokens
-            eos = True
+            # An infill answers with its hole: the template's fixed tokens (the suffix) are not part of it.
+            fixed = int(p.template.fixed[: p.template.n_template].sum()) if p.infill else 0
+            text.tokens = g.tokens[: len(g.tokens) - fixed]
         else:
             delta = text.update(self.committed, final=True)
-            eos = g is not None and g.canvases[-1].eos and len(g.tokens) <= p.max_tokens  # not when cut off
         # The stream's own timings: of the whole generation, or up to the canvas that reached a stop sequence.
         timings = {k: round(v, 3) for k, v in dataclasses.asdict(
             g.timings if g is not None else self.canvases[-1].timings).items()}
         canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in self.canvases]
         self._send(delta, True)
-        n_out = len(text.tokens)
+        n_out = text.n_tokens()
         self.metrics.observe([c.steps for c in self.canvases], timings["step_ms"], len(job.ids), n_out,
                              timings["tokens_per_s"])
         message = None if self.chat is None else self._message()
-        finish = "tool_calls" if message and "tool_calls" in message else "stop" if eos or text.hit_stop else "length"
+        if message and "tool_calls" in message:
+            finish = "tool_calls"
+        else:  # g is None only when a stop sequence ended the text
+            finish = "stop" if text.hit_stop or g is None else OPENAI_FINISH[g.finish_reason]
         done = {
             "text": text.text,
             "message": message,

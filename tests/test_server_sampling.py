@@ -1,0 +1,85 @@
+"""The server's sampling fields and accounting (issue 29, defects 4, 5 and 6; logprobs), driven by the `openai`
+client: max_tokens, finish_reason, usage.completion_tokens (the tokens of the returned text, never more than
+max_tokens), temperature (0: greedy) and the knobs refused with a 400."""
+
+import pytest
+
+import diffgemma
+from diffgemma import server as srv
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+FAST = {"steps": 2, "stability": None}
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def model(random_tiny):
+    with diffgemma.load(random_tiny, threads=1, n_ctx=96) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    s = srv.Server(model, port=0, log_level="warning").start()
+    yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    s.stop()
+
+
+def _covering(model, tokens, text):
+    """The fewest leading tokens whose text holds `text`."""
+    return next(k for k in range(len(tokens) + 1) if len(model.detokenize(tokens[:k])) >= len(text))
+
+
+def test_max_tokens_is_the_library_limit(model, client):
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=5, seed=4, **FAST)
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=5, seed=4, extra_body=FAST)
+    assert r.choices[0].text == g.text and r.usage.completion_tokens == len(g.tokens) == 5
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_a_stop_sequence_counts_only_the_returned_tokens(model, client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=32, seed=8, extra_body=FAST)
+    full = client.completions.create(**kw)
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 32
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=32, seed=8, **FAST)
+    stop = text[:1]  # the very first character: the answer is ''
+    r = client.completions.create(stop=[stop], **kw)
+    assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == _covering(model, g.tokens, "") == 0
+    stop = text[20:23]
+    want = text[: text.find(stop)]
+    r = client.completions.create(stop=[stop], **kw)
+    assert r.choices[0].text == want
+    assert r.usage.completion_tokens == _covering(model, g.tokens, want) < 32
+    chunks = list(client.completions.create(stop=[stop], stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_suffix_counts_the_inserted_tokens(model, client):
+    r = client.completions.create(model="m", prompt="The river", suffix=" the sea.", max_tokens=4, seed=2,
+                                  extra_body=FAST)
+    n = r.usage.completion_tokens
+    assert n <= 4 and r.usage.total_tokens == r.usage.prompt_tokens + n
+    # the hole's tokens, fillers dropped: what the inserted text is made of
+    assert (n == 0) == (r.choices[0].text == "")
+
+
+def test_chat_with_a_stop_sequence(model, client):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Tell me about rivers."}], max_tokens=32, seed=5,
+              extra_body=FAST)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    stop = text.strip()[:1]
+    r = client.chat.completions.create(stop=[stop], **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 32
+
+
+def test_a_full_context_finishes_with_length(model, client):
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=10_000, seed=1, extra_body=FAST)
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=10_000, seed=1, **FAST)
+    assert g.finish_reason in ("context", "eos")
+    assert r.choices[0].finish_reason == ("length" if g.finish_reason == "context" else "stop")
+    assert r.usage.completion_tokens == len(g.tokens) and r.choices[0].text == g.text
