@@ -83,3 +83,47 @@ def test_a_full_context_finishes_with_length(model, client):
     assert g.finish_reason in ("context", "eos")
     assert r.choices[0].finish_reason == ("length" if g.finish_reason == "context" else "stop")
     assert r.usage.completion_tokens == len(g.tokens) and r.choices[0].text == g.text
+
+
+# ---- temperature and the knobs this sampler has no counterpart for (defect 4) ----
+
+
+def test_temperature_zero_is_deterministic_without_a_seed(model, client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=16, temperature=0, extra_body=FAST)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    assert a.model_extra["diffusion"]["seed"] == b.model_extra["diffusion"]["seed"] == 0
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=16, temperature=0, **FAST)
+    assert a.choices[0].text == g.text
+
+
+def test_temperature_scales_the_schedule(model, client):
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=16, temperature=0.5, seed=3, extra_body=FAST)
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=16, temperature=0.5, seed=3, **FAST)
+    assert r.choices[0].text == g.text
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
+                                          temperature=1.5, seed=3, extra_body=FAST)
+    assert chat.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("temperature", "warm"), ("top_p", 0.9), ("top_k", 40), ("min_p", 0.05),
+    ("typical_p", 0.5), ("logit_bias", {"50": 10}), ("frequency_penalty", 0.5), ("presence_penalty", -1),
+    ("repeat_penalty", 1.1), ("repetition_penalty", 1.2), ("mirostat", 2), ("dynatemp_range", 0.5),
+    ("xtc_probability", 0.1), ("dry_multiplier", 0.8), ("top_p", True),
+])
+def test_sampling_knobs_are_refused_naming_the_field(client, field, value):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=4, extra_body={field: value, **FAST})
+    err = ei.value.response.json()["error"]
+    assert err["param"] == field and field in err["message"]
+    if field != "temperature":
+        assert err["code"] == "unsupported_parameter" and "temperature" in err["message"]
+
+
+def test_neutral_knobs_pass(client):
+    neutral = {"top_p": 1, "top_k": 0, "min_p": 0, "typical_p": 1.0, "logit_bias": {}, "frequency_penalty": 0,
+               "presence_penalty": 0.0, "repeat_penalty": 1, "repetition_penalty": 1, "mirostat": 0,
+               "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0}
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, seed=1, extra_body={**neutral, **FAST})
+    assert r.usage.completion_tokens == 4

@@ -186,6 +186,7 @@ def _sampler_kw(a: argparse.Namespace) -> dict:
 
     # A flag left out takes the file's value (so the command line cannot switch the adaptive stop off).
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SamplerSettings)}
+    given["temperature"] = getattr(a, "temperature", None)  # --temp (llama.cpp's spelling): the schedule's scale
     return {"max_new_tokens": a.max_new_tokens, "seed": a.seed, **{k: v for k, v in given.items() if v is not None}}
 
 

@@ -16,7 +16,7 @@ from . import sampler
 from .batching import Batch, Denoise, Done, Prefill, Request, solo
 from .chat import build_prompt
 from .errors import Error
-from .sampler import FROM_FILE, SamplerSettings
+from .sampler import FROM_FILE, GREEDY_SEED, SamplerSettings, is_greedy, scaled
 from .template import Hole, lay_out
 
 if TYPE_CHECKING:
@@ -107,10 +107,13 @@ def eos_ids(model: Engine) -> frozenset[int]:
 RANDOM_SEED = -1  # llama.cpp's convention, also accepted on the command line and by the server
 
 
-def resolve_seed(seed: Any) -> int:
-    """The seed to use: `seed` itself (an int >= 0), or a fresh random one for None or -1."""
+def resolve_seed(seed: Any, greedy: bool = False) -> int:
+    """The seed to use: `seed` itself (an int >= 0), or a fresh random one for None or -1; a greedy generation
+    (temperature 0) given None takes GREEDY_SEED, so that its text is the same every run."""
     if isinstance(seed, bool) or not (seed is None or isinstance(seed, int | np.integer)):
         raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed!r}")
+    if seed is None and greedy:
+        return GREEDY_SEED
     if seed is None or seed == RANDOM_SEED:
         return int(np.random.SeedSequence().entropy % (2**63))
     if seed < 0:
@@ -164,16 +167,17 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
             seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
             chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
-            image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None
-            ) -> tuple[Request, int, list[int]]:
+            image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None,
+            temperature: float | None = None) -> tuple[Request, int, list[int]]:
     """Check the arguments and lay out the prompt now; return (the request generator a driver runs (see
     batching), the seed in use, the prompt's token ids)."""
     hp = model.hparams
     if sampler is not None and not isinstance(sampler, SamplerSettings):
         raise Error(f"sampler must be a dg.SamplerSettings or None, got {sampler!r}")
-    cfg = (model.sampler_defaults if sampler is None else sampler).override(
+    cfg = scaled((model.sampler_defaults if sampler is None else sampler).override(
         steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
-        confidence=confidence)
+        confidence=confidence), temperature)
+    greedy = is_greedy(temperature)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if on_prefill is not None and not callable(on_prefill):  # checked before any work, not at the first call
@@ -190,9 +194,9 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
         raise Error(f"the prompt ({len(ids)} tokens) and the template ({n_canvas} canvases of {L}) exceed "
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
-    seed = resolve_seed(seed)
+    seed = resolve_seed(seed, greedy)
     limit = None if lay is not None else max_new_tokens  # a template sets its own length
-    return _request(model, ids, images, lay, n_canvas, limit, cfg, seed, on_prefill), seed, ids
+    return _request(model, ids, images, lay, n_canvas, limit, cfg, seed, on_prefill, greedy=greedy), seed, ids
 
 
 def stream(model: Engine, prompt: Any, **kw: Any) -> Stream:
@@ -235,10 +239,11 @@ def _finish_reason(lay: Any, hit_eos: bool, n_new: int, limit: int | None) -> st
 
 
 def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, limit: int | None,
-             cfg: SamplerSettings, seed: int, on_prefill: Any) -> Request:
+             cfg: SamplerSettings, seed: int, on_prefill: Any, *, greedy: bool = False) -> Request:
     """One generation as a request: yields Prefill / Denoise asks (see batching) and the consumer's events,
     returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver.
-    limit: most new tokens (canvases are denoised whole; the last one is cut), None with a template."""
+    limit: most new tokens (canvases are denoised whole; the last one is cut), None with a template.
+    greedy: accepted positions take their argmax token (temperature 0)."""
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
@@ -292,12 +297,13 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             t1 = time.perf_counter()
             if fixed is None:
                 acc = sampler.accept(entropy, cfg.entropy_bound)
-                z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
+                z = sampler.renoise(acc, sampler.pick(sampled, argmax, greedy), rng.integers(0, V, L))
             else:
                 argmax = sampler.clamp(argmax, fixed, fixed_tokens)
                 acc = np.zeros(L, dtype=bool)
                 acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
-                z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
+                picked = sampler.pick(sampled, argmax, greedy)
+                z = sampler.clamp(sampler.renoise(acc, picked, rng.integers(0, V, L)), fixed, fixed_tokens)
             stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
             history.append(argmax[free])
             # The consumer's time with the event counts as host time, as on_step's did.

@@ -119,7 +119,7 @@ class Run:
         # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
         self.prompt: Any = p.messages if p.messages is not None else job.ids
         self.stream_kw = {"max_new_tokens": p.max_tokens, "seed": p.seed, "sampler": p.sampler,
-                          "image_budget": p.image_budget, "template": p.template}
+                          "temperature": p.temperature, "image_budget": p.image_budget, "template": p.template}
         self.committed: list[int] = []
         self.canvases: list[CanvasEvent] = []
         self.cancelled = False

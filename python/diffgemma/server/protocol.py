@@ -2,9 +2,11 @@
 
 FastAPI validates each request body into `ChatRequest` or `CompletionRequest`; what fails comes back as a
 RequestValidationError, which `errors.validation_error` turns into the OpenAI error body naming the field.
-Unknown fields are accepted and ignored (OpenAI's sampling knobs have no counterpart in the diffusion sampler);
-options whose meaning we cannot honour are refused (code `unsupported_parameter`). The diffusion settings are
-`dg.SamplerSettings`' fields, read from the extra fields by `sampler_settings` with the library's own rules.
+Unknown fields are accepted and ignored; options whose meaning we cannot honour are refused (code
+`unsupported_parameter`), among them the sampling knobs with no counterpart in the diffusion sampler (top_p,
+penalties, ...) unless set to their neutral value. `temperature` scales the temperature schedule (0: greedy).
+The diffusion settings are `dg.SamplerSettings`' fields, read from the extra fields by `sampler_settings` with
+the library's own rules.
 
 What a request asks the engine for, once validated, is a `Params`. No `from __future__ import annotations`:
 pydantic reads the annotations at runtime.
@@ -12,7 +14,6 @@ pydantic reads the annotations at runtime.
 
 import base64
 import dataclasses
-import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -33,7 +34,7 @@ from pydantic import (
 
 from .. import chat_format
 from ..errors import Error
-from ..generation import RANDOM_SEED
+from ..generation import RANDOM_SEED, resolve_seed
 from ..images import DEFAULT_BUDGET
 from ..sampler import SamplerSettings, setting_problem
 from ..template import Hole, Layout
@@ -115,6 +116,22 @@ _ECHO = _supported_if(lambda v: not v)
 _BEST_OF = _supported_if(lambda v: v in (None, 1))
 
 
+def _neutral(*values: Any) -> Any:
+    """A sampling knob the diffusion sampler has no counterpart for: only its neutral values (or null) pass; any
+    other is a 400 naming it, never silently ignored (docs/server.md, Sampling fields)."""
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if v is not None and (isinstance(v, bool) or not any(v == n for n in values)):
+            allowed = " or ".join(repr(n) for n in values)
+            raise invalid(f"'{info.field_name}'={v!r}: the diffusion sampler has nothing that does what "
+                          f"{info.field_name} does; only {allowed} (or null) is accepted. Its own settings are "
+                          "temperature, steps, t_min, t_max and entropy_bound (docs/server.md)",
+                          type="unsupported_parameter")
+        return v
+
+    return Annotated[Any, AfterValidator(check)]
+
+
 def sampler_settings(given: dict, defaults: SamplerSettings) -> SamplerSettings:
     """The diffusion settings of a request: `defaults` (the model's) overridden by the fields of `given` named as
     SamplerSettings' fields, validated by the library's own rules (errors are 400s naming the field)."""
@@ -155,6 +172,7 @@ class Params:
     max_tokens: int
     seed: int  # chosen by the server when the request names none, so every answer can report it
     sampler: SamplerSettings
+    temperature: float | None = None  # the schedule's scale (None: as is; 0: greedy)
     stop: list[str] = dataclasses.field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -194,6 +212,21 @@ class GenerationRequest(BaseModel):
     n: _N = None
     logprobs: _LOGPROBS = None
     top_logprobs: _TOP_LOGPROBS = None
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None = None  # 0: greedy
+    # OpenAI's, llama-server's and vLLM's other sampling knobs (the table in docs/server.md)
+    top_p: _neutral(1) = None
+    top_k: _neutral(0, -1) = None
+    min_p: _neutral(0) = None
+    typical_p: _neutral(1) = None
+    logit_bias: _neutral({}) = None
+    frequency_penalty: _neutral(0) = None
+    presence_penalty: _neutral(0) = None
+    repeat_penalty: _neutral(1) = None
+    repetition_penalty: _neutral(1) = None
+    mirostat: _neutral(0) = None
+    dynatemp_range: _neutral(0) = None
+    xtc_probability: _neutral(0) = None
+    dry_multiplier: _neutral(0) = None
 
     def _templated(self) -> bool:
         return self.template is not None
@@ -207,15 +240,15 @@ class GenerationRequest(BaseModel):
 
     def params(self, sampler_defaults: SamplerSettings) -> Params:
         """What the request asks for (the template is laid out later, against the model)."""
-        seed = self.seed
         return Params(
             max_tokens=self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS,
-            seed=secrets.randbits(63) if seed is None or seed == RANDOM_SEED else seed,
+            seed=resolve_seed(self.seed, greedy=self.temperature == 0),
             sampler=sampler_settings(self.model_extra or {}, sampler_defaults),
             stop=self.stop or [],
             stream=bool(self.stream),
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
             frames=bool(self.diffusion_frames and self.stream),  # frames only travel in a stream
+            temperature=self.temperature,
         )
 
 
