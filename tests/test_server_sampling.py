@@ -127,3 +127,71 @@ def test_neutral_knobs_pass(client):
                "dynatemp_range": 0, "xtc_probability": 0, "dry_multiplier": 0}
     r = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, seed=1, extra_body={**neutral, **FAST})
     assert r.usage.completion_tokens == 4
+
+
+# ---- logprobs ----
+
+
+def test_completion_logprobs(model, client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=20, seed=6, logprobs=3, extra_body=FAST)
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    g = model.generate(model.tokenize(PROMPT), max_new_tokens=20, seed=6, logprobs=3, **FAST)
+    assert r.choices[0].text == g.text and len(lp.tokens) == r.usage.completion_tokens == 20
+    assert lp.tokens == [model.tokenizer.token_text(t) for t in g.tokens]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in g.logprobs], abs=1e-5)
+    for chosen, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[chosen] == pytest.approx(value) and 1 <= len(top) <= 4 and all(v <= 0 for v in top.values())
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for i, offset in enumerate(lp.text_offset):  # exact up to the first character split over byte tokens
+        if "\ufffd" in model.detokenize(g.tokens[:i]):
+            break
+        assert offset == len(model.detokenize(g.tokens[:i]))
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    streamed = [c.logprobs for c in chunks if c.logprobs]
+    assert sum((s.tokens for s in streamed), []) == lp.tokens
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    assert sum((s.token_logprobs for s in streamed), []) == pytest.approx(lp.token_logprobs)
+    plain = client.completions.create(**{**kw, "logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == g.text
+
+
+def test_chat_logprobs(model, client):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Tell me about rivers."}], max_tokens=20, seed=6,
+              logprobs=True, top_logprobs=2, extra_body=FAST)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs]
+    assert [e.token for s in streamed for e in s.content] == [e.token for e in content]
+    only = client.chat.completions.create(**{**kw, "top_logprobs": None})
+    assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
+
+
+def test_logprobs_with_a_stop_sequence_cover_the_returned_text(client):
+    kw = dict(model="m", prompt=PROMPT, max_tokens=32, seed=8, extra_body=FAST)
+    text = client.completions.create(**kw).choices[0].text
+    r = client.completions.create(stop=[text[20:23]], logprobs=1, **kw)
+    assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens < 32
+
+
+@pytest.mark.parametrize("endpoint, body, param", [
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": True, "template": "A {{hole 2}}"}, "logprobs"),
+    ("completion", {"logprobs": 21}, "logprobs"),
+    ("completion", {"logprobs": 2, "suffix": " end."}, "logprobs"),
+    ("completion", {"logprobs": True}, "logprobs"),
+])
+def test_bad_logprobs_requests(client, endpoint, body, param):
+    with pytest.raises(openai.BadRequestError) as ei:
+        if endpoint == "chat":
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           extra_body=body)
+        else:
+            client.completions.create(model="m", prompt=PROMPT, max_tokens=4, extra_body=body)
+    assert ei.value.response.json()["error"]["param"] == param

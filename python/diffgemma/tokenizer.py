@@ -112,6 +112,10 @@ class Tokenizer:
 
     def token_text(self, token: int) -> str:
         """One token's text as it would print (for live canvas displays)."""
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes as it would print (a byte-fallback token: its one byte; logprobs' `bytes`)."""
         buf = _ffi.new("char[]", 256)
         n = _lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
-        return bytes(_ffi.buffer(buf, max(n, 0))).decode("utf-8", "replace")
+        return bytes(_ffi.buffer(buf, max(n, 0)))

@@ -8,6 +8,7 @@ committed canvas. No `from __future__ import annotations`: FastAPI reads the han
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.resources
 import json
@@ -36,6 +37,7 @@ from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatRequest,
     CompletionRequest,
     FramesDone,
@@ -47,6 +49,7 @@ from .protocol import (
     QueueState,
     TextChoice,
     TextCompletion,
+    TextLogprobs,
 )
 
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
@@ -225,6 +228,9 @@ class _Api:
         self.model, self.hp, self.engine = model, model.hparams, engine
         self.name, self.queue_size, self.reasoning_format = name, queue_size, reasoning_format
         self.created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
+        # logprobs' token texts: a token's bytes, and its text in the answer (a control token shows none)
+        self.piece = functools.lru_cache(maxsize=1 << 16)(model.tokenizer.token_bytes)
+        self.shown = functools.lru_cache(maxsize=1 << 16)(lambda t: model.detokenize([t]))
 
     # -- the two generating endpoints --
 
@@ -307,36 +313,52 @@ class _Api:
             self.engine.cancel(job)
         return JSONResponse(self.answer(kind, rid, t, payload).model_dump(mode="json"))
 
+    def logprobs(self, kind: str, entries: list | None, start: int = 0) -> ChatLogprobs | TextLogprobs | None:
+        """TokenLogprobs in the endpoint's shape (None stays None); `start`: the completion's characters before."""
+        if entries is None:
+            return None
+        if kind == "chat":
+            return ChatLogprobs.of(entries, self.piece)
+        return TextLogprobs.of(entries, self.piece, self.shown, start)
+
     def answer(self, kind: str, rid: str, t: int, done: dict) -> ChatCompletion | TextCompletion:
         """A non-streamed answer, from the engine's `done` payload."""
+        logprobs = self.logprobs(kind, done["logprobs"])
         if kind == "chat":
             return ChatCompletion(id=rid, created=t, model=self.name, usage=done["usage"],
                                   diffusion=done["diffusion"],
-                                  choices=[ChatChoice(message=done["message"], finish_reason=done["finish_reason"])])
+                                  choices=[ChatChoice(message=done["message"], finish_reason=done["finish_reason"],
+                                                      logprobs=logprobs)])
         return TextCompletion(id=rid, created=t, model=self.name, usage=done["usage"], diffusion=done["diffusion"],
-                              choices=[TextChoice(text=done["text"], finish_reason=done["finish_reason"])])
+                              choices=[TextChoice(text=done["text"], finish_reason=done["finish_reason"],
+                                                  logprobs=logprobs)])
 
-    def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None,
-              role: bool = False) -> ChatCompletionChunk | TextCompletion:
-        """One SSE chunk: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or completion text."""
+    def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False,
+              logprobs: Any = None) -> ChatCompletionChunk | TextCompletion:
+        """One SSE chunk: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or completion text,
+        with its tokens' logprobs (already in the endpoint's shape) if any."""
         if kind == "chat":
             d = ChatDelta(**({"role": "assistant", "content": ""} if role else {}), **(delta or {}))
             return ChatCompletionChunk(id=rid, created=t, model=self.name,
-                                       choices=[ChatChunkChoice(delta=d, finish_reason=finish)])
+                                       choices=[ChatChunkChoice(delta=d, finish_reason=finish, logprobs=logprobs)])
         return TextCompletion(id=rid, created=t, model=self.name,
-                              choices=[TextChoice(text=delta or "", finish_reason=finish)])
+                              choices=[TextChoice(text=delta or "", finish_reason=finish, logprobs=logprobs)])
 
     async def sse(self, request: Request, job: Job, kind: str, rid: str, t: int) -> AsyncIterator[str]:
         """The job's events as SSE: a chunk per text delta, frames as comment lines, then usage and [DONE]."""
         try:
             if kind == "chat":
                 yield _sse(self.chunk(kind, rid, t, None, None, role=True))
+            chars = 0  # of completion text sent: where the next chunk's text_offset starts
             while True:
                 ev, payload = await _next_event(request, job)
                 if ev == "frame":
                     yield _comment(payload)
                 elif ev == "delta":
-                    yield _sse(self.chunk(kind, rid, t, payload, None))
+                    delta, entries = payload
+                    logprobs = self.logprobs(kind, entries, chars)
+                    chars += sum(len(self.shown(e.token)) for e in entries or [])
+                    yield _sse(self.chunk(kind, rid, t, delta, None, logprobs=logprobs))
                 elif ev == "error":
                     yield _sse(payload.body())  # the openai client raises APIError on an "error" event
                     return

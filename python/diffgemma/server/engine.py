@@ -19,7 +19,7 @@ from ..batching import Batch, Done
 from ..chat import OPENAI_FINISH, output_text
 from ..chat_format import OutputStream
 from ..errors import Error
-from ..generation import CanvasEvent, Generation, StepEvent
+from ..generation import CanvasEvent, Generation, StepEvent, TokenLogprob
 from ..model import Model
 from .defaults import MAX_BATCH
 from .errors import ApiError, shutdown_error
@@ -41,7 +41,8 @@ class Job:
         self.finished = False
 
     def put(self, kind: str, payload: Any = None) -> None:
-        """Send an event ("frame", "delta", "done" or "error") to the request's handler."""
+        """Send an event to the request's handler: "frame", "delta" ((text or chat delta, the TokenLogprobs
+        that go with it or None)), "done" or "error"."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
@@ -119,8 +120,11 @@ class Run:
         # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
         self.prompt: Any = p.messages if p.messages is not None else job.ids
         self.stream_kw = {"max_new_tokens": p.max_tokens, "seed": p.seed, "sampler": p.sampler,
-                          "temperature": p.temperature, "image_budget": p.image_budget, "template": p.template}
+                          "temperature": p.temperature, "logprobs": p.logprobs, "image_budget": p.image_budget,
+                          "template": p.template}
         self.committed: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # the committed tokens', when asked for
+        self.logprobs_sent = 0  # how many of them went out with the deltas
         self.canvases: list[CanvasEvent] = []
         self.cancelled = False
         self.t0 = time.perf_counter()
@@ -136,6 +140,7 @@ class Run:
             return True
         self.canvases.append(ev)
         self.committed.extend(int(t) for t in ev.tokens)
+        self.logprobs.extend(ev.logprobs or [])
         if self.per_canvas:
             self._send(self.text.update(self.committed, final=False), False)
         return not self.text.hit_stop
@@ -148,22 +153,38 @@ class Run:
                      elapsed_ms=round(1e3 * (time.perf_counter() - self.t0), 2),
                      fixed=None if ev.fixed is None else [int(f) for f in ev.fixed])
 
+    def _new_logprobs(self, final: bool) -> list[TokenLogprob] | None:
+        """The TokenLogprobs of the tokens the text sent so far is made of, not yet sent (None: not asked for)."""
+        if self.job.p.logprobs is None:
+            return None
+        n = self.text.n_tokens() if final else self.text.covering(self.text.sent)
+        new = self.logprobs[self.logprobs_sent:n]
+        self.logprobs_sent = max(self.logprobs_sent, n)
+        return new or None
+
     def _send(self, delta: str, final: bool) -> None:
         job, p = self.job, self.job.p
         if self.chat is None:
-            if delta and p.stream:
-                job.put("delta", delta)
+            logprobs = self._new_logprobs(final) if p.stream else None
+            if p.stream and (delta or logprobs):
+                job.put("delta", (delta, logprobs))
             return
         d = self.parsed.update(self.text.text if final else self.text.sent, final)
         if not p.stream:
             return
+        deltas: list[dict] = []
         if d.reasoning:
-            job.put("delta", {"reasoning_content": d.reasoning})
+            deltas.append({"reasoning_content": d.reasoning})
         if d.content:
-            job.put("delta", {"content": d.content})
+            deltas.append({"content": d.content})
         n = len(self.parsed.calls) - len(d.tool_calls)
         for k, call in enumerate(d.tool_calls):  # a call is sent whole, once its canvas closed it
-            job.put("delta", {"tool_calls": [{"index": n + k, **call.to_dict()}]})
+            deltas.append({"tool_calls": [{"index": n + k, **call.to_dict()}]})
+        logprobs = self._new_logprobs(final)
+        if logprobs and not deltas:
+            deltas.append({})
+        for i, one in enumerate(deltas):  # the tokens' logprobs ride with the first chunk
+            job.put("delta", (one, logprobs if i == 0 else None))
 
     def finish(self, g: Generation | None, *, shutting_down: bool = False) -> dict | None:
         """End the request: the `done` payload (also returned) for a generation that ran to its end (g) or
@@ -198,6 +219,7 @@ class Run:
         done = {
             "text": text.text,
             "message": message,
+            "logprobs": None if p.logprobs is None else self.logprobs[:n_out],
             "finish_reason": finish,
             "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
                       "total_tokens": len(job.ids) + n_out},

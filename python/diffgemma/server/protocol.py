@@ -34,7 +34,7 @@ from pydantic import (
 
 from .. import chat_format
 from ..errors import Error
-from ..generation import RANDOM_SEED, resolve_seed
+from ..generation import MAX_TOP_LOGPROBS, RANDOM_SEED, TokenLogprob, resolve_seed
 from ..images import DEFAULT_BUDGET
 from ..sampler import SamplerSettings, setting_problem
 from ..template import Hole, Layout
@@ -108,8 +108,7 @@ def _one_prompt(p: Any) -> Any:
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 _N = _supported_if(lambda v: v in (None, 1))
-_LOGPROBS = _supported_if(lambda v: v in (None, False, 0))
-_TOP_LOGPROBS = _supported_if(lambda v: v in (None, 0))
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]  # alternatives per token (logprobs)
 _FUNCTIONS = _supported_if(lambda v: not v)  # the legacy form of tools
 _RESPONSE_FORMAT = _supported_if(lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
 _ECHO = _supported_if(lambda v: not v)
@@ -173,6 +172,7 @@ class Params:
     seed: int  # chosen by the server when the request names none, so every answer can report it
     sampler: SamplerSettings
     temperature: float | None = None  # the schedule's scale (None: as is; 0: greedy)
+    logprobs: int | None = None  # each token's log-probability with this many alternatives (None: off)
     stop: list[str] = dataclasses.field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -210,8 +210,6 @@ class GenerationRequest(BaseModel):
                     Field(max_length=4)] = None
     template: Annotated[Any, AfterValidator(_template)] = None
     n: _N = None
-    logprobs: _LOGPROBS = None
-    top_logprobs: _TOP_LOGPROBS = None
     temperature: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None = None  # 0: greedy
     # OpenAI's, llama-server's and vLLM's other sampling knobs (the table in docs/server.md)
     top_p: _neutral(1) = None
@@ -231,11 +229,18 @@ class GenerationRequest(BaseModel):
     def _templated(self) -> bool:
         return self.template is not None
 
+    def _top_logprobs(self) -> int | None:
+        """The alternatives per token the request's logprobs ask for; None: no logprobs."""
+        return None
+
     @model_validator(mode="after")
     def _stop_without_template(self) -> "GenerationRequest":
         if self.stop and self._templated():
             raise invalid("'stop' does not apply to a template (the template decides where the text ends)",
                            param="stop")
+        if self._top_logprobs() is not None and self._templated():
+            raise invalid("'logprobs' are not available with a template or a suffix (its fixed tokens are not "
+                          "sampled)", param="logprobs", type="unsupported_parameter")
         return self
 
     def params(self, sampler_defaults: SamplerSettings) -> Params:
@@ -249,6 +254,7 @@ class GenerationRequest(BaseModel):
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
             frames=bool(self.diffusion_frames and self.stream),  # frames only travel in a stream
             temperature=self.temperature,
+            logprobs=self._top_logprobs(),
         )
 
 
@@ -381,6 +387,13 @@ class ChatRequest(GenerationRequest):
     image_budget: PositiveInt | None = None  # soft tokens per image
     functions: _FUNCTIONS = None
     response_format: _RESPONSE_FORMAT = None
+    logprobs: StrictBool | None = None
+    top_logprobs: TopK | None = None
+
+    def _top_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def library_messages(self) -> list[dict[str, Any]]:
         """The messages as the library's chat takes them."""
@@ -405,6 +418,10 @@ class CompletionRequest(GenerationRequest):
     suffix: StrictStr | None = None  # OpenAI's insertion: the text between prompt and suffix
     echo: _ECHO = None
     best_of: _BEST_OF = None
+    logprobs: TopK | None = None  # the legacy API's: an int, the alternatives per token
+
+    def _top_logprobs(self) -> int | None:
+        return self.logprobs
 
     def _templated(self) -> bool:
         return self.template is not None or bool(self.suffix)
@@ -485,6 +502,56 @@ class FramesDone(Diffusion):
     finish_reason: str
 
 
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    """A chat choice's `logprobs` (OpenAI's shape): one entry per completion token, its top alternatives."""
+
+    nulls = frozenset({"refusal"})
+    content: list[ContentLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], piece: Callable[[int], bytes]) -> "ChatLogprobs":
+        def top(t: int, lp: float) -> dict[str, Any]:
+            b = piece(t)
+            return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+        return cls(content=[{**top(e.token, e.logprob), "top_logprobs": [top(t, lp) for t, lp in e.top]}
+                            for e in entries])
+
+
+class TextLogprobs(_Out):
+    """A completion choice's `logprobs` (the legacy API's shape); text_offset: where each token starts in the
+    answer, in characters (a character split over byte tokens counts once per token)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], piece: Callable[[int], bytes], shown: Callable[[int], str],
+           start: int = 0) -> "TextLogprobs":
+        """piece: a token's bytes; shown: its text in the answer (control tokens show none); start: the
+        characters of the answer before these tokens (a stream's earlier chunks)."""
+        text = [piece(e.token).decode("utf-8", "replace") for e in entries]
+        offsets = [start + sum(len(shown(e.token)) for e in entries[:i]) for i in range(len(entries))]
+        # The chosen token is listed too, as OpenAI does (it is the most likely one here).
+        tops = [{piece(t).decode("utf-8", "replace"): lp for t, lp in [(e.token, e.logprob), *e.top]}
+                for e in entries]
+        return cls(tokens=text, token_logprobs=[e.logprob for e in entries], top_logprobs=tops,
+                   text_offset=offsets)
+
+
 class ChatMessage(_Out):
     nulls = frozenset({"content"})
     role: Literal["assistant"] = "assistant"
@@ -497,7 +564,7 @@ class ChatChoice(_Out):
     nulls = frozenset({"logprobs"})
     index: int = 0
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -522,7 +589,7 @@ class ChatChunkChoice(_Out):
     nulls = frozenset({"logprobs", "finish_reason"})
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -539,7 +606,7 @@ class TextChoice(_Out):
     nulls = frozenset({"logprobs", "finish_reason"})
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: str | None = None
 
 
