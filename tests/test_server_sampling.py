@@ -107,7 +107,8 @@ def test_temperature_scales_the_schedule(model, client):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -1), ("temperature", "warm"), ("top_p", 0.9), ("top_k", 40), ("min_p", 0.05),
+    ("temperature", -1), ("temperature", "warm"), ("temperature", 1e-9), ("temperature", 1e9), ("top_p", 0.9),
+    ("top_k", 40), ("min_p", 0.05),
     ("typical_p", 0.5), ("logit_bias", {"50": 10}), ("frequency_penalty", 0.5), ("presence_penalty", -1),
     ("repeat_penalty", 1.1), ("repetition_penalty", 1.2), ("mirostat", 2), ("dynatemp_range", 0.5),
     ("xtc_probability", 0.1), ("dry_multiplier", 0.8), ("top_p", True),

@@ -61,7 +61,7 @@ def test_temperature_scales_the_schedule(model):
         model.generate(PROMPT, temperature=0.5, seed=4, **FAST).tokens
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "hot", True])
+@pytest.mark.parametrize("bad", [-0.1, 1e-6, 1e3, float("nan"), float("inf"), "hot", True])
 def test_bad_temperatures(model, bad):
     with pytest.raises(dg.Error, match="temperature"):
         model.generate(PROMPT, temperature=bad, **FAST)

@@ -36,7 +36,7 @@ from .. import chat_format
 from ..errors import Error
 from ..generation import MAX_TOP_LOGPROBS, RANDOM_SEED, TokenLogprob, resolve_seed
 from ..images import DEFAULT_BUDGET
-from ..sampler import SamplerSettings, setting_problem
+from ..sampler import SamplerSettings, setting_problem, temperature_problem
 from ..template import Hole, Layout
 from .defaults import REASONING_FORMATS
 from .errors import bad_request, invalid
@@ -65,6 +65,12 @@ def _stop_list(v: Any) -> Any:
         return [v]
     if v is not None and not isinstance(v, list):
         raise invalid("'stop' must be a non-empty string or a list of at most 4 non-empty strings")
+    return v
+
+
+def _temperature(v: Any) -> Any:
+    if why := temperature_problem(v):  # the library's own rule
+        raise invalid(why)
     return v
 
 
@@ -210,7 +216,7 @@ class GenerationRequest(BaseModel):
                     Field(max_length=4)] = None
     template: Annotated[Any, AfterValidator(_template)] = None
     n: _N = None
-    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None = None  # 0: greedy
+    temperature: Annotated[Any, AfterValidator(_temperature)] = None  # the schedule's scale; 0: greedy
     # OpenAI's, llama-server's and vLLM's other sampling knobs (the table in docs/server.md)
     top_p: _neutral(1) = None
     top_k: _neutral(0, -1) = None
