@@ -81,7 +81,7 @@ class Scripted:
             out = np.asarray(script[c * L:(c + 1) * L] or [testing.EOS] * L, np.int64)
             return out, np.zeros(L, np.float32), out
 
-        def denoise_step(canvas, temperature, self_cond, uniform, vocab=None):  # vocab: template masks
+        def denoise_step(canvas, temperature, self_cond, uniform, vocab=None, logprobs=None):  # vocab: templates
             return canvas_of(None)
 
         def denoise_batch(batch):

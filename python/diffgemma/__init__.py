@@ -12,7 +12,7 @@ from .chat import ChatReply
 from .chat_format import ToolCall, parse_chat_output
 from .converter import convert
 from .errors import Error, GGUFError
-from .generation import FROM_FILE, BatchStream, CanvasEvent, Generation, StepEvent, Stream
+from .generation import FROM_FILE, BatchStream, CanvasEvent, Generation, StepEvent, Stream, TokenLogprob
 from .layout import HParams
 from .model import Model, load, resolve
 from .quantizer import QuantizeReport, quantize, recipes
@@ -39,7 +39,8 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
              stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
              on_step: Callable[[StepEvent], Any] | None = None,
              on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
-             template: Any = None, sampler: SamplerSettings | None = None) -> str:
+             template: Any = None, sampler: SamplerSettings | None = None, temperature: float | None = None,
+             logprobs: bool | int | None = None) -> str:
     """Generate text after `prompt` with `model` and return the text (the rest as for Model.generate).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
@@ -47,10 +48,13 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
     of chat messages [{"role", "content"}] or a list of token ids. Sampler settings left as None take the
     file's values; stability/confidence=None disable the adaptive stop; seed None or -1 draws a random one;
     template: text with {{hole N ...}} tags or a list of str / Hole parts (docs/templates.md); sampler: a
-    SamplerSettings to start from instead of the model's sampler_defaults (the sampler keywords override it)."""
+    SamplerSettings to start from instead of the model's sampler_defaults (the sampler keywords override it);
+    temperature: scales the temperature schedule, 0 is greedy (see Model.generate); logprobs: accepted for
+    symmetry with Model.generate (the text alone carries none of them)."""
     kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
               entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat, on_step=on_step,
-              on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler)
+              on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler,
+              temperature=temperature, logprobs=logprobs)
     if isinstance(model, Model):
         return model.generate(prompt, **kw).text
     return _cached(model, n_gpu_layers).generate(prompt, **kw).text
@@ -61,23 +65,27 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
            t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
            stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
            on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
-           template: Any = None, sampler: SamplerSettings | None = None) -> Stream:
+           template: Any = None, sampler: SamplerSettings | None = None, temperature: float | None = None,
+           logprobs: bool | int | None = None) -> Stream:
     """Generate text after `prompt` with `model` as a stream of events (the rest as for Model.stream).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
     loaded once with `n_gpu_layers` and cached (one model at a time). prompt: a str, a list of chat messages
-    [{"role", "content"}] or a list of token ids. max_new_tokens: rounded up to whole canvases. Sampler
-    settings (steps, t_min, t_max, entropy_bound) left as None take the file's values; stability/confidence
-    =None disable the adaptive stop; seed None or -1 draws a random one (Stream.seed). chat=None applies the
-    file's chat template when it has one. on_prefill(done, total) after each encoded chunk; image_budget:
-    soft tokens per image; template: text with {{hole N ...}} tags or a list of str / Hole parts; sampler: a
-    SamplerSettings to start from instead of the model's sampler_defaults (the sampler keywords override it).
+    [{"role", "content"}] or a list of token ids. max_new_tokens: most new tokens (the last canvas is cut).
+    Sampler settings (steps, t_min, t_max, entropy_bound) left as None take the file's values;
+    stability/confidence=None disable the adaptive stop; seed None or -1 draws a random one (Stream.seed).
+    chat=None applies the file's chat template when it has one. on_prefill(done, total) after each encoded
+    chunk; image_budget: soft tokens per image; template: text with {{hole N ...}} tags or a list of str / Hole
+    parts; sampler: a SamplerSettings to start from instead of the model's sampler_defaults (the sampler
+    keywords override it); temperature: scales the temperature schedule, 0 is greedy (see Model.generate);
+    logprobs: True or k, each token's log-probability (CanvasEvent.logprobs, Generation.logprobs).
     Iterating yields dg.StepEvent after every denoising step and dg.CanvasEvent (.text_delta, .tokens, ...)
     when a canvas commits; `.generation` holds the final Generation once the loop ends. Breaking out stops
     generation cleanly."""
     kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
               entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat,
-              on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler)
+              on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler,
+              temperature=temperature, logprobs=logprobs)
     m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
     return m.stream(prompt, **kw)
 
@@ -103,6 +111,6 @@ def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model = "
 
 
 __all__ = ["BatchStream", "CanvasEvent", "ChatReply", "Error", "FROM_FILE", "GGUFError", "Generation", "HParams",
-           "Hole", "ImatrixReport", "Model", "QuantizeReport", "SamplerSettings", "StepEvent", "Stream", "ToolCall",
-           "__version__", "backends", "chat", "convert", "generate", "imatrix", "load", "parse_chat_output",
-           "parse_template", "quantize", "recipes", "stream"]
+           "Hole", "ImatrixReport", "Model", "QuantizeReport", "SamplerSettings", "StepEvent", "Stream",
+           "TokenLogprob", "ToolCall", "__version__", "backends", "chat", "convert", "generate", "imatrix", "load",
+           "parse_chat_output", "parse_template", "quantize", "recipes", "stream"]

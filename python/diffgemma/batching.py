@@ -46,7 +46,8 @@ def solo(model: Engine, request: Request) -> Generator[Any, None, Any]:
                 return done.value
             answer = None
             if isinstance(ask, Denoise):
-                answer = model.denoise_step(ask.canvas, ask.temperature, ask.self_cond, ask.uniform, ask.vocab)
+                answer = model.denoise_step(ask.canvas, ask.temperature, ask.self_cond, ask.uniform, ask.vocab,
+                                            ask.logprobs)
             elif isinstance(ask, Prefill):
                 model.prefill(ask.tokens, ask.images, on_progress=ask.on_progress)
             else:

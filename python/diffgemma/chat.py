@@ -11,6 +11,9 @@ from . import chat_format, multimodal
 from .errors import Error
 
 ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders; anything else is a typo
+# Generation.finish_reason in OpenAI's terms ("tool_calls" when the answer calls tools): an EOS or a filled
+# template is a natural stop, max_new_tokens or a full context a cut.
+OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -191,6 +194,5 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
         g = model.generate(ids, **generate_kw)
     content, reasoning, calls = chat_format.parse_chat_output(prefix + output_text(model, g.tokens),
                                                               tools=bool(offered))
-    ended = bool(g.canvases) and g.canvases[-1].eos
-    finish = "tool_calls" if calls else ("stop" if ended else "length")
+    finish = "tool_calls" if calls else OPENAI_FINISH[g.finish_reason]
     return ChatReply(content.strip(), reasoning.strip(), calls, g, finish)

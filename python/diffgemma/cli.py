@@ -173,7 +173,8 @@ def _image_budget_arg(s: argparse.ArgumentParser) -> None:
 def _sampler_args(s: argparse.ArgumentParser) -> None:
     from .sampler import SamplerSettings
 
-    s.add_argument("-n", "--max-new-tokens", type=int, default=256, help="rounded up to whole canvases")
+    s.add_argument("-n", "--max-new-tokens", type=int, default=256,
+                   help="most new tokens (canvases are denoised whole; the text is cut here)")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
     for f in dataclasses.fields(SamplerSettings):  # --steps, --t-min, ...: one flag per setting
         s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
@@ -185,6 +186,7 @@ def _sampler_kw(a: argparse.Namespace) -> dict:
 
     # A flag left out takes the file's value (so the command line cannot switch the adaptive stop off).
     given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SamplerSettings)}
+    given["temperature"] = getattr(a, "temperature", None)  # --temp (llama.cpp's spelling): the schedule's scale
     return {"max_new_tokens": a.max_new_tokens, "seed": a.seed, **{k: v for k, v in given.items() if v is not None}}
 
 
@@ -335,7 +337,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     live = _live_display(a, m, None if layout is None else layout.n_canvas)
     g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
     if a.json:
-        out = {"text": g.text, "tokens": g.tokens, "seed": g.seed,
+        out = {"text": g.text, "tokens": g.tokens, "seed": g.seed, "finish_reason": g.finish_reason,
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
         if layout is not None:
             out["holes"] = g.holes

@@ -42,6 +42,17 @@ class Denoise:
     self_cond: bool  # read the previous step's probabilities (False on a canvas's first step)
     uniform: np.ndarray  # one draw per position for the multinomial sample
     vocab: tuple[np.ndarray, np.ndarray] | None = None  # a template's (table, rows), or None
+    logprobs: int | None = None  # k >= 0: also answer the step's StepLogprobs with its top k (None: off)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLogprobs:
+    """A denoising step's log-probabilities under softmax(logits / T) (the distribution it samples from), read
+    from the device as O(k x canvas) numbers: the fourth item of a step's answer when Denoise.logprobs is set."""
+
+    argmax: np.ndarray  # float32 [L]: log p of each position's argmax token
+    top_ids: np.ndarray  # int64 [L, k]: the k most likely tokens, most likely first (k = 0: empty)
+    top: np.ndarray  # float32 [L, k]: their log p
 
 
 _serials = itertools.count()  # graph keys name sequences and tables by serial: an id() can be reused
@@ -495,12 +506,13 @@ class Engine:
                 bias, serial = seq.vocab_bias(table)
             biases.append(bias)
             store.reserve(store.n + L)
-            key.append((seq.serial, store.n, store.capacity, serial))
+            key.append((seq.serial, store.n, store.capacity, serial, ask.logprobs))
         embd_t = self._embedding_t()
         stores = [seq.store for seq, _ in batch]
         states = [self._self_cond_state(L, seq) for seq, _ in batch]
         gr = self._runner.use(("dec", L, *key),
-                              lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases))
+                              lambda g: self._graphs.decode(g, stores, L, embd_t, states, biases,
+                                                            [ask.logprobs for _, ask in batch]))
         dtype = np.float16 if self.flash else np.float32
         for b, (seq, ask) in enumerate(batch):
             seq.store.mark(L)
@@ -516,9 +528,10 @@ class Engine:
         self._runner.compute(gr)
         return gr
 
-    def denoise_batch(self, batch: list[tuple[Sequence, Denoise]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def denoise_batch(self, batch: list[tuple[Sequence, Denoise]]) -> list[tuple[Any, ...]]:
         """One denoising step of several sequences' canvases in one decoder pass (see denoise_step); each
-        sequence is answered as it would be alone. Returns (argmax, entropy, sample) per sequence."""
+        sequence is answered as it would be alone. Returns (argmax, entropy, sample) per sequence, and a
+        fourth item, its StepLogprobs, where its Denoise asked for logprobs."""
         with self._lock:
             self._check_open()
             if not batch:
@@ -534,17 +547,34 @@ class Engine:
                 argmax, entropy, sample = np.empty(L, np.int32), np.empty(L, np.float32), np.empty(L, np.float32)
                 for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
                     _lib.ggml_backend_tensor_get(gr.io[name][b], _ffi.from_buffer(arr), 0, arr.nbytes)
-                out.append((argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64)))
+                answer = (argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64))
+                k = batch[b][1].logprobs
+                out.append(answer if k is None else (*answer, self._step_logprobs(gr, b, L, k)))
             return out
 
+    @staticmethod
+    def _step_logprobs(gr: Allocated, b: int, L: int, k: int) -> StepLogprobs:
+        """Canvas b's log-probabilities from a computed decoder graph, its top k sorted most likely first."""
+        chosen = np.empty(L, np.float32)
+        _lib.ggml_backend_tensor_get(gr.io["logprob"][b], _ffi.from_buffer(chosen), 0, chosen.nbytes)
+        ids, top = np.empty((L, k), np.int32), np.empty((L, k), np.float32)
+        if k:
+            for name, arr in (("top_ids", ids), ("top_logprobs", top)):
+                _lib.ggml_backend_tensor_get(gr.io[name][b], _ffi.from_buffer(arr), 0, arr.nbytes)
+            order = np.argsort(-top, axis=1, kind="stable")  # ggml's top_k leaves them in no particular order
+            ids, top = np.take_along_axis(ids, order, 1), np.take_along_axis(top, order, 1)
+        return StepLogprobs(chosen, ids.astype(np.int64), top)
+
     def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray,
-                     vocab: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     vocab: tuple[np.ndarray, np.ndarray] | None = None, logprobs: int | None = None
+                     ) -> tuple[Any, ...]:
         """One step of the sampler on the device: (argmax, entropy, sample) of softmax(logits / temperature) per
         canvas position. Self-conditioning reads the previous step's scaled logits from the device when
         `self_cond`; only O(canvas) numbers cross to the host. vocab=(table, rows): position j may only take
         the tokens where the bool table [K, n_vocab] is True in row rows[j], masked on the device before
-        softmax (the statistics are those of the renormalised distribution)."""
-        ask = Denoise(np.asarray(canvas), temperature, self_cond, uniform, vocab)
+        softmax (the statistics are those of the renormalised distribution). logprobs=k (k >= 0): a fourth item,
+        the step's StepLogprobs (log p of each argmax token and the top k), gathered on the device."""
+        ask = Denoise(np.asarray(canvas), temperature, self_cond, uniform, vocab, logprobs)
         return self.denoise_batch([(self._main, ask)])[0]
 
     # ---- text ------------------------------------------------------------------------------------------

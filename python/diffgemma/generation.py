@@ -16,7 +16,7 @@ from . import sampler
 from .batching import Batch, Denoise, Done, Prefill, Request, solo
 from .chat import build_prompt
 from .errors import Error
-from .sampler import FROM_FILE, SamplerSettings
+from .sampler import FROM_FILE, GREEDY_SEED, SamplerSettings, is_greedy, scaled
 from .template import Hole, lay_out
 
 if TYPE_CHECKING:
@@ -59,15 +59,35 @@ class Timings:
     host_ms: float  # mean host time per step (acceptance, re-noising, stopping, callbacks)
 
 
+MAX_TOP_LOGPROBS = 20  # most alternatives per token logprobs= may ask for (OpenAI's top_logprobs limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability at the step that committed it: the last denoising step of its canvas,
+    whose argmax it is, under that step's softmax(logits / T)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, log p) of the most likely tokens there, most likely first (logprobs=k)
+
+
+# Why a generation ended (Generation.finish_reason): an EOS token, max_new_tokens reached, the context (n_ctx)
+# full before that, or a template filled (the template decides where the text ends).
+FINISH_REASONS = ("eos", "length", "context", "stop")
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     text: str
-    tokens: list[int]  # new tokens (whole canvases; cut after the first EOS, which is kept)
+    tokens: list[int]  # new tokens: at most max_new_tokens, cut after the first EOS (which is kept)
     canvases: list[CanvasInfo]
     timings: Timings
     seed: int
     prompt_tokens: int
     holes: list[str] = dataclasses.field(default_factory=list)  # with a template: each hole's text
+    finish_reason: str = "length"  # one of FINISH_REASONS
+    logprobs: list[TokenLogprob] | None = None  # one per token of .tokens when asked for (logprobs=)
 
     @property
     def steps(self) -> int:
@@ -85,6 +105,8 @@ class CanvasEvent:
     stopped_early: bool  # stable and confident before the step budget ran out
     eos: bool  # an end-of-sequence token ended generation in this canvas
     timings: Timings  # of the generation so far
+    finish_reason: str | None = None  # on the generation's last canvas: why it ended (FINISH_REASONS)
+    logprobs: list[TokenLogprob] | None = None  # one per token of .tokens when asked for (logprobs=)
 
 
 def eos_ids(model: Engine) -> frozenset[int]:
@@ -100,10 +122,13 @@ def eos_ids(model: Engine) -> frozenset[int]:
 RANDOM_SEED = -1  # llama.cpp's convention, also accepted on the command line and by the server
 
 
-def resolve_seed(seed: Any) -> int:
-    """The seed to use: `seed` itself (an int >= 0), or a fresh random one for None or -1."""
+def resolve_seed(seed: Any, greedy: bool = False) -> int:
+    """The seed to use: `seed` itself (an int >= 0), or a fresh random one for None or -1; a greedy generation
+    (temperature 0) given None takes GREEDY_SEED, so that its text is the same every run."""
     if isinstance(seed, bool) or not (seed is None or isinstance(seed, int | np.integer)):
         raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed!r}")
+    if seed is None and greedy:
+        return GREEDY_SEED
     if seed is None or seed == RANDOM_SEED:
         return int(np.random.SeedSequence().entropy % (2**63))
     if seed < 0:
@@ -153,24 +178,47 @@ class Stream(_Closes):
 _paused: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
 
 
+def _top_k(logprobs: Any) -> int | None:
+    """logprobs= as the number of alternatives per token: None for False/None, 0 for True, else k itself."""
+    if logprobs is None or logprobs is False:
+        return None
+    if logprobs is True:
+        return 0
+    if not isinstance(logprobs, int | np.integer) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise Error(f"logprobs must be True/False or an int 0..{MAX_TOP_LOGPROBS} (the alternatives per token), "
+                    f"got {logprobs!r}")
+    return int(logprobs)
+
+
+def _token_logprobs(canvas: np.ndarray, lp: Any) -> list[TokenLogprob]:
+    """The committed canvas's tokens with their log-probabilities from the StepLogprobs of its last step."""
+    return [TokenLogprob(int(t), float(lp.argmax[j]),
+                         [(int(i), float(v)) for i, v in zip(lp.top_ids[j], lp.top[j], strict=True)])
+            for j, t in enumerate(canvas.tolist())]
+
+
 def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
             seed: int | None = None, t_min: float | None = None, t_max: float | None = None,
             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
             chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
-            image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None
-            ) -> tuple[Request, int, list[int]]:
+            image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None,
+            temperature: float | None = None, logprobs: bool | int | None = None) -> tuple[Request, int, list[int]]:
     """Check the arguments and lay out the prompt now; return (the request generator a driver runs (see
     batching), the seed in use, the prompt's token ids)."""
     hp = model.hparams
     if sampler is not None and not isinstance(sampler, SamplerSettings):
         raise Error(f"sampler must be a dg.SamplerSettings or None, got {sampler!r}")
-    cfg = (model.sampler_defaults if sampler is None else sampler).override(
+    cfg = scaled((model.sampler_defaults if sampler is None else sampler).override(
         steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
-        confidence=confidence)
+        confidence=confidence), temperature)
+    greedy = is_greedy(temperature)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if on_prefill is not None and not callable(on_prefill):  # checked before any work, not at the first call
         raise Error(f"on_prefill must be callable or None, got {on_prefill!r}")
+    top_k = _top_k(logprobs)
+    if top_k is not None and template is not None:
+        raise Error("logprobs are not available with a template (its fixed tokens are not sampled)")
     L = hp.canvas_length
     lay = None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.
@@ -183,8 +231,10 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
         raise Error(f"the prompt ({len(ids)} tokens) and the template ({n_canvas} canvases of {L}) exceed "
                     f"n_ctx={model.n_ctx}")
     n_canvas = min(n_canvas, (model.n_ctx - len(ids)) // L)
-    seed = resolve_seed(seed)
-    return _request(model, ids, images, lay, n_canvas, cfg, seed, on_prefill), seed, ids
+    seed = resolve_seed(seed, greedy)
+    limit = None if lay is not None else max_new_tokens  # a template sets its own length
+    req = _request(model, ids, images, lay, n_canvas, limit, cfg, seed, on_prefill, greedy=greedy, logprobs=top_k)
+    return req, seed, ids
 
 
 def stream(model: Engine, prompt: Any, **kw: Any) -> Stream:
@@ -217,20 +267,35 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
-def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, cfg: SamplerSettings,
-             seed: int, on_prefill: Any) -> Request:
+def _finish_reason(lay: Any, hit_eos: bool, n_new: int, limit: int | None) -> str:
+    """Why a generation ended after its last canvas (FINISH_REASONS)."""
+    if lay is not None:
+        return "stop"
+    if hit_eos:
+        return "eos"
+    return "length" if limit is not None and n_new >= limit else "context"
+
+
+def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canvas: int, limit: int | None,
+             cfg: SamplerSettings, seed: int, on_prefill: Any, *, greedy: bool = False,
+             logprobs: int | None = None) -> Request:
     """One generation as a request: yields Prefill / Denoise asks (see batching) and the consumer's events,
-    returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver."""
+    returns the Generation. It reads the model (sizes, tokenizer) but leaves its state to the driver.
+    limit: most new tokens (canvases are denoised whole; the last one is cut), None with a template.
+    greedy: accepted positions take their argmax token (temperature 0). logprobs: None, or each committed
+    token's log-probability with the top k alternatives (TokenLogprob)."""
     L, V = model.hparams.canvas_length, model.hparams.n_vocab
     rng = np.random.Generator(np.random.PCG64(seed))
     stop_ids = eos_ids(model)
 
     committed = list(ids)
     new: list[int] = []
+    lps: list[TokenLogprob] | None = None if logprobs is None else []
     infos: list[CanvasInfo] = []
     prefill = forward = host = 0.0
     n_steps = 0
     sent = 0  # characters of the text streamed so far
+    finish = "stop"
     t_start = time.perf_counter()
 
     def timings() -> Timings:
@@ -249,7 +314,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
             committed.extend(int(t) for t in argmax)
             text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
-            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings())
+            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings(),
+                              finish if last else None)
             continue
         t0 = time.perf_counter()
         yield Prefill(np.asarray(committed, dtype=np.int32), images, on_prefill)
@@ -268,16 +334,17 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             temp = sampler.temperature(n, cfg.steps, cfg.t_min, cfg.t_max)
             u = rng.random(L, dtype=np.float32)
             t0 = time.perf_counter()
-            argmax, entropy, sampled = yield Denoise(z, temp, step > 1, u, vocab)
+            argmax, entropy, sampled, *step_lp = yield Denoise(z, temp, step > 1, u, vocab, logprobs)
             t1 = time.perf_counter()
             if fixed is None:
                 acc = sampler.accept(entropy, cfg.entropy_bound)
-                z = sampler.renoise(acc, sampled, rng.integers(0, V, L))
+                z = sampler.renoise(acc, sampler.pick(sampled, argmax, greedy), rng.integers(0, V, L))
             else:
                 argmax = sampler.clamp(argmax, fixed, fixed_tokens)
                 acc = np.zeros(L, dtype=bool)
                 acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
-                z = sampler.clamp(sampler.renoise(acc, sampled, rng.integers(0, V, L)), fixed, fixed_tokens)
+                picked = sampler.pick(sampled, argmax, greedy)
+                z = sampler.clamp(sampler.renoise(acc, picked, rng.integers(0, V, L)), fixed, fixed_tokens)
             stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
             history.append(argmax[free])
             # The consumer's time with the event counts as host time, as on_step's did.
@@ -290,11 +357,18 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
                 break
         # With a template, the template decides where generation ends, not an EOS.
         canvas, hit_eos = sampler.trim_eos(np.asarray(argmax), stop_ids) if lay is None else (argmax, False)
+        if limit is not None and len(new) + len(canvas) > limit:  # max_new_tokens ends inside this canvas
+            canvas, hit_eos = canvas[: limit - len(new)], False
         info = CanvasInfo(steps=len(history), stopped_early=stopped and len(history) < cfg.steps, eos=hit_eos)
         infos.append(info)
         new.extend(int(t) for t in canvas)
+        canvas_lps = None if lps is None else _token_logprobs(canvas, step_lp[0])
+        if lps is not None:
+            lps.extend(canvas_lps)
         committed.extend(int(t) for t in argmax)
         last = last or hit_eos
+        if last:
+            finish = _finish_reason(lay, hit_eos, len(new), limit)
         # A template's text is only known once it is filled: it comes whole with the last canvas.
         if lay is None:
             text = model.detokenize(new)
@@ -302,7 +376,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
         delta = _text_delta(text, sent, last)
         sent += len(delta)
-        yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings())
+        yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings(),
+                          finish if last else None, canvas_lps)
         if hit_eos:
             break
     holes: list[str] = []
@@ -311,7 +386,7 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
     else:
         text, holes, new = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)
     return Generation(text=text, tokens=new, canvases=infos, timings=timings(), seed=int(seed),
-                      prompt_tokens=len(ids), holes=holes)
+                      prompt_tokens=len(ids), holes=holes, finish_reason=finish, logprobs=lps)
 
 
 def generate(model: Engine, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,

@@ -285,7 +285,7 @@ class Graphs:
         return mlp(g, soft, w.self_cond_gate, w.self_cond_up, w.self_cond_down)
 
     def decode(self, g: Ctx, kvs: list[PromptKV], L: int, embd_t: Any, sc_states: list[Any],
-               vocab_biases: list[Any] | None = None) -> dict[str, Any]:
+               vocab_biases: list[Any] | None = None, logprobs: list[int | None] | None = None) -> dict[str, Any]:
         """Bidirectional pass over the canvases of B sequences (L tokens each, at positions kvs[b].n.. of each
         store), followed by each canvas's sampler statistics of its temperature-scaled logits. Every row-wise
         part (embedding, projections, MoE, LM head) runs on all B*L rows at once; attention reads each
@@ -300,7 +300,8 @@ class Graphs:
         Outputs: logits [V, B*L] (soft-capped, no temperature); per canvas argmax [L], entropy [L] (nats),
         sample [1, L]. vocab_biases[b] [V, K] (a persistent device tensor, 0 or MASKED_LOGIT, or None)
         restricts each position's tokens to one of K vocabularies: input vocab_rows[b] [L] picks a row per
-        position, added to the logits before all sampling statistics (templates)."""
+        position, added to the logits before all sampling statistics (templates). logprobs[b]: None, or k >= 0
+        for canvas b's log-probabilities too (see sample); off by default, so nothing is added to the graph."""
         hp, w = self.hp, self.w
         n_seq = len(kvs)
         n = n_seq * L
@@ -337,13 +338,19 @@ class Graphs:
         if any(bias is not None for bias in biases):
             io["vocab_rows"] = [None] * n_seq
         stats: dict[str, list[Any]] = {"argmax": [], "entropy": [], "sample": []}
+        tops = logprobs or [None] * n_seq
+        if any(k is not None for k in tops):
+            stats.update({"logprob": [], "top_ids": [], "top_logprobs": []})
         for b in range(n_seq):
             own = token_rows(g, logits, b, L)
             if biases[b] is not None:
                 rows = io["vocab_rows"][b] = g.input("vocab_rows", I32, L)
                 own = g.add_id(own, biases[b], rows)  # one pass: logits[:, j] + bias[:, rows[j]]
-            for name, t in self.sample(g, own, inv_temp[b], uniform[b], sc_states[b]).items():
+            for name, t in self.sample(g, own, inv_temp[b], uniform[b], sc_states[b], tops[b]).items():
                 stats[name].append(t)
+            for name in ("logprob", "top_ids", "top_logprobs"):
+                if name in stats and len(stats[name]) <= b:
+                    stats[name].append(None)  # this canvas did not ask
         return {**io, **stats}
 
     @staticmethod
@@ -353,8 +360,12 @@ class Graphs:
         V, L = a.ne[0], a.ne[1]
         return g.mul_mat(g.reshape_3d(a, V, 1, L), g.reshape_3d(b, V, 1, L))  # [1, 1, L]
 
-    def sample(self, g: Ctx, logits: Any, inv_temp: Any, uniform: Any, sc_state: Any) -> dict[str, Any]:
+    def sample(self, g: Ctx, logits: Any, inv_temp: Any, uniform: Any, sc_state: Any,
+               top_k: int | None = None) -> dict[str, Any]:
         """Per-position argmax, entropy and multinomial sample of softmax(logits / T), on the device.
+        top_k (None: off): also logprob [L], log p of each argmax token, and for k > 0 top_ids / top_logprobs
+        [k, L], the k most likely tokens (in no particular order) and their log p: ggml's top_k on the scaled
+        logits, so only k x L numbers leave the device, never the [V, L] distribution.
 
         Entropy H = logsumexp(s) - sum(p s), with logsumexp(s) = s[argmax] - log p[argmax] (one log per position
         instead of one per vocabulary entry). The sample is the inverse CDF at u * total mass: the first entry
@@ -368,7 +379,8 @@ class Graphs:
         at_max = g.reshape_2d(argmax, 1, L)
         s_max = g.get_rows(g.reshape_3d(scaled, 1, V, L), at_max)  # [1, 1, L]
         p_max = g.get_rows(g.reshape_3d(probs, 1, V, L), at_max)
-        lse = g.sub(g.reshape_2d(s_max, 1, L), g.log(g.reshape_2d(p_max, 1, L)))
+        log_p_max = g.log(g.reshape_2d(p_max, 1, L))
+        lse = g.sub(g.reshape_2d(s_max, 1, L), log_p_max)
         entropy = g.sub(lse, g.reshape_2d(self._row_dots(g, probs, scaled), 1, L))
         cdf = g.cumsum(probs)
         total = g.cont(g.view_2d(cdf, 1, L, cdf.nb[1], (V - 1) * cdf.nb[0]))
@@ -379,8 +391,17 @@ class Graphs:
         thr = g.repeat(g.reshape_3d(g.mul(uniform, total), 1, 1, L), blocks)
         above = g.reshape_2d(g.step(g.sub(g.reshape_3d(cdf, b, V // b, L), thr)), V, L)
         sample = g.scale_bias(g.reshape_2d(self._row_dots(g, above, above), 1, L), -1.0, float(V))  # 0/1: a.a = sum
-        return {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
-                "sample": g.output(g.reshape_1d(sample, L), "sample")}
+        out = {"argmax": g.output(argmax, "argmax"), "entropy": g.output(g.reshape_1d(entropy, L), "entropy"),
+               "sample": g.output(g.reshape_1d(sample, L), "sample")}
+        if top_k is not None:
+            out["logprob"] = g.output(g.reshape_1d(log_p_max, L), "logprob")
+        if top_k:
+            ids = g.top_k(scaled, top_k)  # [k, L]
+            vals = g.get_rows(g.reshape_3d(scaled, 1, V, L), ids)  # [1, k, L]
+            out["top_ids"] = g.output(ids, "top_ids")
+            out["top_logprobs"] = g.output(g.reshape_2d(g.sub(vals, g.reshape_3d(lse, 1, 1, L)), top_k, L),
+                                           "top_logprobs")
+        return out
 
 
 def flash_supported(backend: Any, hp: HParams) -> bool:

@@ -27,7 +27,8 @@ class Model(Engine):
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                  on_step: Any = None, on_prefill: Any = None, image_budget: int = 280,
-                 template: Any = None, sampler: SamplerSettings | None = None) -> Generation:
+                 template: Any = None, sampler: SamplerSettings | None = None,
+                 temperature: float | None = None, logprobs: bool | int | None = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
@@ -35,33 +36,43 @@ class Model(Engine):
         uint8 array} (needs mmproj=; image_budget: soft tokens per image, 70..1120). chat=None applies
         the file's chat template to str/messages when the file has one. Sampler settings left as None take the
         file's diffusion.eb_* values (else the reference defaults); stability/confidence=None disable the
-        adaptive stop. max_new_tokens is rounded up to whole canvases. on_step(event) is called after every
-        denoising step, on_prefill(done, total) after every chunk of n_batch tokens encoded (the prompt, then
-        each finished canvas). Returns a Generation (.text, .tokens, .canvases, .timings, .seed); see stream
-        for the same generation as events.
+        adaptive stop. max_new_tokens: most new tokens (canvases are denoised whole, the last one is cut there).
+        on_step(event) is called after every denoising step, on_prefill(done, total) after every chunk of n_batch
+        tokens encoded (the prompt, then each finished canvas). Returns a Generation (.text, .tokens, .canvases,
+        .timings, .seed, .finish_reason: "eos", "length" (max_new_tokens), "context" (n_ctx full first) or, with a
+        template, "stop"); see stream for the same generation as events.
 
         template: fixed text with holes to fill (docs/templates.md): text with {{hole N ...}} tags or a list of
         str and dg.Hole parts. It is laid over as many canvases as it needs (max_new_tokens is then ignored, as
         are EOS tokens); .text is the filled template, .holes each hole's text. The prompt may be "" or None.
 
         sampler: a dg.SamplerSettings to start from instead of m.sampler_defaults; the six sampler keywords,
-        where given, override it."""
+        where given, override it. temperature: scales the temperature schedule (t_min and t_max; None or 1 keep
+        it); 0 is greedy: accepted positions take their argmax token, and with no seed the noise is drawn from
+        seed 0, so the text is the same every run.
+
+        logprobs: True, or k (0..20) for the k most likely alternatives too: .logprobs holds a dg.TokenLogprob
+        (.token, .logprob, .top) per token, its log-probability under softmax(logits / T) of the step that
+        committed it (its canvas's last, whose argmax it is); gathered on the device, off unless asked. Not with
+        a template."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
-                         template=template, sampler=sampler)
+                         template=template, sampler=sampler, temperature=temperature, logprobs=logprobs)
 
     def stream(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                on_prefill: Any = None, image_budget: int = 280, template: Any = None,
-               sampler: SamplerSettings | None = None) -> Stream:
+               sampler: SamplerSettings | None = None, temperature: float | None = None,
+               logprobs: bool | int | None = None) -> Stream:
         """Generation as a stream of events (arguments as for generate, which consumes this stream).
 
         Iterate it: a dg.StepEvent after every denoising step (.canvas_index, .step, .steps, .temperature,
         .accepted, .mean_entropy, .argmax, .text, .fixed), then a dg.CanvasEvent when the canvas commits
-        (.tokens, .text_delta, .steps, .stopped_early, .eos, .timings so far); the text deltas concatenate to
+        (.tokens, .text_delta, .steps, .stopped_early, .eos, .timings so far, .finish_reason on the last one,
+        .logprobs when asked for); the text deltas concatenate to
         the final text (with a template it comes whole with the last canvas). When the iteration ends,
         `.generation` holds the Generation, the same tokens as generate() for the same seed. Bad arguments
         raise here, before any work. Breaking out of the loop (or .close(), or `with m.stream(...) as s`)
@@ -72,7 +83,7 @@ class Model(Engine):
         return _stream(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                        t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                        chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template,
-                       sampler=sampler)
+                       sampler=sampler, temperature=temperature, logprobs=logprobs)
 
     def generate_batch(self, prompts: list[Any], *, max_batch: int | None = None, **settings: Any
                        ) -> list[Generation]:
@@ -80,10 +91,12 @@ class Model(Engine):
         over every running request's canvas (the projections, experts and LM head see all their rows at once).
 
         settings: the keywords of generate but on_step (max_new_tokens, steps, seed, t_min, t_max,
-        entropy_bound, stability, confidence, chat, image_budget, template), each one value for all or a list
-        with one per prompt; on_prefill(done, total) is shared. max_batch: most requests denoised together
-        (None: all); the rest wait and join between steps as others finish. Each request is answered as it
-        would be alone: the same tokens as generate() with its seed. Returns the Generations in prompt order."""
+        entropy_bound, stability, confidence, chat, image_budget, template, sampler, temperature, logprobs), each
+        one value
+        for all or a list with one per prompt; on_prefill(done, total) is shared. max_batch: most requests
+        denoised together (None: all); the rest wait and join between steps as others finish. Each request is
+        answered as it would be alone: the same tokens as generate() with its seed. Returns the Generations in
+        prompt order."""
         self._check_open()
         return _generate_batch(self, prompts, max_batch=max_batch, **settings)
 

@@ -145,6 +145,42 @@ def _from_metadata(md: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return vals, problems
 
 
+GREEDY_SEED = 0  # the noise draws of a greedy generation (temperature 0) given no seed: the same text every run
+# A positive temperature's range: the step's 1/T must stay a finite float32 and T itself finite.
+TEMPERATURES = (1e-3, 100.0)
+
+
+def temperature_problem(temperature: Any) -> str | None:
+    """Why `temperature` cannot scale the schedule (None if it can): 0 (greedy), a number in TEMPERATURES or
+    None."""
+    lo, hi = TEMPERATURES
+    if temperature is None or (not isinstance(temperature, bool) and isinstance(temperature, int | float)
+                               and (temperature == 0 or lo <= temperature <= hi)):
+        return None
+    return f"temperature must be 0 (greedy) or a number in {lo:g}..{hi:g}, got {temperature!r}"
+
+
+def scaled(settings: SamplerSettings, temperature: float | None) -> SamplerSettings:
+    """The settings under a user's `temperature` (OpenAI's and llama.cpp's knob): None or 1 keeps the schedule,
+    t > 0 multiplies t_min and t_max by t, 0 keeps the schedule (the entropies that rank positions for
+    acceptance need one) and makes the generation greedy (see pick)."""
+    if why := temperature_problem(temperature):
+        raise Error(why)
+    if not temperature or temperature == 1:
+        return settings
+    return settings.replace(t_min=settings.t_min * temperature, t_max=settings.t_max * temperature)
+
+
+def is_greedy(temperature: float | None) -> bool:
+    """Temperature 0: accepted positions take their argmax token instead of a sample."""
+    return temperature is not None and temperature == 0
+
+
+def pick(sampled: np.ndarray, argmax: np.ndarray, greedy: bool) -> np.ndarray:
+    """The tokens accepted positions take: the multinomial samples, or the argmax when greedy."""
+    return argmax if greedy else sampled
+
+
 def temperature(n: int, steps: int, t_min: float, t_max: float) -> float:
     """Temperature of the step with n steps remaining (n = steps .. 1): t_max first, never reaching t_min."""
     return temperature_at(n / steps, t_min, t_max)

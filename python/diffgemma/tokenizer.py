@@ -115,7 +115,8 @@ class Tokenizer:
         return self.token_bytes(token).decode("utf-8", "replace")
 
     def token_bytes(self, token: int) -> bytes:
-        """One token's piece as bytes (a byte-fallback token is part of a UTF-8 character; control tokens as text)."""
+        """One token's piece as bytes (a byte-fallback token: its one byte, part of a UTF-8 character; control
+        tokens as text): /tokenize's pieces and logprobs' `bytes`."""
         buf = _ffi.new("char[]", 256)
         n = _lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
         return bytes(_ffi.buffer(buf, max(n, 0)))

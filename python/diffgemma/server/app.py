@@ -8,6 +8,7 @@ committed canvas. No `from __future__ import annotations`: FastAPI reads the han
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.resources
 import json
@@ -47,6 +48,7 @@ from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatRequest,
     CompletionRequest,
     FramesDone,
@@ -58,6 +60,7 @@ from .protocol import (
     QueueState,
     TextChoice,
     TextCompletion,
+    TextLogprobs,
 )
 
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
@@ -298,6 +301,9 @@ class _Api:
         self.model, self.hp, self.engine = model, model.hparams, engine
         self.name, self.queue_size, self.reasoning_format = name, queue_size, reasoning_format
         self.created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
+        # logprobs' token texts: a token's bytes, and its text in the answer (a control token shows none)
+        self.piece = functools.lru_cache(maxsize=1 << 16)(model.tokenizer.token_bytes)
+        self.shown = functools.lru_cache(maxsize=1 << 16)(lambda t: model.detokenize([t]))
 
     # -- the two generating endpoints --
 
@@ -395,27 +401,39 @@ class _Api:
                 self.engine.cancel(job)
         return JSONResponse(self.answer(kind, rid, t, [dones[i] for i in range(n)]).model_dump(mode="json"))
 
+    def logprobs(self, kind: str, entries: list | None, start: int = 0) -> ChatLogprobs | TextLogprobs | None:
+        """TokenLogprobs in the endpoint's shape (None stays None); `start`: the completion's characters before."""
+        if entries is None:
+            return None
+        if kind == "chat":
+            return ChatLogprobs.of(entries, self.piece)
+        return TextLogprobs.of(entries, self.piece, self.shown, start)
+
     def answer(self, kind: str, rid: str, t: int, dones: list[dict]) -> ChatCompletion | TextCompletion:
         """A non-streamed answer, from the engine's `done` payload of each choice."""
         usage, diffusion = _usage(dones), _diffusion(dones)
         if kind == "chat":
             return ChatCompletion(id=rid, created=t, model=self.name, usage=usage, diffusion=diffusion,
-                                  choices=[ChatChoice(index=i, message=d["message"], finish_reason=d["finish_reason"])
+                                  choices=[ChatChoice(index=i, message=d["message"], finish_reason=d["finish_reason"],
+                                                      logprobs=self.logprobs(kind, d["logprobs"]))
                                            for i, d in enumerate(dones)])
         return TextCompletion(id=rid, created=t, model=self.name, usage=usage, diffusion=diffusion,
-                              choices=[TextChoice(index=i, text=d["text"], finish_reason=d["finish_reason"])
+                              choices=[TextChoice(index=i, text=d["text"], finish_reason=d["finish_reason"],
+                                                  logprobs=self.logprobs(kind, d["logprobs"]))
                                        for i, d in enumerate(dones)])
 
     def chunk(self, kind: str, rid: str, t: int, delta: Any, finish: str | None, role: bool = False,
-              index: int = 0) -> ChatCompletionChunk | TextCompletion:
+              index: int = 0, logprobs: Any = None) -> ChatCompletionChunk | TextCompletion:
         """One SSE chunk of choice `index`: a chat delta {"content" | "reasoning_content" | "tool_calls": ...}, or
-        completion text."""
+        completion text, with its tokens' logprobs (already in the endpoint's shape) if any."""
         if kind == "chat":
             d = ChatDelta(**({"role": "assistant", "content": ""} if role else {}), **(delta or {}))
             return ChatCompletionChunk(id=rid, created=t, model=self.name,
-                                       choices=[ChatChunkChoice(index=index, delta=d, finish_reason=finish)])
+                                       choices=[ChatChunkChoice(index=index, delta=d, finish_reason=finish,
+                                                                logprobs=logprobs)])
         return TextCompletion(id=rid, created=t, model=self.name,
-                              choices=[TextChoice(index=index, text=delta or "", finish_reason=finish)])
+                              choices=[TextChoice(index=index, text=delta or "", finish_reason=finish,
+                                                  logprobs=logprobs)])
 
     async def sse(self, request: Request, jobs: list[Job], kind: str, rid: str, t: int) -> AsyncIterator[str]:
         """The jobs' events as SSE: a chunk per text delta (with its choice's index), frames as comment lines, a
@@ -426,12 +444,16 @@ class _Api:
             if kind == "chat":
                 for i in range(n):
                     yield _sse(self.chunk(kind, rid, t, None, None, role=True, index=i))
+            chars = [0] * n  # of each choice's completion text sent: where its next chunk's text_offset starts
             while len(dones) < n:
                 ev, payload, i = await _next_event(request, jobs[0].events)
                 if ev == "frame":
                     yield _comment(payload.model_copy(update={"index": i}) if n > 1 else payload)
                 elif ev == "delta":
-                    yield _sse(self.chunk(kind, rid, t, payload, None, index=i))
+                    delta, entries = payload
+                    logprobs = self.logprobs(kind, entries, chars[i])
+                    chars[i] += sum(len(self.shown(e.token)) for e in entries or [])
+                    yield _sse(self.chunk(kind, rid, t, delta, None, index=i, logprobs=logprobs))
                 elif ev == "error":
                     yield _sse(payload.body())  # the openai client raises APIError on an "error" event
                     return

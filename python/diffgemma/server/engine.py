@@ -18,10 +18,10 @@ from typing import Any
 
 from .. import generation
 from ..batching import Batch, Done
-from ..chat import output_text
+from ..chat import OPENAI_FINISH, output_text
 from ..chat_format import OutputStream
 from ..errors import Error
-from ..generation import CanvasEvent, Generation, StepEvent
+from ..generation import CanvasEvent, Generation, StepEvent, TokenLogprob
 from ..model import Model
 from .defaults import MAX_BATCH
 from .errors import ApiError, shutdown_error
@@ -51,7 +51,8 @@ class Job:
         self.finished = False
 
     def put(self, kind: str, payload: Any = None) -> None:
-        """Send an event ("frame", "delta", "done" or "error") to the request's handler."""
+        """Send an event to the request's handler: "frame", "delta" ((text or chat delta, the TokenLogprobs
+        that go with it or None)), "done" or "error"."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload, self.index))
         except RuntimeError:  # the loop is closed (shutdown): nobody is listening any more
@@ -91,6 +92,23 @@ class _Text:
         self.sent += delta
         return delta
 
+    def covering(self, text: str) -> int:
+        """How many of the tokens make `text` (a start of the output): the fewest whose decoded text reaches its
+        length (a token cut by a stop sequence counts). Decoding is prefix-stable, so a bisection does."""
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.prefix + self.decode(self.tokens[:mid])) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def n_tokens(self) -> int:
+        """The completion's token count: all tokens kept (at most max_tokens), or those that make the text
+        before a stop sequence."""
+        return self.covering(self.text) if self.hit_stop else len(self.tokens)
+
 
 class Run:
     """One request's side of a generation, fed the events of its stream: `on_event(ev)` for each (False: stop
@@ -112,8 +130,11 @@ class Run:
         # A prompt with images goes in as messages (the tower's embeddings are cached from validation).
         self.prompt: Any = p.messages if p.messages is not None else job.ids
         self.stream_kw = {"max_new_tokens": p.max_tokens, "seed": p.seed, "sampler": p.sampler,
-                          "image_budget": p.image_budget, "template": p.template}
+                          "temperature": p.temperature, "logprobs": p.logprobs, "image_budget": p.image_budget,
+                          "template": p.template}
         self.committed: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # the committed tokens', when asked for
+        self.logprobs_sent = 0  # how many of them went out with the deltas
         self.canvases: list[CanvasEvent] = []
         self.cancelled = False
         self.t0 = time.perf_counter()
@@ -132,6 +153,7 @@ class Run:
             return True
         self.canvases.append(ev)
         self.committed.extend(int(t) for t in ev.tokens)
+        self.logprobs.extend(ev.logprobs or [])
         if self.per_canvas:
             self._send(self.text.update(self.committed, final=False), False)
         return not self.text.hit_stop
@@ -144,22 +166,38 @@ class Run:
                      elapsed_ms=round(1e3 * (time.perf_counter() - self.t0), 2),
                      fixed=None if ev.fixed is None else [int(f) for f in ev.fixed])
 
+    def _new_logprobs(self, final: bool) -> list[TokenLogprob] | None:
+        """The TokenLogprobs of the tokens the text sent so far is made of, not yet sent (None: not asked for)."""
+        if self.job.p.logprobs is None:
+            return None
+        n = self.text.n_tokens() if final else self.text.covering(self.text.sent)
+        new = self.logprobs[self.logprobs_sent:n]
+        self.logprobs_sent = max(self.logprobs_sent, n)
+        return new or None
+
     def _send(self, delta: str, final: bool) -> None:
         job, p = self.job, self.job.p
         if self.chat is None:
-            if delta and p.stream:
-                job.put("delta", delta)
+            logprobs = self._new_logprobs(final) if p.stream else None
+            if p.stream and (delta or logprobs):
+                job.put("delta", (delta, logprobs))
             return
         d = self.parsed.update(self.text.text if final else self.text.sent, final)
         if not p.stream:
             return
+        deltas: list[dict] = []
         if d.reasoning:
-            job.put("delta", {"reasoning_content": d.reasoning})
+            deltas.append({"reasoning_content": d.reasoning})
         if d.content:
-            job.put("delta", {"content": d.content})
+            deltas.append({"content": d.content})
         n = len(self.parsed.calls) - len(d.tool_calls)
         for k, call in enumerate(d.tool_calls):  # a call is sent whole, once its canvas closed it
-            job.put("delta", {"tool_calls": [{"index": n + k, **call.to_dict()}]})
+            deltas.append({"tool_calls": [{"index": n + k, **call.to_dict()}]})
+        logprobs = self._new_logprobs(final)
+        if logprobs and not deltas:
+            deltas.append({})
+        for i, one in enumerate(deltas):  # the tokens' logprobs ride with the first chunk
+            job.put("delta", (one, logprobs if i == 0 else None))
 
     def finish(self, g: Generation | None, *, shutting_down: bool = False) -> dict | None:
         """End the request: the `done` payload (also returned) for a generation that ran to its end (g) or
@@ -173,24 +211,28 @@ class Run:
             return None
         if g is not None and p.template is not None:  # the filled template, whatever its length
             delta = text.text = text.sent = g.holes[0] if p.infill else g.text
-            text.tokens = g.tokens
-            eos = True
+            # An infill answers with its hole: the template's fixed tokens (the suffix) are not part of it.
+            fixed = int(p.template.fixed[: p.template.n_template].sum()) if p.infill else 0
+            text.tokens = g.tokens[: len(g.tokens) - fixed]
         else:
             delta = text.update(self.committed, final=True)
-            eos = g is not None and g.canvases[-1].eos and len(g.tokens) <= p.max_tokens  # not when cut off
         # The stream's own timings: of the whole generation, or up to the canvas that reached a stop sequence.
         timings = {k: round(v, 3) for k, v in dataclasses.asdict(
             g.timings if g is not None else self.canvases[-1].timings).items()}
         canvases = [{"steps": c.steps, "stopped_early": c.stopped_early, "eos": c.eos} for c in self.canvases]
         self._send(delta, True)
-        n_out = len(text.tokens)
+        n_out = text.n_tokens()
         self.metrics.observe([c.steps for c in self.canvases], timings["step_ms"], len(job.ids), n_out,
                              timings["tokens_per_s"])
         message = None if self.chat is None else self._message()
-        finish = "tool_calls" if message and "tool_calls" in message else "stop" if eos or text.hit_stop else "length"
+        if message and "tool_calls" in message:
+            finish = "tool_calls"
+        else:  # g is None only when a stop sequence ended the text
+            finish = "stop" if text.hit_stop or g is None else OPENAI_FINISH[g.finish_reason]
         done = {
             "text": text.text,
             "message": message,
+            "logprobs": None if p.logprobs is None else self.logprobs[:n_out],
             "finish_reason": finish,
             "usage": {"prompt_tokens": len(job.ids), "completion_tokens": n_out,
                       "total_tokens": len(job.ids) + n_out},

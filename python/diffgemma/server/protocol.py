@@ -2,9 +2,11 @@
 
 FastAPI validates each request body into `ChatRequest` or `CompletionRequest`; what fails comes back as a
 RequestValidationError, which `errors.validation_error` turns into the OpenAI error body naming the field.
-Unknown fields are accepted and ignored (OpenAI's sampling knobs have no counterpart in the diffusion sampler);
-options whose meaning we cannot honour are refused (code `unsupported_parameter`). The diffusion settings are
-`dg.SamplerSettings`' fields, read from the extra fields by `sampler_settings` with the library's own rules.
+Unknown fields are accepted and ignored; options whose meaning we cannot honour are refused (code
+`unsupported_parameter`), among them the sampling knobs with no counterpart in the diffusion sampler (top_p,
+penalties, ...) unless set to their neutral value. `temperature` scales the temperature schedule (0: greedy).
+The diffusion settings are `dg.SamplerSettings`' fields, read from the extra fields by `sampler_settings` with
+the library's own rules.
 
 What a request asks the engine for, once validated, is a `Params`. No `from __future__ import annotations`:
 pydantic reads the annotations at runtime.
@@ -12,7 +14,6 @@ pydantic reads the annotations at runtime.
 
 import base64
 import dataclasses
-import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -33,9 +34,9 @@ from pydantic import (
 
 from .. import chat_format
 from ..errors import Error
-from ..generation import RANDOM_SEED
+from ..generation import MAX_TOP_LOGPROBS, RANDOM_SEED, TokenLogprob, resolve_seed
 from ..images import DEFAULT_BUDGET
-from ..sampler import SamplerSettings, setting_problem
+from ..sampler import SamplerSettings, setting_problem, temperature_problem
 from ..template import Hole, Layout
 from .defaults import REASONING_FORMATS
 from .errors import bad_request, invalid
@@ -64,6 +65,12 @@ def _stop_list(v: Any) -> Any:
         return [v]
     if v is not None and not isinstance(v, list):
         raise invalid("'stop' must be a non-empty string or a list of at most 4 non-empty strings")
+    return v
+
+
+def _temperature(v: Any) -> Any:
+    if why := temperature_problem(v):  # the library's own rule
+        raise invalid(why)
     return v
 
 
@@ -106,12 +113,27 @@ def _one_prompt(p: Any) -> Any:
 
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-_LOGPROBS = _supported_if(lambda v: v in (None, False, 0))
-_TOP_LOGPROBS = _supported_if(lambda v: v in (None, 0))
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]  # alternatives per token (logprobs)
 _FUNCTIONS = _supported_if(lambda v: not v)  # the legacy form of tools
 _RESPONSE_FORMAT = _supported_if(lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
 _ECHO = _supported_if(lambda v: not v)
 _BEST_OF = _supported_if(lambda v: v in (None, 1))
+
+
+def _neutral(*values: Any) -> Any:
+    """A sampling knob the diffusion sampler has no counterpart for: only its neutral values (or null) pass; any
+    other is a 400 naming it, never silently ignored (docs/server.md, Sampling fields)."""
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if v is not None and (isinstance(v, bool) or not any(v == n for n in values)):
+            allowed = " or ".join(repr(n) for n in values)
+            raise invalid(f"'{info.field_name}'={v!r}: the diffusion sampler has nothing that does what "
+                          f"{info.field_name} does; only {allowed} (or null) is accepted. Its own settings are "
+                          "temperature, steps, t_min, t_max and entropy_bound (docs/server.md)",
+                          type="unsupported_parameter")
+        return v
+
+    return Annotated[Any, AfterValidator(check)]
 
 
 def sampler_settings(given: dict, defaults: SamplerSettings) -> SamplerSettings:
@@ -154,6 +176,8 @@ class Params:
     max_tokens: int
     seed: int  # chosen by the server when the request names none, so every answer can report it
     sampler: SamplerSettings
+    temperature: float | None = None  # the schedule's scale (None: as is; 0: greedy)
+    logprobs: int | None = None  # each token's log-probability with this many alternatives (None: off)
     stop: list[str] = dataclasses.field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -191,30 +215,51 @@ class GenerationRequest(BaseModel):
                     Field(max_length=4)] = None
     template: Annotated[Any, AfterValidator(_template)] = None
     n: PositiveInt | None = None  # choices: n jobs, with seeds seed, seed + 1, ... (at most the server's max batch)
-    logprobs: _LOGPROBS = None
-    top_logprobs: _TOP_LOGPROBS = None
+    temperature: Annotated[Any, AfterValidator(_temperature)] = None  # the schedule's scale; 0: greedy
+    # OpenAI's, llama-server's and vLLM's other sampling knobs (the table in docs/server.md)
+    top_p: _neutral(1) = None
+    top_k: _neutral(0, -1) = None
+    min_p: _neutral(0) = None
+    typical_p: _neutral(1) = None
+    logit_bias: _neutral({}) = None
+    frequency_penalty: _neutral(0) = None
+    presence_penalty: _neutral(0) = None
+    repeat_penalty: _neutral(1) = None
+    repetition_penalty: _neutral(1) = None
+    mirostat: _neutral(0) = None
+    dynatemp_range: _neutral(0) = None
+    xtc_probability: _neutral(0) = None
+    dry_multiplier: _neutral(0) = None
 
     def _templated(self) -> bool:
         return self.template is not None
+
+    def _top_logprobs(self) -> int | None:
+        """The alternatives per token the request's logprobs ask for; None: no logprobs."""
+        return None
 
     @model_validator(mode="after")
     def _stop_without_template(self) -> "GenerationRequest":
         if self.stop and self._templated():
             raise invalid("'stop' does not apply to a template (the template decides where the text ends)",
                            param="stop")
+        if self._top_logprobs() is not None and self._templated():
+            raise invalid("'logprobs' are not available with a template or a suffix (its fixed tokens are not "
+                          "sampled)", param="logprobs", type="unsupported_parameter")
         return self
 
     def params(self, sampler_defaults: SamplerSettings) -> Params:
         """What the request asks for (the template is laid out later, against the model)."""
-        seed = self.seed
         return Params(
             max_tokens=self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS,
-            seed=secrets.randbits(63) if seed is None or seed == RANDOM_SEED else seed,
+            seed=resolve_seed(self.seed, greedy=self.temperature == 0),
             sampler=sampler_settings(self.model_extra or {}, sampler_defaults),
             stop=self.stop or [],
             stream=bool(self.stream),
             include_usage=bool(self.stream_options and self.stream_options.include_usage),
             frames=bool(self.diffusion_frames and self.stream),  # frames only travel in a stream
+            temperature=self.temperature,
+            logprobs=self._top_logprobs(),
         )
 
 
@@ -347,6 +392,13 @@ class ChatRequest(GenerationRequest):
     image_budget: PositiveInt | None = None  # soft tokens per image
     functions: _FUNCTIONS = None
     response_format: _RESPONSE_FORMAT = None
+    logprobs: StrictBool | None = None
+    top_logprobs: TopK | None = None
+
+    def _top_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def library_messages(self) -> list[dict[str, Any]]:
         """The messages as the library's chat takes them."""
@@ -371,6 +423,10 @@ class CompletionRequest(GenerationRequest):
     suffix: StrictStr | None = None  # OpenAI's insertion: the text between prompt and suffix
     echo: _ECHO = None
     best_of: _BEST_OF = None
+    logprobs: TopK | None = None  # the legacy API's: an int, the alternatives per token
+
+    def _top_logprobs(self) -> int | None:
+        return self.logprobs
 
     def _templated(self) -> bool:
         return self.template is not None or bool(self.suffix)
@@ -454,6 +510,56 @@ class FramesDone(Diffusion):
     index: int | None = None  # the choice it sums up (requests with n > 1)
 
 
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ContentLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Out):
+    """A chat choice's `logprobs` (OpenAI's shape): one entry per completion token, its top alternatives."""
+
+    nulls = frozenset({"refusal"})
+    content: list[ContentLogprob]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], piece: Callable[[int], bytes]) -> "ChatLogprobs":
+        def top(t: int, lp: float) -> dict[str, Any]:
+            b = piece(t)
+            return {"token": b.decode("utf-8", "replace"), "logprob": lp, "bytes": list(b)}
+
+        return cls(content=[{**top(e.token, e.logprob), "top_logprobs": [top(t, lp) for t, lp in e.top]}
+                            for e in entries])
+
+
+class TextLogprobs(_Out):
+    """A completion choice's `logprobs` (the legacy API's shape); text_offset: where each token starts in the
+    answer, in characters (a character split over byte tokens counts once per token)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], piece: Callable[[int], bytes], shown: Callable[[int], str],
+           start: int = 0) -> "TextLogprobs":
+        """piece: a token's bytes; shown: its text in the answer (control tokens show none); start: the
+        characters of the answer before these tokens (a stream's earlier chunks)."""
+        text = [piece(e.token).decode("utf-8", "replace") for e in entries]
+        offsets = [start + sum(len(shown(e.token)) for e in entries[:i]) for i in range(len(entries))]
+        # The chosen token is listed too, as OpenAI does (it is the most likely one here).
+        tops = [{piece(t).decode("utf-8", "replace"): lp for t, lp in [(e.token, e.logprob), *e.top]}
+                for e in entries]
+        return cls(tokens=text, token_logprobs=[e.logprob for e in entries], top_logprobs=tops,
+                   text_offset=offsets)
+
+
 class ChatMessage(_Out):
     nulls = frozenset({"content"})
     role: Literal["assistant"] = "assistant"
@@ -466,7 +572,7 @@ class ChatChoice(_Out):
     nulls = frozenset({"logprobs"})
     index: int = 0
     message: ChatMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 
@@ -491,7 +597,7 @@ class ChatChunkChoice(_Out):
     nulls = frozenset({"logprobs", "finish_reason"})
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -508,7 +614,7 @@ class TextChoice(_Out):
     nulls = frozenset({"logprobs", "finish_reason"})
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: str | None = None
 
 
