@@ -214,7 +214,7 @@ class Model:
 
     def _load_vision(self, path: str | os.PathLike) -> Any:
         """The image tower of an mmproj file, on the same devices as the text weights."""
-        from .mmproj import Tower
+        from .vision import Tower
 
         backends = [b for b in (self.gpu_backend, self.cpu_backend) if b is not None]
         tower = Tower(path, backends=backends, gpu_dev=self._gpu_dev)
