@@ -77,6 +77,13 @@ class SamplerSettings:
         keep = {f.name: FROM_FILE if f.metadata["off"] else None for f in dataclasses.fields(self)}
         return self.replace(**{k: v for k, v in given.items() if k not in keep or v is not keep[k]})
 
+    def with_temperature(self, temperature: float) -> SamplerSettings:
+        """These settings with both ends of the temperature schedule (t_max -> t_min) multiplied by
+        `temperature`: what a sampling temperature means here (1 keeps the schedule, 0.5 halves it)."""
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature > 0:
+            raise Error(f"temperature must be a number > 0, got {temperature!r}")
+        return self.replace(t_min=self.t_min * temperature, t_max=self.t_max * temperature)
+
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> SamplerSettings:
         """A file's settings: its diffusion.eb_* keys, the reference default for each absent one."""
