@@ -1,0 +1,140 @@
+"""The command line's flags that several commands share, declared once (with llama.cpp's spellings as aliases),
+and the argument types of its flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+from typing import Any
+
+from . import sampler
+
+
+class NotYet(argparse.Action):
+    """A llama.cpp flag we do not have yet: a clear error instead of argparse reading `-hf` as `-h f`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+        parser.error(f"{option}: {self.help}")
+
+
+def model_arg(s: argparse.ArgumentParser) -> None:
+    """-m FILE (and -hf, refused clearly)."""
+    s.add_argument("-m", "--model", default="tiny",
+                   help='GGUF file (default: "tiny", the embedded Shakespeare model)')
+    s.add_argument("-hf", "-hfr", "--hf-repo", action=NotYet, metavar="REPO",
+                   help="Hugging Face downloads are not supported yet: download the GGUF and give -m FILE")
+
+
+def gpu_layers_arg(s: argparse.ArgumentParser) -> None:
+    """-ngl N: layers on the GPU."""
+    s.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1,
+                   help="-1 all layers on the GPU, 0 CPU only")
+
+
+def threads_arg(s: argparse.ArgumentParser) -> None:
+    """-t N: CPU threads."""
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+
+
+def runtime_args(s: argparse.ArgumentParser) -> None:
+    """The model and how it runs: file, devices, threads, context, batch, store type, attention, vision tower."""
+    model_arg(s)
+    gpu_layers_arg(s)
+    threads_arg(s)
+    s.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=None,
+                   help="most prompt + generated tokens (default: the file's context length, as memory allows)")
+    s.add_argument("-b", "--batch-size", "--n-batch", dest="n_batch", type=int, default=512,
+                   help="prompt tokens encoded per graph (default 512)")
+    s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
+    s.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=("on", "off", "auto"), default="auto",
+                   help="flash attention: on, off or auto (default auto: wherever the backend runs it; -fa "
+                        "alone: on)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
+    s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+
+
+def image_budget_arg(s: argparse.ArgumentParser) -> None:
+    """--image-budget N: soft tokens per image."""
+    s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
+
+
+def positive_float(v: str) -> float:
+    """An argument type: a number > 0."""
+    try:
+        x = float(v)
+    except ValueError:
+        x = 0.0
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v!r}")
+    return x
+
+
+def sampler_args(s: argparse.ArgumentParser) -> None:
+    """-n, --seed, --temp and one flag per SamplerSettings field (--steps, --t-min, ...)."""
+    s.add_argument("-n", "--max-new-tokens", type=int, default=256, help="rounded up to whole canvases")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
+    s.add_argument("--temp", type=positive_float, default=None, metavar="T",
+                   help="multiply the file's temperature schedule (t_max -> t_min) by T (default 1; --t-max and "
+                        "--t-min, where given, set an end exactly)")
+    for f in dataclasses.fields(sampler.SamplerSettings):  # --steps, --t-min, ...: one flag per setting
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (default: from the file)")
+
+
+def sampler_kw(a: argparse.Namespace, defaults: sampler.SamplerSettings | None = None) -> dict:
+    """generate()'s keywords from the sampler flags; --temp scales `defaults` (the model's)."""
+    # A flag left out takes the file's value (so the command line cannot switch the adaptive stop off).
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(sampler.SamplerSettings)}
+    kw = {"max_new_tokens": a.max_new_tokens, "seed": a.seed, **{k: v for k, v in given.items() if v is not None}}
+    if a.temp is not None:
+        kw["sampler"] = (defaults or sampler.SamplerSettings()).with_temperature(a.temp)
+    return kw
+
+
+def force_arg(s: argparse.ArgumentParser, what: str) -> None:
+    """--force: replace an existing output (`what` names it in the help)."""
+    s.add_argument("--force", action="store_true", help=f"replace an existing {what}")
+
+
+def command(sub: Any, name: str, fn: Any, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand's parser: no abbreviated flags (`--temp` must never mean `--template`)."""
+    s = sub.add_parser(name, allow_abbrev=False, **kw)
+    s.set_defaults(fn=fn)
+    return s
+
+
+def tensor_type_arg(v: str) -> list[tuple[str, str]]:
+    """--tensor-type PATTERN=TYPE as llama-quantize reads it: split at the first '=', pattern lowercased."""
+    pat, sep, ty = v.partition("=")
+    if not sep or not pat or not ty:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=TYPE, got {v!r}")
+    return [(pat.lower(), ty)]
+
+
+def tensor_type_file_arg(path: str) -> list[tuple[str, str]]:
+    """--tensor-type-file: PATTERN=TYPE entries separated by spaces or newlines."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    return [x for tok in text.split() for x in tensor_type_arg(tok)]
+
+
+def override_arg(v: str) -> list[tuple[str, str]]:
+    """--override REGEX=TYPE: split at the last '=', the regex taken as written."""
+    rx, sep, ty = v.rpartition("=")
+    if not sep or not rx:
+        raise argparse.ArgumentTypeError(f"expected REGEX=TYPE, got {v!r}")
+    return [(rx, ty)]
+
+
+def prune_arg(v: str) -> list[int]:
+    """--prune-layers L0,L1,...: sorted distinct layer numbers."""
+    try:
+        ids = [int(x) for x in v.split(",")]
+    except ValueError:
+        ids = [-1]
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {v!r}")
+    return sorted(set(ids))
