@@ -28,13 +28,14 @@ def model_arg(s: argparse.ArgumentParser) -> None:
 
 def gpu_layers_arg(s: argparse.ArgumentParser) -> None:
     """-ngl N: layers on the GPU."""
-    s.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1,
+    s.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1, metavar="N",
                    help="-1 all layers on the GPU, 0 CPU only")
 
 
 def threads_arg(s: argparse.ArgumentParser) -> None:
     """-t N: CPU threads."""
-    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    s.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: all usable cores)")
 
 
 def runtime_args(s: argparse.ArgumentParser) -> None:
@@ -42,12 +43,13 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
     model_arg(s)
     gpu_layers_arg(s)
     threads_arg(s)
-    s.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=None,
+    s.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=None, metavar="N",
                    help="most prompt + generated tokens (default: the file's context length, as memory allows)")
-    s.add_argument("-b", "--batch-size", "--n-batch", dest="n_batch", type=int, default=512,
+    s.add_argument("-b", "--batch-size", "--n-batch", dest="n_batch", type=int, default=512, metavar="N",
                    help="prompt tokens encoded per graph (default 512)")
     s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=("on", "off", "auto"), default="auto",
+                   metavar="on|off|auto",
                    help="flash attention: on, off or auto (default auto: wherever the backend runs it; -fa "
                         "alone: on)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
