@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from diffgemma import binding as B
-from diffgemma import mmproj
+from diffgemma import mmproj, vision, vision_convert
 
 RELEASED = mmproj.VisionHParams(n_embd=1152, n_ff=4304, n_layer=27, n_head=16, head_dim=72, n_proj=2816,
                                 patch_size=16, n_pos=10240, pool=3, standardize=True)
@@ -45,7 +45,7 @@ def ours(path: pathlib.Path, patches: np.ndarray, threads: int, repeats: int) ->
     cpu = next(d for d in B.devices() if d["type"] == "cpu")
     backend = B.lib.ggml_backend_dev_init(cpu["handle"], B.ffi.NULL)
     B.set_n_threads(backend, threads)
-    tower = mmproj.Tower(path, backends=[backend], gpu_dev=None)
+    tower = vision.Tower(path, backends=[backend], gpu_dev=None)
     t0 = time.perf_counter()
     out = tower.encode(patches, *GRID)  # first call: builds and allocates the graph
     first = time.perf_counter() - t0
@@ -76,7 +76,7 @@ def peer(hp: mmproj.VisionHParams, weights: dict[str, np.ndarray], patches: np.n
     cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision)
     enc = DiffusionGemmaEncoderModel(cfg).eval()
     state = {}
-    for gg, (rel, part) in mmproj.hf_names(hp).items():
+    for gg, (rel, part) in vision_convert.hf_names(hp).items():
         if gg not in weights:
             continue
         w = weights[gg]

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 import diffgemma as dg
-from diffgemma import cli, layout, sampler, server, testing
+from diffgemma import cli, cli_flags, layout, sampler, server, testing
 from diffgemma.server import protocol
 
 REFERENCE = {"steps": 48, "t_min": 0.4, "t_max": 0.8, "entropy_bound": 0.1, "stability": 1, "confidence": 0.005}
@@ -145,7 +145,7 @@ class _WithNewSetting(sampler.SamplerSettings):
 def test_a_new_field_shows_up_on_the_command_line_and_in_the_server(monkeypatch):
     monkeypatch.setattr(sampler, "SamplerSettings", _WithNewSetting)
     a = cli.build_parser().parse_args(["generate", "hi", "--patience", "3", "--steps", "4"])
-    assert cli._sampler_kw(a) == {"max_new_tokens": 256, "seed": None, "steps": 4, "patience": 3}
+    assert cli_flags.sampler_kw(a) == {"max_new_tokens": 256, "seed": None, "steps": 4, "patience": 3}
     got = protocol.sampler_settings({"patience": 2}, _WithNewSetting())
     assert got.patience == 2 and got.steps == 48
     assert _WithNewSetting(patience=5).to_metadata()["diffusion.eb_patience"] == 5

@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 import diffgemma as dg
-from diffgemma import cli, sampler
+from diffgemma import cli_flags, sampler
 
 FAST = {"steps": 3, "stability": None, "max_new_tokens": 20}
 PROMPT = "The quick brown fox"
@@ -70,4 +70,4 @@ def test_bad_temperatures(model, bad):
 def test_cli_passes_a_temperature_on():
     a = argparse.Namespace(max_new_tokens=8, seed=None, temperature=0.0,
                            **{f: None for f in ("steps", "t_min", "t_max", "entropy_bound", "stability", "confidence")})
-    assert cli._sampler_kw(a)["temperature"] == 0.0
+    assert cli_flags.sampler_kw(a)["temperature"] == 0.0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import diffgemma as dg
-from diffgemma import bench, cli, gguf_file, outputs, testing
+from diffgemma import bench, cli, cli_display, gguf_file, outputs, testing
 
 TEXT = ("But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. "
         "Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.\n") * 8
@@ -241,7 +241,7 @@ def test_chat_help_progress_and_cancelled_reply(capsys, monkeypatch, random_tiny
 
 def test_progress_bar_advances_on_committed_canvases(random_tiny):
     with dg.load(random_tiny, threads=1) as m:
-        bar = cli._StepBar(3)
+        bar = cli_display.StepBar(3)
         with m.stream("hi", max_new_tokens=48, steps=2, stability=None, seed=0) as s:
             for ev in s:
                 bar.show(ev)

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 import diffgemma as dg
-from diffgemma import gguf_file, images, mmproj
+from diffgemma import gguf_file, images, mmproj, vision_convert
 
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "head_dim": 16, "patch_size": 4, "position_embedding_size": 32}
@@ -115,7 +115,7 @@ def test_mmproj_layout_and_info(tower, tmp_path):
 
 def test_mmproj_f16_close(tower, tmp_path):
     hf, m, _ = tower
-    path = mmproj.convert(hf.hf_dir, tmp_path / "mm-f16.gguf", outtype="f16")
+    path = vision_convert.convert(hf.hf_dir, tmp_path / "mm-f16.gguf", outtype="f16")
     gf = gguf_file.read(path)
     assert gf.tensors["v.blk.0.attn_q.weight"].type_name == "f16"
     assert gf.tensors["v.position_embd.weight"].type_name == "f32"  # as llama.cpp's converter stores it

@@ -19,8 +19,7 @@ from .quantizer import QuantizeReport, quantize, recipes
 from .sampler import SamplerSettings
 from .template import Hole
 from .template import parse as parse_template
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _cache: dict[tuple, Model] = {}
 _cache_lock = threading.Lock()

@@ -24,9 +24,9 @@ from . import gguf_file, kv, layout, memory, multimodal
 from .errors import Error, GGUFError
 from .graph import F16, F32, MASKED_LOGIT, Allocated, Graphs, Runner, flash_supported, set_input
 from .images import preprocess
-from .mmproj import Tower  # lead: from .vision at merge
 from .sampler import SamplerSettings
 from .tokenizer import Tokenizer
+from .vision import Tower
 from .weights import ModelWeights
 
 _lib, _ffi = B.lib, B.ffi

@@ -1,5 +1,6 @@
 """The Gemma-4 vision tower's `gemma4v` mmproj GGUF (llama.cpp's layout): keys, tensor inventory, validation,
-writing, and the loaded tower (weights on the text model's backends, one graph per image size).
+description and writing. The tower's graph and runtime are diffgemma.vision; the conversion from a Hugging Face
+checkpoint is diffgemma.vision_convert.
 
 See ../shared/spec/vision.md §4. Shapes are in ggml order (ne0 first). Facts the llama.cpp layout does not store
 (RoPE theta, the pooling kernel, the bidirectional image block in the text encoder) are the architecture's
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
 import os
 import pathlib
 from collections.abc import Mapping
@@ -22,11 +22,11 @@ from gguf import GGMLQuantizationType as QT
 
 from . import binding as B
 from . import gguf_file
-from .converter import OUTTYPES, read_checkpoint_index, to_f32
+from .checkpoint import OUTTYPES
 from .errors import Error, GGUFError
 from .gguf_file import GGUFFile, Writer
 
-_lib, _ffi = B.lib, B.ffi
+_lib = B.lib
 
 PROJECTOR = "gemma4v"
 ROPE_THETA = 100.0  # not stored by llama.cpp's layout: the tower's constant
@@ -270,223 +270,3 @@ def write(path: str | os.PathLike, hp: VisionHParams, weights: Mapping[str, np.n
 
     w.write(lambda n: gguf_file.encode(np.ascontiguousarray(weights[n], dtype=np.float32), types[n]))
     return pathlib.Path(path)
-
-
-# ---- the loaded tower ------------------------------------------------------------------------------
-
-class Tower:
-    """A gemma4v tower loaded next to a text model: its weights on the model's backends, its own scheduler,
-    one cached graph per image grid."""
-
-    def __init__(self, path: str | os.PathLike, *, backends: list[Any], gpu_dev: Any):
-        from .vision import build_encoder  # the graph module
-
-        self._build = build_encoder
-        self.path = pathlib.Path(path)
-        self._file = gguf_file.read(self.path)
-        self.hparams = validate(self._file)
-        self.metadata = self._file.metadata
-        self._bufs: list[Any] = []
-        with open(self.path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        self._base = _ffi.from_buffer(self._mmap)
-        infos = list(self._file.tensors.values())
-        self._ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(infos) + 8))
-        self.weights, buf = B.map_weights(self._ctx, infos, self._base, len(self._mmap), gpu_dev,
-                                          oom="not enough GPU memory for the vision tower")
-        self._bufs.append(buf)
-        # Clamp bounds and layer scalars are graph constants read on the host (infinite bounds: no clamp).
-        self.scalars = {i.name: float(self._host(i.name)[0]) for i in infos
-                        if i.name.endswith(BOUNDS) or i.name.endswith(".out_scale.weight")}
-        self._backends = _ffi.new("ggml_backend_t[]", backends)
-        self.sched = _lib.ggml_backend_sched_new(self._backends, _ffi.NULL, len(backends), 8192, False, True)
-        self._graph: tuple[tuple[int, int], Any, dict[str, Any]] | None = None
-        self.flash = True
-        self._closed = False
-
-    def _host(self, name: str) -> np.ndarray:
-        info = self._file.tensors[name]
-        return np.frombuffer(self._mmap, dtype=np.float32, count=info.nbytes // 4, offset=info.offset)
-
-    def encode(self, patches: np.ndarray, cols: int, rows: int) -> np.ndarray:
-        """Projected embeddings [n_tokens, n_proj] of one image's patches [rows*cols, 3 p^2] (HF layout: raster
-        pixels with interleaved RGB inside each patch, values in [0, 1], patches in row-major order)."""
-        hp = self.hparams
-        p = hp.patch_size
-        if cols % hp.pool or rows % hp.pool:
-            raise Error(f"the patch grid {cols}x{rows} is not a multiple of the pooling kernel {hp.pool}")
-        if cols > hp.n_pos or rows > hp.n_pos:
-            raise Error(f"the patch grid {cols}x{rows} exceeds the position tables ({hp.n_pos})")
-        if patches.shape != (rows * cols, 3 * p * p):
-            raise Error(f"patches must have shape {(rows * cols, 3 * p * p)}, got {patches.shape}")
-        key = (cols, rows)
-        if self._graph is None or self._graph[0] != key:
-            if self._graph is not None:
-                self._graph[1].free()
-                self._graph = None
-            from .graph import Ctx
-
-            _lib.ggml_backend_sched_reset(self.sched)
-            g = Ctx(8192)
-            io = self._build(g, self.weights, hp, self.scalars, cols, rows, self.flash)
-            if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
-                g.free()
-                raise Error("ggml could not allocate the vision graph (out of memory?)")
-            self._graph = (key, g, io)
-        _, g, io = self._graph
-        # The kernel's flattening is channel-major (C, H, W inside a patch): the llama.cpp conv layout.
-        chw = np.ascontiguousarray(patches.reshape(-1, p, p, 3).transpose(0, 3, 1, 2), dtype=np.float32)
-        n = rows * cols
-        _set(io["pixels"], chw)
-        _set(io["pos_x"], np.tile(np.arange(cols, dtype=np.int32), rows))
-        _set(io["pos_y"], np.repeat(np.arange(rows, dtype=np.int32), cols))
-        if _lib.ggml_backend_sched_graph_compute(self.sched, g.graph) != 0:
-            raise Error("ggml vision graph computation failed")
-        out = np.empty((n // hp.pool ** 2, hp.n_proj), dtype=np.float32)
-        _lib.ggml_backend_tensor_get(io["out"], _ffi.from_buffer(out), 0, out.nbytes)
-        return out
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._graph is not None:
-            self._graph[1].free()
-        _lib.ggml_backend_sched_free(self.sched)
-        for buf in self._bufs:
-            _lib.ggml_backend_buffer_free(buf)
-        _lib.ggml_free(self._ctx)
-        del self._base
-        self._mmap.close()
-
-
-def _set(t: Any, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr)
-    _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(arr), 0, arr.nbytes)
-
-
-# ---- conversion from a Hugging Face checkpoint -------------------------------------------------------
-
-# HF per-layer suffix (under <tower>.encoder.layers.N.) -> gemma4v suffix (under v.blk.N.)
-_HF_LAYER = {
-    "input_layernorm.weight": "ln1.weight",
-    "self_attn.q_proj.linear": "attn_q",
-    "self_attn.k_proj.linear": "attn_k",
-    "self_attn.v_proj.linear": "attn_v",
-    "self_attn.o_proj.linear": "attn_out",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "attn_post_norm.weight",  # the sandwich norm, not ln2
-    "pre_feedforward_layernorm.weight": "ln2.weight",
-    "mlp.gate_proj.linear": "ffn_gate",
-    "mlp.up_proj.linear": "ffn_up",
-    "mlp.down_proj.linear": "ffn_down",
-    "post_feedforward_layernorm.weight": "ffn_post_norm.weight",
-}
-# Where the tower sits: DiffusionGemma nests it under the encoder, Gemma-4 at the top.
-_TOWER_PREFIXES = ("model.encoder.vision_tower.", "model.vision_tower.")
-_EMBED_PREFIXES = ("model.encoder.embed_vision.", "model.embed_vision.")
-
-
-def hparams_from_hf(config: Mapping[str, Any]) -> VisionHParams:
-    """The tower's hyper-parameters from a DiffusionGemma (or Gemma-4) config.json."""
-    vc, tc = config.get("vision_config"), config.get("text_config", config)
-    if not isinstance(vc, dict):
-        raise Error("config.json has no vision_config: this checkpoint has no vision tower")
-
-    def num(d: Mapping[str, Any], key: str, default: Any) -> Any:
-        v = d.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise Error(f"config.json: {key} must be a number, got {v!r}")
-        return v
-
-    rope = vc.get("rope_parameters") or {}
-    if isinstance(rope, dict) and float(rope.get("rope_theta", ROPE_THETA)) != ROPE_THETA:
-        raise Error(f"vision rope_theta {rope.get('rope_theta')} is not supported (the gemma4v layout fixes 100)")
-    if num(vc, "num_key_value_heads", num(vc, "num_attention_heads", 12)) != num(vc, "num_attention_heads", 12):
-        raise Error("vision towers with grouped K/V heads are not supported by the gemma4v layout")
-    return VisionHParams(
-        n_embd=int(num(vc, "hidden_size", 768)), n_ff=int(num(vc, "intermediate_size", 3072)),
-        n_layer=int(num(vc, "num_hidden_layers", 16)), n_head=int(num(vc, "num_attention_heads", 12)),
-        head_dim=int(num(vc, "head_dim", 64)), n_proj=int(num(tc, "hidden_size", 2304)),
-        patch_size=int(num(vc, "patch_size", 16)), n_pos=int(num(vc, "position_embedding_size", 10240)),
-        pool=int(num(vc, "pooling_kernel_size", 3)), eps=float(num(vc, "rms_norm_eps", 1e-6)),
-        clipped=bool(vc.get("use_clipped_linears", False)), standardize=bool(vc.get("standardize", False)),
-        bidirectional=tc.get("use_bidirectional_attention") == "vision",
-        boi_id=int(num(config, "boi_token_id", BOI_ID)), image_id=int(num(config, "image_token_id", IMAGE_ID)),
-        eoi_id=int(num(config, "eoi_token_id", EOI_ID)))
-
-
-def hf_names(hp: VisionHParams) -> dict[str, tuple[str, str]]:
-    """GGUF name -> (HF name relative to the tower or embedder, 'tower' | 'embed')."""
-    out = {"mm.input_projection.weight": ("embedding_projection.weight", "embed"),
-           "v.patch_embd.weight": ("patch_embedder.input_proj.weight", "tower"),
-           "v.position_embd.weight": ("patch_embedder.position_embedding_table", "tower"),
-           "v.std_bias": ("std_bias", "tower"), "v.std_scale": ("std_scale", "tower")}
-    for il in range(hp.n_layer):
-        for hf, gg in _HF_LAYER.items():
-            src = f"encoder.layers.{il}.{hf}"
-            if hf.endswith(".linear"):
-                out[f"v.blk.{il}.{gg}.weight"] = (src + ".weight", "tower")
-                for bound in BOUNDS:
-                    out[f"v.blk.{il}.{gg}.{bound}"] = (src[: -len(".linear")] + "." + bound, "tower")
-            else:
-                out[f"v.blk.{il}.{gg}"] = (src, "tower")
-    return out
-
-
-_FLOAT_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-
-
-class _HFWeights(Mapping[str, np.ndarray]):
-    """The gemma4v tensors of a checkpoint in numpy order, read (and transformed) one at a time."""
-
-    def __init__(self, hp: VisionHParams, sources: Mapping[str, Any]):
-        self.hp, self.sources = hp, sources
-        prefixes = {"tower": _TOWER_PREFIXES, "embed": _EMBED_PREFIXES}
-        self.names: dict[str, Any] = {}
-        missing = []
-        for spec in tensor_specs(hp):
-            rel, part = hf_names(hp)[spec.name]
-            src = next((sources[p + rel] for p in prefixes[part] if p + rel in sources), None)
-            if src is None:
-                missing.append(f"{prefixes[part][0]}{rel}")
-            elif math.prod(src.shape) != math.prod(spec.shape):
-                missing.append(f"{src.name}: shape {list(src.shape)} does not fit {spec.name} {list(spec.shape)}")
-            else:
-                self.names[spec.name] = src
-        if missing:
-            raise Error("the checkpoint's vision tower does not match its config:\n  " + "\n  ".join(missing))
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        src = self.names[name]
-        if src.dtype not in _FLOAT_DTYPES:
-            raise Error(f"{src.name}: dtype {src.dtype} is not a float type")
-        raw = np.memmap(src.path, dtype=np.uint8, mode="r", offset=src.offset, shape=(src.nbytes,))
-        a = raw.view(_FLOAT_DTYPES[src.dtype])
-        a = to_f32(a, src.dtype)
-        if name == "v.patch_embd.weight":  # (D, p*p*3) raster/RGB -> (D, 3, p, p): the conv kernel's OIHW
-            p = self.hp.patch_size
-            return a.reshape(-1, p, p, 3).transpose(0, 3, 1, 2)
-        return a.reshape(-1) if src.shape == () else a.reshape(src.shape)
-
-    def __iter__(self) -> Any:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, outtype: str = "f16") -> pathlib.Path:
-    """Write the vision tower of a Hugging Face DiffusionGemma (or Gemma-4) checkpoint as a gemma4v mmproj."""
-    import json
-
-    d = pathlib.Path(hf_dir)
-    try:
-        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise Error(f"cannot read {d / 'config.json'}: {e}") from e
-    hp = hparams_from_hf(config)
-    weights = _HFWeights(hp, read_checkpoint_index(d))
-    outtype = "f16" if outtype == "bf16" else outtype  # as llama.cpp's converter: its conv path wants f16/f32
-    return write(out, hp, weights, wtype=outtype, name=d.resolve().name + "-mmproj")

@@ -77,6 +77,7 @@ class SamplerSettings:
         keep = {f.name: FROM_FILE if f.metadata["off"] else None for f in dataclasses.fields(self)}
         return self.replace(**{k: v for k, v in given.items() if k not in keep or v is not keep[k]})
 
+
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> SamplerSettings:
         """A file's settings: its diffusion.eb_* keys, the reference default for each absent one."""

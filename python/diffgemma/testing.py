@@ -21,8 +21,10 @@ from gguf import TokenType
 
 from . import chat_format as cf
 from . import gguf_file, layout
-from .converter import OUTTYPES, TokenizerData, stored_type
+from .checkpoint import OUTTYPES
+from .converter import stored_type
 from .gguf_file import Writer
+from .hf_tokenizer import TokenizerData
 from .sampler import SamplerSettings
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", cf.TURN, cf.TURN_END, cf.CHANNEL, cf.CHANNEL_END,

@@ -1,4 +1,5 @@
-"""The Gemma-4 vision tower's forward graph, built on ggml (../shared/spec/vision.md §1).
+"""The Gemma-4 vision tower on ggml: its forward graph (../shared/spec/vision.md §1) and `Tower`, a tower loaded
+from an mmproj file (diffgemma.mmproj) next to a text model.
 
 patches -> 2x-1 -> patch projection + x/y position tables -> L sandwich-normed ViT layers (per-head q/k/v
 norms, 2-D RoPE with x on the first half of each head and y on the second, scale 1, gated tanh-GELU MLP,
@@ -10,14 +11,21 @@ Shapes are in ggml order: activations are [features, tokens].
 from __future__ import annotations
 
 import math
+import mmap
+import os
+import pathlib
 from typing import Any
 
-from . import binding as B
-from .binding import F32, I32
-from .graph import Ctx, attention, gelu_tanh, rms
-from .mmproj import ROPE_THETA, VisionHParams
+import numpy as np
 
-_ffi = B.ffi
+from . import binding as B
+from . import gguf_file
+from .binding import F32, I32
+from .errors import Error
+from .graph import Ctx, attention, gelu_tanh, rms
+from .mmproj import BOUNDS, ROPE_THETA, VisionHParams, validate
+
+_lib, _ffi = B.lib, B.ffi
 POOL_AVG = 1  # enum ggml_op_pool
 
 
@@ -100,3 +108,91 @@ def build_encoder(g: Ctx, w: dict[str, Any], hp: VisionHParams, scalars: dict[st
     y = g.mul_mat(w["mm.input_projection.weight"], g.rms_norm(y, hp.eps))
     g.output(y, "image_embd")
     return {"pixels": pixels, "pos_x": pos_x, "pos_y": pos_y, "out": y}
+
+
+# ---- the loaded tower ------------------------------------------------------------------------------
+
+class Tower:
+    """A gemma4v tower loaded next to a text model: its weights on the model's backends, its own scheduler,
+    one cached graph per image grid."""
+
+    def __init__(self, path: str | os.PathLike, *, backends: list[Any], gpu_dev: Any):
+        self.path = pathlib.Path(path)
+        self._file = gguf_file.read(self.path)
+        self.hparams = validate(self._file)
+        self.metadata = self._file.metadata
+        self._bufs: list[Any] = []
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._base = _ffi.from_buffer(self._mmap)
+        infos = list(self._file.tensors.values())
+        self._ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (len(infos) + 8))
+        self.weights, buf = B.map_weights(self._ctx, infos, self._base, len(self._mmap), gpu_dev,
+                                          oom="not enough GPU memory for the vision tower")
+        self._bufs.append(buf)
+        # Clamp bounds and layer scalars are graph constants read on the host (infinite bounds: no clamp).
+        self.scalars = {i.name: float(self._host(i.name)[0]) for i in infos
+                        if i.name.endswith(BOUNDS) or i.name.endswith(".out_scale.weight")}
+        self._backends = _ffi.new("ggml_backend_t[]", backends)
+        self.sched = _lib.ggml_backend_sched_new(self._backends, _ffi.NULL, len(backends), 8192, False, True)
+        self._graph: tuple[tuple[int, int], Any, dict[str, Any]] | None = None
+        self.flash = True
+        self._closed = False
+
+    def _host(self, name: str) -> np.ndarray:
+        info = self._file.tensors[name]
+        return np.frombuffer(self._mmap, dtype=np.float32, count=info.nbytes // 4, offset=info.offset)
+
+    def encode(self, patches: np.ndarray, cols: int, rows: int) -> np.ndarray:
+        """Projected embeddings [n_tokens, n_proj] of one image's patches [rows*cols, 3 p^2] (HF layout: raster
+        pixels with interleaved RGB inside each patch, values in [0, 1], patches in row-major order)."""
+        hp = self.hparams
+        p = hp.patch_size
+        if cols % hp.pool or rows % hp.pool:
+            raise Error(f"the patch grid {cols}x{rows} is not a multiple of the pooling kernel {hp.pool}")
+        if cols > hp.n_pos or rows > hp.n_pos:
+            raise Error(f"the patch grid {cols}x{rows} exceeds the position tables ({hp.n_pos})")
+        if patches.shape != (rows * cols, 3 * p * p):
+            raise Error(f"patches must have shape {(rows * cols, 3 * p * p)}, got {patches.shape}")
+        key = (cols, rows)
+        if self._graph is None or self._graph[0] != key:
+            if self._graph is not None:
+                self._graph[1].free()
+                self._graph = None
+            _lib.ggml_backend_sched_reset(self.sched)
+            g = Ctx(8192)
+            io = build_encoder(g, self.weights, hp, self.scalars, cols, rows, self.flash)
+            if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
+                g.free()
+                raise Error("ggml could not allocate the vision graph (out of memory?)")
+            self._graph = (key, g, io)
+        _, g, io = self._graph
+        # The kernel's flattening is channel-major (C, H, W inside a patch): the llama.cpp conv layout.
+        chw = np.ascontiguousarray(patches.reshape(-1, p, p, 3).transpose(0, 3, 1, 2), dtype=np.float32)
+        n = rows * cols
+        _set(io["pixels"], chw)
+        _set(io["pos_x"], np.tile(np.arange(cols, dtype=np.int32), rows))
+        _set(io["pos_y"], np.repeat(np.arange(rows, dtype=np.int32), cols))
+        if _lib.ggml_backend_sched_graph_compute(self.sched, g.graph) != 0:
+            raise Error("ggml vision graph computation failed")
+        out = np.empty((n // hp.pool ** 2, hp.n_proj), dtype=np.float32)
+        _lib.ggml_backend_tensor_get(io["out"], _ffi.from_buffer(out), 0, out.nbytes)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._graph is not None:
+            self._graph[1].free()
+        _lib.ggml_backend_sched_free(self.sched)
+        for buf in self._bufs:
+            _lib.ggml_backend_buffer_free(buf)
+        _lib.ggml_free(self._ctx)
+        del self._base
+        self._mmap.close()
+
+
+def _set(t: Any, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(arr), 0, arr.nbytes)

@@ -1,0 +1,142 @@
+"""The command line's flags that several commands share, declared once (with llama.cpp's spellings as aliases),
+and the argument types of its flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+from typing import Any
+
+from . import hub, sampler
+from .errors import Error
+
+
+def model_arg(s: argparse.ArgumentParser) -> None:
+    """-m FILE, or -hf OWNER/NAME[:QUANT] (a Hugging Face repository)."""
+    s.add_argument("-m", "--model", default="tiny",
+                   help='GGUF file (default: "tiny", the embedded Shakespeare model)')
+    hf_arg(s)
+
+
+def hf_arg(s: argparse.ArgumentParser) -> None:
+    """-hf OWNER/NAME[:QUANT]: the model from a Hugging Face repository (see hf_model)."""
+    s.add_argument("-hf", "-hfr", "--hf-repo", default=None, metavar="OWNER/NAME[:QUANT]",
+                   help="a Hugging Face GGUF repository instead of a file, downloaded into its cache (QUANT as "
+                   "llama.cpp's -hf: default Q4_K_M, else Q8_0, else the first; its mmproj comes too)")
+
+
+def hf_model(a: argparse.Namespace) -> None:
+    """-hf OWNER/NAME[:QUANT] stands for the model argument hf://OWNER/NAME[:QUANT]."""
+    if getattr(a, "hf_repo", None) is None:
+        return
+    target = "file" if a.cmd == "info" else "model"
+    if getattr(a, target) not in (None, "tiny"):
+        raise Error(f"give the model once: {'FILE' if target == 'file' else '-m'} or -hf, not both")
+    setattr(a, target, a.hf_repo if hub.is_hf(a.hf_repo) else hub.SCHEME + a.hf_repo)
+
+
+def gpu_layers_arg(s: argparse.ArgumentParser) -> None:
+    """-ngl N: layers on the GPU."""
+    s.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=-1, metavar="N",
+                   help="-1 all layers on the GPU, 0 CPU only")
+
+
+def threads_arg(s: argparse.ArgumentParser) -> None:
+    """-t N: CPU threads."""
+    s.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: all usable cores)")
+
+
+def runtime_args(s: argparse.ArgumentParser) -> None:
+    """The model and how it runs: file, devices, threads, context, batch, store type, attention, vision tower."""
+    model_arg(s)
+    gpu_layers_arg(s)
+    threads_arg(s)
+    s.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=None, metavar="N",
+                   help="most prompt + generated tokens (default: the file's context length, as memory allows)")
+    s.add_argument("-b", "--batch-size", "--n-batch", dest="n_batch", type=int, default=512, metavar="N",
+                   help="prompt tokens encoded per graph (default 512)")
+    s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
+    s.add_argument("-fa", "--flash-attn", nargs="?", const="on", choices=("on", "off", "auto"), default="auto",
+                   metavar="on|off|auto",
+                   help="flash attention: on, off or auto (default auto: wherever the backend runs it; -fa "
+                        "alone: on)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
+    s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+    s.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
+                   help="do not fetch the -hf repository's mmproj")
+
+
+def image_budget_arg(s: argparse.ArgumentParser) -> None:
+    """--image-budget N: soft tokens per image."""
+    s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
+
+
+def sampler_args(s: argparse.ArgumentParser) -> None:
+    """-n, --seed, --temp and one flag per SamplerSettings field (--steps, --t-min, ...)."""
+    s.add_argument("-n", "--max-new-tokens", type=int, default=256,
+                   help="most new tokens (canvases are denoised whole; the text is cut here)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
+    s.add_argument("--temp", dest="temperature", type=float, default=None, metavar="T",
+                   help="multiply the file's temperature schedule (t_max -> t_min) by T (default 1; 0: greedy, "
+                        "argmax acceptance; --t-max and --t-min, where given, are scaled too)")
+    for f in dataclasses.fields(sampler.SamplerSettings):  # --steps, --t-min, ...: one flag per setting
+        s.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                       help=f"{f.metadata['help']} (default: from the file)")
+
+
+def sampler_kw(a: argparse.Namespace) -> dict:
+    """generate()'s keywords from the sampler flags (--temp is generate's `temperature`)."""
+    # A flag left out takes the file's value (so the command line cannot switch the adaptive stop off).
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(sampler.SamplerSettings)}
+    given["temperature"] = getattr(a, "temperature", None)
+    return {"max_new_tokens": a.max_new_tokens, "seed": a.seed, **{k: v for k, v in given.items() if v is not None}}
+
+
+def force_arg(s: argparse.ArgumentParser, what: str) -> None:
+    """--force: replace an existing output (`what` names it in the help)."""
+    s.add_argument("--force", action="store_true", help=f"replace an existing {what}")
+
+
+def command(sub: Any, name: str, fn: Any, **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand's parser: no abbreviated flags (`--temp` must never mean `--template`)."""
+    s = sub.add_parser(name, allow_abbrev=False, **kw)
+    s.set_defaults(fn=fn)
+    return s
+
+
+def tensor_type_arg(v: str) -> list[tuple[str, str]]:
+    """--tensor-type PATTERN=TYPE as llama-quantize reads it: split at the first '=', pattern lowercased."""
+    pat, sep, ty = v.partition("=")
+    if not sep or not pat or not ty:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=TYPE, got {v!r}")
+    return [(pat.lower(), ty)]
+
+
+def tensor_type_file_arg(path: str) -> list[tuple[str, str]]:
+    """--tensor-type-file: PATTERN=TYPE entries separated by spaces or newlines."""
+    try:
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+    return [x for tok in text.split() for x in tensor_type_arg(tok)]
+
+
+def override_arg(v: str) -> list[tuple[str, str]]:
+    """--override REGEX=TYPE: split at the last '=', the regex taken as written."""
+    rx, sep, ty = v.rpartition("=")
+    if not sep or not rx:
+        raise argparse.ArgumentTypeError(f"expected REGEX=TYPE, got {v!r}")
+    return [(rx, ty)]
+
+
+def prune_arg(v: str) -> list[int]:
+    """--prune-layers L0,L1,...: sorted distinct layer numbers."""
+    try:
+        ids = [int(x) for x in v.split(",")]
+    except ValueError:
+        ids = [-1]
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {v!r}")
+    return sorted(set(ids))
