@@ -656,7 +656,8 @@ class Model:
                  t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                  on_step: Any = None, on_prefill: Any = None, image_budget: int = 280,
-                 template: Any = None, sampler: SamplerSettings | None = None) -> Generation:
+                 template: Any = None, sampler: SamplerSettings | None = None, json_schema: Any = None
+                 ) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
@@ -674,18 +675,21 @@ class Model:
         are EOS tokens); .text is the filled template, .holes each hole's text. The prompt may be "" or None.
 
         sampler: a dg.SamplerSettings to start from instead of m.sampler_defaults; the six sampler keywords,
-        where given, override it."""
+        where given, override it.
+
+        json_schema: a JSON Schema (dict, JSON text or pydantic model class) the answer follows
+        (docs/structured.md): laid out like a template; .text always parses and validates, .json is the value."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
-                         template=template, sampler=sampler)
+                         template=template, sampler=sampler, json_schema=json_schema)
 
     def stream(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                on_prefill: Any = None, image_budget: int = 280, template: Any = None,
-               sampler: SamplerSettings | None = None) -> Stream:
+               sampler: SamplerSettings | None = None, json_schema: Any = None) -> Stream:
         """Generation as a stream of events (arguments as for generate, which consumes this stream).
 
         Iterate it: a dg.StepEvent after every denoising step (.canvas_index, .step, .steps, .temperature,
@@ -701,7 +705,7 @@ class Model:
         return _stream(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                        t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                        chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template,
-                       sampler=sampler)
+                       sampler=sampler, json_schema=json_schema)
 
     def generate_batch(self, prompts: list[Any], *, max_batch: int | None = None, **settings: Any
                        ) -> list[Generation]:
@@ -709,7 +713,8 @@ class Model:
         over every running request's canvas (the projections, experts and LM head see all their rows at once).
 
         settings: the keywords of generate but on_step (max_new_tokens, steps, seed, t_min, t_max,
-        entropy_bound, stability, confidence, chat, image_budget, template), each one value for all or a list
+        entropy_bound, stability, confidence, chat, image_budget, template, json_schema), each one value for all
+        or a list
         with one per prompt; on_prefill(done, total) is shared. max_batch: most requests denoised together
         (None: all); the rest wait and join between steps as others finish. Each request is answered as it
         would be alone: the same tokens as generate() with its seed. Returns the Generations in prompt order."""

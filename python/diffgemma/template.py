@@ -249,6 +249,17 @@ class Layout:
         rows = self.rows[self.canvas(c)]
         return None if self.table is None or not rows.any() else (self.table, rows)
 
+    def check(self, tokens: np.ndarray, c: int) -> np.ndarray | None:
+        """Before canvas c commits: bool [canvas] of the positions to re-noise because a value breaks a rule
+        that per-position vocabularies cannot express, or None. `tokens` are the template's positions up to the
+        end of canvas c. A plain template has no such rules (structured.SchemaLayout has)."""
+        return None
+
+    def repair(self, tokens: np.ndarray, c: int) -> tuple[np.ndarray, int]:
+        """Canvas c's tokens made to follow those rules when no step is left to re-noise, and how many values
+        were replaced."""
+        return np.asarray(tokens)[self.canvas(c)], 0
+
     def fill(self, tokens: np.ndarray, detokenize: Callable[[list[int]], str]
              ) -> tuple[str, list[str], list[int]]:
         """(text, hole texts, tokens) of the filled template; fillers dropped from holes."""
