@@ -285,21 +285,24 @@ def _stats(g: Any) -> str:
             f"{t.prefill_ms:.1f} ms; {t.step_ms:.2f} ms/step; {t.tokens_per_s:.1f} tokens/s; seed {g.seed}]")
 
 
-def _read_template(path: str) -> str:
-    """The text of a --template FILE ('-': standard input)."""
+def _read_template(path: str, what: str = "template") -> str:
+    """The text of a --template (or --json-schema) FILE ('-': standard input)."""
     if path == "-":
         return sys.stdin.read()
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise Error(f"cannot read the template {path}: {e}") from e
+        raise Error(f"cannot read the {what} {path}: {e}") from e
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     prompt = a.prompt if a.prompt is not None else a.text
     text = None if a.template is None else _read_template(a.template)
-    if prompt is None and text is None:
+    schema = None if a.json_schema is None else _read_template(a.json_schema, "JSON schema")
+    if text is not None and schema is not None:
+        raise Error("give --template or --json-schema, not both")
+    if prompt is None and text is None and schema is None:
         raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT, or --template FILE)")
     if a.image and a.no_chat:
         raise Error("--image needs the chat template (drop --no-chat)")
@@ -313,6 +316,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         from .template import lay_out
 
         layout = lay_out(m, text)  # bad templates fail here, before any denoising
+    if schema is not None:
+        from .structured import lay_out as lay_out_schema
+
+        layout = lay_out_schema(m, schema)  # an unsupported schema fails here, before any denoising
     live = _live_display(a, m, None if layout is None else layout.n_canvas)
     g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
     if a.json:
@@ -320,6 +327,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
         if layout is not None:
             out["holes"] = g.holes
+        if schema is not None:
+            out["json"] = g.json
         print(json.dumps(out))
         return 0
     print(g.text)
@@ -631,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--template", metavar="FILE", default=None,
                    help="fill the holes of the template in FILE ('-': stdin; syntax in docs/templates.md); the "
                         "prompt is then optional and -n is ignored")
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON that validates against the JSON Schema in FILE ('-': stdin; the supported "
+                        "subset is in docs/structured.md); the prompt is then optional and -n is ignored")
     s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
     s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
     s.add_argument("--json", action="store_true", help="text, tokens, seed, canvases and timings as JSON")

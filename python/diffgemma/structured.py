@@ -528,8 +528,7 @@ SETS: dict[str, Callable[[str], bool]] = {
     "string": lambda p: not _has_forbidden(p),  # a JSON string's characters
     "digits": lambda p: set(p) <= _DIGITS,
     "signed": lambda p: p[0] in _DIGITS | {"-"} and set(p[1:]) <= _DIGITS,  # a leading minus allowed
-    "decimal": lambda p: set(p) <= _DIGITS | {"."},
-    "signed-decimal": lambda p: p[0] in _DIGITS | {"-", "."} and set(p[1:]) <= _DIGITS | {"."},
+    "point": lambda p: p == ".",
 }
 _texts: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 _sets: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()
@@ -761,11 +760,11 @@ class SchemaLayout(Layout):
             n += sum(self._blank(toks, o) for i, o in enumerate(node.options) if i != keep)
             return n + self._fix(node.options[keep], toks, a, b)
         if isinstance(node, _Items):
-            n = 0
+            n = self._fix(node.slots[0], toks, a, b)  # first: a broken head becomes absent
             head_absent = node.head and self._state(node.slots[0], toks) == ABSENT
-            for i, g in enumerate(node.slots):
+            for g in node.slots[1:]:
                 if a <= g.start < b:
-                    n += self._blank(toks, g) if i and head_absent else self._fix(g, toks, a, b)
+                    n += self._blank(toks, g) if head_absent else self._fix(g, toks, a, b)
             return n
         return 0
 
@@ -895,12 +894,13 @@ class _Builder:
             if isinstance(leaf, Str):
                 rows = [self.row("string", grouped or i >= leaf.min_len) for i in range(n)]
                 text = PAD_CHAR * leaf.min_len
-            else:
-                signed = not isinstance(leaf, Int) and (leaf.lower() is None or leaf.lower() < 0) or \
-                    isinstance(leaf, Int) and (leaf.lo is None or leaf.lo < 0)
-                digits = "digits" if isinstance(leaf, Int) else "decimal"
-                first = ("signed" if isinstance(leaf, Int) else "signed-decimal") if signed else digits
-                rows = [self.row(first, grouped)] + [self.row(digits, True)] * (n - 1)
+            else:  # [sign or digit] digits ... (a number: then one position for the point, then digits)
+                lo = leaf.lo if isinstance(leaf, Int) else leaf.lower()
+                int_part = n if isinstance(leaf, Int) else n - 1 - NUMBER_FRACTION_DIGITS
+                rows = [self.row("signed" if lo is None or lo < 0 else "digits", grouped)]
+                rows += [self.row("digits", True)] * (int_part - 1)
+                if isinstance(leaf, Num):
+                    rows += [self.row("point", True)] + [self.row("digits", True)] * NUMBER_FRACTION_DIGITS
                 text = leaf.canonical()
             canonical = self.ids(text)
             if len(canonical) > n or self.tok.detokenize(list(canonical)) != text or not leaf.valid(text):
