@@ -424,11 +424,10 @@ class _Compiler:
         return (Fixed('"'), Str(path, lo, hi, size), Fixed('"'))
 
     def bounds(self, s: dict[str, Any], path: str) -> tuple[Any, ...]:
-        b = tuple(_number(s, k, path) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
         if isinstance(s.get("exclusiveMinimum"), bool) or isinstance(s.get("exclusiveMaximum"), bool):
             raise Error(f"{path}: boolean exclusiveMinimum/exclusiveMaximum (draft 4) are not supported: give the "
                         "bound itself")
-        return b
+        return tuple(_number(s, k, path) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
 
     def t_integer(self, s: dict[str, Any], path: str) -> tuple[Node, ...]:
         mn, mx, xmn, xmx = self.bounds(s, path)
@@ -608,8 +607,15 @@ class SchemaLayout(Layout):
     """A JSON Schema laid out for one model: a template Layout with the rules checked at commit."""
 
     parts: tuple[Any, ...]  # the placed nodes, in order
-    tokenizer: Any
+    tokenizer_ref: weakref.ref  # the model's tokenizer (weak: the layout cache must not keep models alive)
     schema: JsonSchema
+
+    @property
+    def tokenizer(self) -> Any:
+        tok = self.tokenizer_ref()
+        if tok is None:
+            raise Error("this json_schema layout's model is gone")
+        return tok
 
     # -- reading tokens --
 
@@ -964,7 +970,7 @@ class _Builder:
         return SchemaLayout(self.L, np.array(self.tokens, dtype=np.int64), np.array(self.fixed, dtype=bool),
                             np.array(self.hole), np.array(self.rows, dtype=np.int32),
                             np.stack(self.table) if len(self.table) > 1 else None, [], self.filler, n_template,
-                            parts, self.tok, js)
+                            parts, weakref.ref(self.tok), js)
 
 
 _layouts: weakref.WeakKeyDictionary[Any, OrderedDict[tuple[str, int], SchemaLayout]] = weakref.WeakKeyDictionary()
@@ -975,7 +981,7 @@ def lay_out(model: Any, schema: Any) -> SchemaLayout:
     """`schema` (a dict, a JSON string, a pydantic model class or a compiled JsonSchema) laid out for `model`;
     the same layout object for the same schema and model (its vocabulary table stays on the device)."""
     if isinstance(schema, SchemaLayout):
-        if schema.tokenizer is not model.tokenizer or schema.canvas_length != model.hparams.canvas_length:
+        if schema.tokenizer_ref() is not model.tokenizer or schema.canvas_length != model.hparams.canvas_length:
             raise Error("this json_schema layout was made for another model")
         return schema
     js = compile(schema)
