@@ -269,7 +269,10 @@ def test_check_names_broken_values_and_repair_finds_the_nearest_valid_one(rnd, s
     c = v.start // lay.canvas_length
     done = toks[: (c + 1) * lay.canvas_length]
     bad = lay.check(done, c)
-    assert bad is not None and bad[v.start % lay.canvas_length] and not (bad & lay.fixed[lay.canvas(c)]).any()
+    a = c * lay.canvas_length
+    assert bad is not None and bad[v.start - a:v.end - a].any() and not (bad & lay.fixed[lay.canvas(c)]).any()
+    if text == "hehehe":  # too long: only the positions from the one that passes maxLength are re-noised
+        assert bad[v.start - a:v.end - a].tolist() == [False, False, True, True]
     canvas, n = lay.repair(done, c)
     assert n == 1
     toks[lay.canvas(c)] = canvas

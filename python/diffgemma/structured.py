@@ -240,6 +240,14 @@ def _clamp(v: int, lo: int | None, hi: int | None) -> int:
     return max(lo, v) if lo is not None and v < lo else (min(hi, v) if hi is not None and v > hi else v)
 
 
+def _cut(text: str, n: int, least: int) -> str:
+    """`text` cut to at most n characters, at a word boundary when that keeps at least `least` of them."""
+    if len(text) <= n:
+        return text
+    space = text.rfind(" ", 0, n + 1)
+    return text[:space] if space >= max(least, 1) else text[:n]
+
+
 def _number_text(v: float) -> str:
     """JSON text of a number: integral values without a fraction, others in their shortest form."""
     if float(v).is_integer() and abs(v) < 1e15:
@@ -642,9 +650,10 @@ class SchemaLayout(Layout):
     def _bad(self, node: Any, toks: np.ndarray, a: int, b: int) -> list[tuple[int, int]]:
         """Position ranges of broken values in `node` (those committing in canvas [a, b))."""
         if isinstance(node, _Value):
-            if node.end <= a or node.start >= b:
+            if node.end <= a or node.start >= b or self._value_ok(node, toks, b):
                 return []
-            return [] if self._value_ok(node, toks, b) else [(max(a, node.start), min(b, node.end))]
+            s, e = max(a, node.start), min(b, node.end)
+            return self._string_tail(node, toks, s, e) if isinstance(node.leaf, Str) else [(s, e)]
         if isinstance(node, _Group):
             if not a <= node.start < b:
                 return []
@@ -671,6 +680,19 @@ class SchemaLayout(Layout):
                     out += self._bad(g, toks, a, b)
             return out
         return []
+
+    def _string_tail(self, v: _Value, toks: np.ndarray, s: int, e: int) -> list[tuple[int, int]]:
+        """The offending positions of a broken string in [s, e): too long, those from the token that passes
+        maxLength; too short, its fillers; a bad character, all."""
+        leaf = v.leaf
+        assert isinstance(leaf, Str)
+        text = self._text(toks[v.start:e])
+        if _has_forbidden(text):
+            return [(s, e)]
+        if leaf.max_len is not None and len(text) > leaf.max_len:
+            cut = next(p for p in range(s, e + 1) if len(self._text(toks[v.start:p + 1])) > leaf.max_len)
+            return [(cut, e)]
+        return [(p, p + 1) for p in range(s, e) if toks[p] == self.filler] or [(s, e)]
 
     def check(self, tokens: np.ndarray, c: int) -> np.ndarray | None:
         """Bool [canvas]: positions of canvas c to re-noise because a value there breaks its rule, or None.
@@ -705,8 +727,8 @@ class SchemaLayout(Layout):
             remaining = max(0, v.end - b)
             need = leaf.min_len - remaining - len(before)
             cur = "".join(ch for ch in self._text(toks[s:e]) if not _has_forbidden(ch))
-            if leaf.max_len is not None:
-                cur = cur[:max(0, leaf.max_len - len(before))]
+            if leaf.max_len is not None and len(before) + len(cur) > leaf.max_len:
+                cur = _cut(cur, max(0, leaf.max_len - len(before)), max(0, need))
             for text in (cur + PAD_CHAR * max(0, need - len(cur)), PAD_CHAR * max(0, need)):
                 ids = self._fits(text, e - s)
                 if ids is not None:
