@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .errors import Error
-from .template import Layout, filler_id
+from .template import Layout, filler_id, token_texts
 
 STRING_TOKENS = 16  # a string without maxLength
 STRING_MAX_TOKENS = 64  # most positions a string takes, whatever its maxLength (unless minLength needs more)
@@ -530,7 +530,7 @@ def _type_of(v: Any) -> str:
 # ---- per-position token sets ----------------------------------------------------------------------------
 
 _DIGITS = frozenset("0123456789")
-# Grammar-wide token classes, decided on each token's text as detokenize gives it alone.
+# Grammar-wide token classes, decided on each token's text alone (the commit rule reads the real text).
 SETS: dict[str, Callable[[str], bool]] = {
     "string": lambda p: not _has_forbidden(p),  # a JSON string's characters
     "digits": lambda p: set(p) <= _DIGITS,
@@ -545,8 +545,9 @@ def token_set(tokenizer: Any, name: str) -> np.ndarray:
     """Bool [n_vocab]: the tokens of a grammar class (computed once per tokenizer; control tokens never)."""
     sets = _sets.setdefault(tokenizer, {})
     if name not in sets:
-        if tokenizer not in _texts:
-            _texts[tokenizer] = [tokenizer.detokenize([t]) for t in range(tokenizer.n_vocab)]
+        if tokenizer not in _texts:  # as printed; a special-looking piece ("<unk>") as detokenize writes it
+            _texts[tokenizer] = [tokenizer.detokenize([t]) if p[:1] == "<" and p[-1:] == ">" else p
+                                 for t, p in enumerate(token_texts(tokenizer))]
         pred, ctl = SETS[name], tokenizer.control_ids
         sets[name] = np.array([bool(p) and t not in ctl and pred(p) for t, p in enumerate(_texts[tokenizer])])
     return sets[name]

@@ -169,15 +169,20 @@ _pieces: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 _class_masks: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
+def token_texts(tokenizer: Any) -> list[str]:
+    """Each token's text as it prints (computed once per tokenizer; what token classes are decided on)."""
+    if tokenizer not in _pieces:
+        _pieces[tokenizer] = [tokenizer.token_text(t) for t in range(tokenizer.n_vocab)]
+    return _pieces[tokenizer]
+
+
 def class_mask(tokenizer: Any, name: str) -> np.ndarray:
     """Bool [n_vocab]: the tokens of a named class (computed once per tokenizer)."""
     masks = _class_masks.setdefault(tokenizer, {})
     if name not in masks:
-        if tokenizer not in _pieces:
-            _pieces[tokenizer] = [tokenizer.token_text(t) for t in range(tokenizer.n_vocab)]
         pred = CLASSES[name]
         ctl = tokenizer.control_ids
-        masks[name] = np.array([bool(p) and t not in ctl and pred(p) for t, p in enumerate(_pieces[tokenizer])])
+        masks[name] = np.array([bool(p) and t not in ctl and pred(p) for t, p in enumerate(token_texts(tokenizer))])
     return masks[name]
 
 
