@@ -95,6 +95,8 @@ class Str:
 
 @dataclasses.dataclass(frozen=True)
 class Int:
+    """An integer within inclusive bounds (exclusive ones are converted)."""
+
     path: str
     lo: int | None
     hi: int | None
@@ -117,6 +119,8 @@ class Int:
 
 @dataclasses.dataclass(frozen=True)
 class Num:
+    """A number within its bounds, as JSON writes numbers."""
+
     path: str
     minimum: float | None
     maximum: float | None
