@@ -39,7 +39,7 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
              on_step: Callable[[StepEvent], Any] | None = None,
              on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
              template: Any = None, sampler: SamplerSettings | None = None, temperature: float | None = None,
-             logprobs: bool | int | None = None) -> str:
+             logprobs: bool | int | None = None, json_schema: Any = None) -> str:
     """Generate text after `prompt` with `model` and return the text (the rest as for Model.generate).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
@@ -49,11 +49,12 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
     template: text with {{hole N ...}} tags or a list of str / Hole parts (docs/templates.md); sampler: a
     SamplerSettings to start from instead of the model's sampler_defaults (the sampler keywords override it);
     temperature: scales the temperature schedule, 0 is greedy (see Model.generate); logprobs: accepted for
-    symmetry with Model.generate (the text alone carries none of them)."""
+    symmetry with Model.generate (the text alone carries none of them); json_schema: a JSON Schema the text
+    follows (docs/structured.md; the text always parses and validates)."""
     kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
               entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat, on_step=on_step,
               on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler,
-              temperature=temperature, logprobs=logprobs)
+              temperature=temperature, logprobs=logprobs, json_schema=json_schema)
     if isinstance(model, Model):
         return model.generate(prompt, **kw).text
     return _cached(model, n_gpu_layers).generate(prompt, **kw).text
@@ -65,7 +66,7 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
            stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
            on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
            template: Any = None, sampler: SamplerSettings | None = None, temperature: float | None = None,
-           logprobs: bool | int | None = None) -> Stream:
+           logprobs: bool | int | None = None, json_schema: Any = None) -> Stream:
     """Generate text after `prompt` with `model` as a stream of events (the rest as for Model.stream).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
@@ -77,14 +78,15 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
     chunk; image_budget: soft tokens per image; template: text with {{hole N ...}} tags or a list of str / Hole
     parts; sampler: a SamplerSettings to start from instead of the model's sampler_defaults (the sampler
     keywords override it); temperature: scales the temperature schedule, 0 is greedy (see Model.generate);
-    logprobs: True or k, each token's log-probability (CanvasEvent.logprobs, Generation.logprobs).
+    logprobs: True or k, each token's log-probability (CanvasEvent.logprobs, Generation.logprobs);
+    json_schema: a JSON Schema the text follows (docs/structured.md).
     Iterating yields dg.StepEvent after every denoising step and dg.CanvasEvent (.text_delta, .tokens, ...)
     when a canvas commits; `.generation` holds the final Generation once the loop ends. Breaking out stops
     generation cleanly."""
     kw = dict(max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min, t_max=t_max,
               entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat,
               on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler,
-              temperature=temperature, logprobs=logprobs)
+              temperature=temperature, logprobs=logprobs, json_schema=json_schema)
     m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
     return m.stream(prompt, **kw)
 

@@ -164,6 +164,11 @@ class ChatReply:
     generation: Any
     finish_reason: str  # "tool_calls", "stop" (end of turn) or "length"
 
+    @property
+    def json(self) -> Any:
+        """With json_schema: the parsed value of the content (see Generation.json)."""
+        return self.generation.json
+
     def to_message(self) -> dict[str, Any]:
         m: dict[str, Any] = {"role": "assistant", "content": self.content}
         if self.tool_calls:
@@ -183,6 +188,9 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
     prefix = chat_format.forced_prefix(choice) if offered else ""
     if template_kwargs is not None and not isinstance(template_kwargs, dict):
         raise Error(f"template_kwargs must be a dict, got {type(template_kwargs).__name__}")
+    structured = generate_kw.get("json_schema") is not None
+    if structured and offered:
+        raise Error("json_schema and tools in one chat turn are not supported yet (pass tool_choice='none')")
     if multimodal.has_images(messages):
         if offered or template_kwargs or prefix:
             raise Error("tools (or template_kwargs) and images in one chat turn are not supported yet")
@@ -192,6 +200,8 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
         ids = prompt_ids(model, _check_messages(multimodal.text_messages(messages)), True, tools=offered or None,
                          template_kwargs=template_kwargs, prefix=prefix)
         g = model.generate(ids, **generate_kw)
+    if structured:  # the answer is the laid-out JSON text itself, complete by construction
+        return ChatReply(g.text, "", [], g, "stop")
     content, reasoning, calls = chat_format.parse_chat_output(prefix + output_text(model, g.tokens),
                                                               tools=bool(offered))
     finish = "tool_calls" if calls else OPENAI_FINISH[g.finish_reason]

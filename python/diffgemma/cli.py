@@ -14,7 +14,7 @@ import pathlib
 import sys
 from typing import Any
 
-from . import binding, hub, outputs, quantizer
+from . import binding, hub, outputs, quantizer, structured
 from .bench import bench, validate
 from .calibration import imatrix
 from .chat_format import check_tools
@@ -104,6 +104,9 @@ def _add_generate(sub: Any) -> None:
     s.add_argument("--template", metavar="FILE", default=None,
                    help="fill the holes of the template in FILE ('-': stdin; syntax in docs/templates.md); the "
                         "prompt is then optional and -n is ignored")
+    s.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON that validates against the JSON Schema in FILE ('-': stdin; the supported "
+                        "subset is in docs/structured.md); the prompt is then optional and -n is ignored")
     s.add_argument("--visual", action="store_true", help="watch the canvas denoise (on a terminal)")
     s.add_argument("--stats", action="store_true", help="print timing stats even when not on a terminal")
     s.add_argument("--json", action="store_true", help="text, tokens, seed, canvases and timings as JSON")
@@ -151,8 +154,12 @@ def _generate_live(m: Model, prompt: Any, a: argparse.Namespace, live: LiveCanva
 def _cmd_generate(a: argparse.Namespace) -> int:
     prompt = _prompt(a)
     text = None if a.template is None else _read_text(a.template, "template")
-    if prompt is None and text is None:
-        raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT, -f FILE or --template FILE)")
+    schema = None if a.json_schema is None else _read_text(a.json_schema, "JSON schema")
+    if text is not None and schema is not None:
+        raise Error("give --template or --json-schema, not both")
+    if prompt is None and text is None and schema is None:
+        raise Error("give a prompt: diffgemma generate -p TEXT (or a positional TEXT, -f FILE, --template FILE or "
+                    "--json-schema FILE)")
     if a.image and a.no_chat:
         raise Error("--image needs the chat template (drop --no-chat)")
     if a.image and not a.mmproj and not hub.is_hf(a.model):  # an -hf repository brings its mmproj
@@ -161,6 +168,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if a.image:
         prompt = _image_message(prompt, a.image)
     layout = None if text is None else lay_out(m, text)  # bad templates fail here, before any denoising
+    if schema is not None:
+        layout = structured.lay_out(m, schema)  # an unsupported schema fails here, before any denoising
     live = _live(a, m, None if layout is None else layout.n_canvas)
     g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
     if a.json:
@@ -168,6 +177,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
         if layout is not None:
             out["holes"] = g.holes
+        if schema is not None:
+            out["json"] = g.json
         print(json.dumps(out))
         return 0
     print(g.text)

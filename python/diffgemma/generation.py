@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
-from . import sampler
+from . import sampler, structured
 from .batching import Batch, Denoise, Done, Prefill, Request, solo
 from .chat import build_prompt
 from .errors import Error
@@ -57,6 +57,8 @@ class Timings:
     tokens_per_s: float  # new tokens / total generation time
     forward_ms: float  # mean device time of one step (forward pass and on-device sampling statistics)
     host_ms: float  # mean host time per step (acceptance, re-noising, stopping, callbacks)
+    renoised: int = 0  # json_schema: hole positions re-noised because a value broke its rule at commit
+    repaired: int = 0  # json_schema: values replaced by their nearest valid one when the steps ran out
 
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per token logprobs= may ask for (OpenAI's top_logprobs limit)
@@ -88,6 +90,7 @@ class Generation:
     holes: list[str] = dataclasses.field(default_factory=list)  # with a template: each hole's text
     finish_reason: str = "length"  # one of FINISH_REASONS
     logprobs: list[TokenLogprob] | None = None  # one per token of .tokens when asked for (logprobs=)
+    json: Any = None  # with json_schema: the parsed value of .text (it validates against the schema)
 
     @property
     def steps(self) -> int:
@@ -202,7 +205,8 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
             entropy_bound: float | None = None, stability: Any = FROM_FILE, confidence: Any = FROM_FILE,
             chat: bool | None = None, on_prefill: Callable[[int, int], Any] | None = None,
             image_budget: int = 280, template: Any = None, sampler: SamplerSettings | None = None,
-            temperature: float | None = None, logprobs: bool | int | None = None) -> tuple[Request, int, list[int]]:
+            temperature: float | None = None, logprobs: bool | int | None = None,
+            json_schema: Any = None) -> tuple[Request, int, list[int]]:
     """Check the arguments and lay out the prompt now; return (the request generator a driver runs (see
     batching), the seed in use, the prompt's token ids)."""
     hp = model.hparams
@@ -220,7 +224,10 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
     if top_k is not None and template is not None:
         raise Error("logprobs are not available with a template (its fixed tokens are not sampled)")
     L = hp.canvas_length
-    lay = None if template is None else lay_out(model, template)
+    if json_schema is not None and template is not None:
+        raise Error("give a template or a json_schema, not both")
+    lay = structured.lay_out(model, json_schema) if json_schema is not None else \
+        None if template is None else lay_out(model, template)
     # A template may stand alone: the canvas then follows just the BOS token.
     alone = lay is not None and (prompt is None or prompt == "")
     ids, images = (model.tokenize(""), []) if alone else build_prompt(model, prompt, chat, image_budget)
@@ -293,7 +300,7 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
     lps: list[TokenLogprob] | None = None if logprobs is None else []
     infos: list[CanvasInfo] = []
     prefill = forward = host = 0.0
-    n_steps = 0
+    n_steps = renoised = repaired = 0
     sent = 0  # characters of the text streamed so far
     finish = "stop"
     t_start = time.perf_counter()
@@ -302,7 +309,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
         total = time.perf_counter() - t_start
         return Timings(prefill_ms=1e3 * prefill, step_ms=1e3 * (forward + host) / max(n_steps, 1),
                        tokens_per_s=len(new) / total if total > 0 else 0.0,
-                       forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1))
+                       forward_ms=1e3 * forward / max(n_steps, 1), host_ms=1e3 * host / max(n_steps, 1),
+                       renoised=renoised, repaired=repaired)
 
     for c in range(n_canvas):
         # With a template: its fixed tokens are clamped in the canvas fed to the model and in the argmax,
@@ -336,17 +344,31 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             t0 = time.perf_counter()
             argmax, entropy, sampled, *step_lp = yield Denoise(z, temp, step > 1, u, vocab, logprobs)
             t1 = time.perf_counter()
+            noise = rng.integers(0, V, L)
             if fixed is None:
                 acc = sampler.accept(entropy, cfg.entropy_bound)
-                z = sampler.renoise(acc, sampler.pick(sampled, argmax, greedy), rng.integers(0, V, L))
+                z = sampler.renoise(acc, sampler.pick(sampled, argmax, greedy), noise)
             else:
                 argmax = sampler.clamp(argmax, fixed, fixed_tokens)
                 acc = np.zeros(L, dtype=bool)
                 acc[free] = sampler.accept(entropy[free], cfg.entropy_bound)
                 picked = sampler.pick(sampled, argmax, greedy)
-                z = sampler.clamp(sampler.renoise(acc, picked, rng.integers(0, V, L)), fixed, fixed_tokens)
+                z = sampler.clamp(sampler.renoise(acc, picked, noise), fixed, fixed_tokens)
             stopped = sampler.should_stop(history, argmax[free], entropy[free], cfg.stability, cfg.confidence)
             history.append(argmax[free])
+            if lay is not None and (stopped or step == cfg.steps):
+                # The canvas would commit: rules no per-position vocabulary expresses (json_schema) are checked
+                # now; broken values are re-noised while steps remain, then replaced by valid ones.
+                done = np.concatenate([np.asarray(committed[len(ids):], dtype=np.int64), argmax])
+                if step < cfg.steps:
+                    bad = lay.check(done, c)
+                    if bad is not None:
+                        z = np.where(bad, noise, z)
+                        renoised += int(bad.sum())
+                        stopped = False
+                else:
+                    argmax, n = lay.repair(done, c)
+                    repaired += n
             # The consumer's time with the event counts as host time, as on_step's did.
             yield StepEvent(c, step, cfg.steps, temp, int(acc.sum()), float(entropy[free].mean()),
                             argmax, fixed, model.detokenize)
@@ -385,8 +407,9 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
         text = model.detokenize(new)
     else:
         text, holes, new = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)
+    value = lay.value(text) if isinstance(lay, structured.SchemaLayout) else None
     return Generation(text=text, tokens=new, canvases=infos, timings=timings(), seed=int(seed),
-                      prompt_tokens=len(ids), holes=holes, finish_reason=finish, logprobs=lps)
+                      prompt_tokens=len(ids), holes=holes, finish_reason=finish, logprobs=lps, json=value)
 
 
 def generate(model: Engine, prompt: Any, *, on_step: Callable[[StepEvent], Any] | None = None,

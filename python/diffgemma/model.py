@@ -28,7 +28,8 @@ class Model(Engine):
                  stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                  on_step: Any = None, on_prefill: Any = None, image_budget: int = 280,
                  template: Any = None, sampler: SamplerSettings | None = None,
-                 temperature: float | None = None, logprobs: bool | int | None = None) -> Generation:
+                 temperature: float | None = None, logprobs: bool | int | None = None,
+                 json_schema: Any = None) -> Generation:
         """Generate text after `prompt` by block diffusion.
 
         prompt: a str, a list of chat messages [{"role", "content"}] or a list of token ids; a message's content
@@ -54,19 +55,23 @@ class Model(Engine):
         logprobs: True, or k (0..20) for the k most likely alternatives too: .logprobs holds a dg.TokenLogprob
         (.token, .logprob, .top) per token, its log-probability under softmax(logits / T) of the step that
         committed it (its canvas's last, whose argmax it is); gathered on the device, off unless asked. Not with
-        a template."""
+        a template.
+
+        json_schema: a JSON Schema (dict, JSON text or pydantic model class) the answer follows
+        (docs/structured.md): laid out like a template; .text always parses and validates, .json is the value."""
         self._check_open()
         return _generate(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                          t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                          chat=chat, on_step=on_step, on_prefill=on_prefill, image_budget=image_budget,
-                         template=template, sampler=sampler, temperature=temperature, logprobs=logprobs)
+                         template=template, sampler=sampler, temperature=temperature, logprobs=logprobs,
+                         json_schema=json_schema)
 
     def stream(self, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
                t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
                stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
                on_prefill: Any = None, image_budget: int = 280, template: Any = None,
                sampler: SamplerSettings | None = None, temperature: float | None = None,
-               logprobs: bool | int | None = None) -> Stream:
+               logprobs: bool | int | None = None, json_schema: Any = None) -> Stream:
         """Generation as a stream of events (arguments as for generate, which consumes this stream).
 
         Iterate it: a dg.StepEvent after every denoising step (.canvas_index, .step, .steps, .temperature,
@@ -83,7 +88,7 @@ class Model(Engine):
         return _stream(self, prompt, max_new_tokens=max_new_tokens, steps=steps, seed=seed, t_min=t_min,
                        t_max=t_max, entropy_bound=entropy_bound, stability=stability, confidence=confidence,
                        chat=chat, on_prefill=on_prefill, image_budget=image_budget, template=template,
-                       sampler=sampler, temperature=temperature, logprobs=logprobs)
+                       sampler=sampler, temperature=temperature, logprobs=logprobs, json_schema=json_schema)
 
     def generate_batch(self, prompts: list[Any], *, max_batch: int | None = None, **settings: Any
                        ) -> list[Generation]:
@@ -91,12 +96,11 @@ class Model(Engine):
         over every running request's canvas (the projections, experts and LM head see all their rows at once).
 
         settings: the keywords of generate but on_step (max_new_tokens, steps, seed, t_min, t_max,
-        entropy_bound, stability, confidence, chat, image_budget, template, sampler, temperature, logprobs), each
-        one value
-        for all or a list with one per prompt; on_prefill(done, total) is shared. max_batch: most requests
-        denoised together (None: all); the rest wait and join between steps as others finish. Each request is
-        answered as it would be alone: the same tokens as generate() with its seed. Returns the Generations in
-        prompt order."""
+        entropy_bound, stability, confidence, chat, image_budget, template, sampler, temperature, logprobs,
+        json_schema), each one value for all or a list with one per prompt; on_prefill(done, total) is shared.
+        max_batch: most requests denoised together (None: all); the rest wait and join between steps as others
+        finish. Each request is answered as it would be alone: the same tokens as generate() with its seed.
+        Returns the Generations in prompt order."""
         self._check_open()
         return _generate_batch(self, prompts, max_batch=max_batch, **settings)
 

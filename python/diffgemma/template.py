@@ -169,15 +169,20 @@ _pieces: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
 _class_masks: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
+def token_texts(tokenizer: Any) -> list[str]:
+    """Each token's text as it prints (computed once per tokenizer; what token classes are decided on)."""
+    if tokenizer not in _pieces:
+        _pieces[tokenizer] = [tokenizer.token_text(t) for t in range(tokenizer.n_vocab)]
+    return _pieces[tokenizer]
+
+
 def class_mask(tokenizer: Any, name: str) -> np.ndarray:
     """Bool [n_vocab]: the tokens of a named class (computed once per tokenizer)."""
     masks = _class_masks.setdefault(tokenizer, {})
     if name not in masks:
-        if tokenizer not in _pieces:
-            _pieces[tokenizer] = [tokenizer.token_text(t) for t in range(tokenizer.n_vocab)]
         pred = CLASSES[name]
         ctl = tokenizer.control_ids
-        masks[name] = np.array([bool(p) and t not in ctl and pred(p) for t, p in enumerate(_pieces[tokenizer])])
+        masks[name] = np.array([bool(p) and t not in ctl and pred(p) for t, p in enumerate(token_texts(tokenizer))])
     return masks[name]
 
 
@@ -248,6 +253,17 @@ class Layout:
         """(table, rows) of canvas c for Model.denoise_step, or None when nothing there is restricted."""
         rows = self.rows[self.canvas(c)]
         return None if self.table is None or not rows.any() else (self.table, rows)
+
+    def check(self, tokens: np.ndarray, c: int) -> np.ndarray | None:
+        """Before canvas c commits: bool [canvas] of the positions to re-noise because a value breaks a rule
+        that per-position vocabularies cannot express, or None. `tokens` are the template's positions up to the
+        end of canvas c. A plain template has no such rules (structured.SchemaLayout has)."""
+        return None
+
+    def repair(self, tokens: np.ndarray, c: int) -> tuple[np.ndarray, int]:
+        """Canvas c's tokens made to follow those rules when no step is left to re-noise, and how many values
+        were replaced."""
+        return np.asarray(tokens)[self.canvas(c)], 0
 
     def fill(self, tokens: np.ndarray, detokenize: Callable[[list[int]], str]
              ) -> tuple[str, list[str], list[int]]:
