@@ -69,6 +69,11 @@ class Ctx:
         return lambda *args: fn(ctx, *args)
 
 
+def _on_host(t: Any) -> bool:
+    """Whether tensor t lives in host memory (or has none yet: a graph-only dry run)."""
+    return t.buffer == _ffi.NULL or bool(_lib.ggml_backend_buft_is_host(_lib.ggml_backend_buffer_get_type(t.buffer)))
+
+
 def named(t: Any, name: str, il: int = -1) -> Any:
     """Name node t "<name>-<il>" inside layer il, "<name>" outside the layers (llama.cpp's scheme)."""
     _lib.ggml_set_name(t, (name if il < 0 else f"{name}-{il}").encode())
@@ -236,19 +241,35 @@ class Graphs:
         both = named(g.add(dense, moe), "ffn_moe_combined", il)
         return named(rms(g, both, eps, L.post_ffw_norm), "ffn_post_norm", il)
 
-    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any) -> tuple[Any, Any]:
+    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, *, exact_new: bool = False
+                        ) -> tuple[Any, Any]:
         """Write the n new K/V of layer il into the store's slots after the committed tokens (a ring write may
-        wrap), and return views of the slots the new queries read (PromptKV.read_range): one contiguous range,
-        so nothing is concatenated. (The decoder writes its canvas into slots the next encode overwrites.)"""
+        wrap), and return what the new queries read: the slots of PromptKV.read_range, one contiguous range in
+        slot order, so nothing is concatenated. (The decoder writes its canvas into slots the next encode
+        overwrites.)
+
+        exact_new (the decoder): an F16 store on the host is read as an F32 copy whose new slots hold the new
+        tokens' F32 K/V, so a canvas attends to itself unrounded; only committed tokens' K/V are rounded. The
+        copy is one pass over the slots read (the CPU's flash attention converts each F16 key once per tile of
+        queries anyway). The encoder reads its own tokens back rounded: which tokens share its pass depends on
+        the prefix a store already held, and a token's numbers must not."""
         n, swa = k.ne[2], self.hp.is_swa(il)
         first, count = kv.read_range(swa, n)
+        pieces = kv.write_pieces(swa, n)
         out = []
         for new, store in ((k, kv.k[il]), (v, kv.v[il])):
             d, h, nb1, nb2 = store.ne[0], store.ne[1], store.nb[1], store.nb[2]
-            for slot, src, cnt in kv.write_pieces(swa, n):
+            for slot, src, cnt in pieces:
                 piece = g.view_3d(new, d, h, cnt, new.nb[1], new.nb[2], src * new.nb[2])
                 g.expand(g.cpy(piece, g.view_3d(store, d, h, cnt, nb1, nb2, slot * nb2)))
-            out.append(g.view_3d(store, d, h, count, nb1, nb2, first * nb2))
+            read = g.view_3d(store, d, h, count, nb1, nb2, first * nb2)
+            # (ggml_set keeps offsets in int32: a copy past 2 GB per layer reads the store as it is)
+            if exact_new and store.type != F32 and _on_host(store) and count * d * h * 4 < 2**31:
+                read = g.cast(read, F32)
+                for slot, src, cnt in pieces:
+                    piece = g.view_3d(new, d, h, cnt, new.nb[1], new.nb[2], src * new.nb[2])
+                    read = g.set_inplace(read, piece, read.nb[1], read.nb[2], read.nb[3], (slot - first) * read.nb[2])
+            out.append(read)
         return out[0], out[1]
 
     def _mask_input(self, g: Ctx, kind: str, kv: PromptKV, n: int) -> Any:
@@ -330,7 +351,8 @@ class Graphs:
             q, k, v = self._qkv(g, il, a, rows_pos, rows)
             heads = []
             for b, kv in enumerate(kvs):
-                kb, vb = self._store_and_read(g, kv, il, token_rows(g, k, b, L, 2), token_rows(g, v, b, L, 2))
+                kb, vb = self._store_and_read(g, kv, il, token_rows(g, k, b, L, 2), token_rows(g, v, b, L, 2),
+                                             exact_new=True)
                 # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
                 # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
                 mask = mask_swa[b] if hp.is_swa(il) else _ffi.NULL
