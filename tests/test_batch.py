@@ -291,3 +291,21 @@ def test_a_token_does_not_depend_on_how_its_prompt_was_cut(tmp_path, case):
                 m.prefill(prompt[:cut])
                 np.testing.assert_array_equal(m.logits(prompt, canvas), want, err_msg=f"{kv_type}, cut {cut}")
 
+
+def test_k_quant_experts_in_a_batch(tmp_path):
+    """Q4_K_M experts: ggml's tiled K-quant product would take an expert only from 8 rows (so an expert's rounding
+    depended on how many canvases shared the pass); forced tiled, every request equals its solo run."""
+    hp = testing.tiny_hparams(n_embd=256, n_ff=256, n_ff_exp=256, n_expert=8, n_expert_used=2)
+    src = testing.write_model(tmp_path / "f32.gguf", hp)
+    dg.quantize(src, tmp_path / "q4_k_m.gguf", recipe="Q4_K_M", progress=False)
+    rng = np.random.default_rng(3)
+    prompts = [[testing.BOS, *rng.integers(3, 512, n).tolist()] for n in (1, 5, 12, 30)]
+    kw = dict(seed=[1, 2, 3, 4], steps=4, max_new_tokens=32)
+    with dg.load(tmp_path / "q4_k_m.gguf") as m:
+        s = m.stream_batch(prompts, **kw)
+        per: dict[int, list] = {i: [] for i in range(len(prompts))}
+        for i, ev in s:
+            per[i].append(ev)
+        for i, prompt in enumerate(prompts):
+            alone = m.stream(prompt, seed=kw["seed"][i], steps=4, max_new_tokens=32)
+            assert _step_trace(per[i]) == _step_trace(list(alone))
