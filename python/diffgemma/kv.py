@@ -269,14 +269,14 @@ class PromptKV:
     def masks(self, n: int, *, causal: bool, kinds: Iterable[str] = ("swa", "full"), dtype: Any = np.float32
               ) -> dict[str, np.ndarray]:
         """The masks ("swa": sliding layers, "full": global layers) [query_rows(n), keys read] of n new tokens
-        after the committed ones over the slots they read (call `mark(n)` first); rows past n (padding queries)
-        see nothing."""
+        after the committed ones over the slots they read (call `mark(n)` first); rows past n (padding queries,
+        a lone token's copy) repeat the last one, so that they stay finite."""
         qpos = np.arange(self.n, self.n + n)
         out = {}
         for kind in kinds:
             m = attention_mask(self.key_positions(kind == "swa", n), qpos, causal=causal,
                                window=self.hp.sliding_window if kind == "swa" else None, dtype=dtype)
-            out[kind] = np.concatenate([m, np.full((query_rows(n) - n, m.shape[1]), -np.inf, dtype)])
+            out[kind] = np.concatenate([m, np.repeat(m[-1:], query_rows(n) - n, axis=0)])
         return out
 
     def truncate(self, n: int) -> bool:
