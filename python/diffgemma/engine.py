@@ -401,7 +401,7 @@ class Engine:
                     if bidirectional:  # same-image keys on both layer kinds, whatever the window says
                         qpos = np.arange(start, start + n)
                         for kind, mask in masks.items():
-                            multimodal.allow_image_blocks(mask, qpos, store.key_positions(kind == "swa", n), here)
+                            multimodal.allow_image_blocks(mask[:n], qpos, store.key_positions(kind == "swa", n), here)
                 for kind, mask in masks.items():
                     set_input(gr.io[f"mask_{kind}"], mask)
                 self._runner.compute(gr)

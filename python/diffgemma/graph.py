@@ -13,6 +13,12 @@ weights.product_name), so the profiler and the imatrix collector find nodes by n
 
 `Runner` runs them: a ggml scheduler over the model's backends that keeps one graph allocated until the shape
 changes, with the eval callback observe() installs.
+
+Batch invariance: a token's numbers must not depend on how many other rows share its pass (a batch, a prompt
+cut differently because a prefix was reused). ggml's CPU kernels are row-independent except where they choose
+a kernel by row count: a matrix product of one row takes a dot-product loop instead of the tiled GEMM (other
+rounding), so a pass has at least MIN_ROWS rows (a lone token is duplicated); flash attention's kernel
+depends on the query rows, so attention pads them (kv.query_rows).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from . import binding as B
 from .binding import F16, F32, I32
 from .errors import Error
-from .kv import PromptKV
+from .kv import PromptKV, query_rows
 from .layout import HParams
 from .weights import ModelWeights, product_name
 
@@ -35,6 +41,7 @@ _lib, _ffi = B.lib, B.ffi
 GELU_C = math.sqrt(2.0 / math.pi)
 MASKED_LOGIT = -1e30  # a disallowed token's logit bias: its probability underflows to exactly 0, yet finite (0 * s = 0)
 GRAPH_NODES = 32768
+MIN_ROWS = 2  # a pass computes at least this many rows: ggml's CPU matrix product of one row rounds otherwise
 
 
 class Ctx:
@@ -69,6 +76,11 @@ class Ctx:
         fn = getattr(_lib, "ggml_" + op)
         ctx = self.ctx
         return lambda *args: fn(ctx, *args)
+
+
+def _on_host(t: Any) -> bool:
+    """Whether tensor t lives in host memory (or has none yet: a graph-only dry run)."""
+    return t.buffer == _ffi.NULL or bool(_lib.ggml_backend_buft_is_host(_lib.ggml_backend_buffer_get_type(t.buffer)))
 
 
 def named(t: Any, name: str, il: int = -1) -> Any:
@@ -123,6 +135,11 @@ def token_rows(g: Ctx, x: Any, b: int, L: int, axis: int = 1) -> Any:
     return g.view_2d(x, x.ne[0], L, x.nb[1], b * L * x.nb[1])
 
 
+def min_rows(g: Ctx, x: Any, axis: int = 1) -> Any:
+    """x with its lone token (along `axis`) duplicated: at least MIN_ROWS rows (see the module's docstring)."""
+    return g.concat(x, x, axis) if x.ne[axis] < MIN_ROWS else x
+
+
 def concat_tokens(g: Ctx, parts: list[Any]) -> Any:
     """[F, L] parts side by side along the token axis: [F, sum L]."""
     out = parts[0]
@@ -136,15 +153,19 @@ def mlp(g: Ctx, x: Any, gate: Any, up: Any, down: Any) -> Any:
 
 
 def attention(g: Ctx, q: Any, k: Any, v: Any, mask: Any, flash: bool) -> Any:
-    """q [d, Hq, n_q], k/v [d, Hkv, n_kv] -> [d*Hq, n_q]. Scale 1.0: q/k norms replace 1/sqrt(d)."""
+    """q [d, Hq, n_q], k/v [d, Hkv, n_kv] -> [d*Hq, n_q]. Scale 1.0: q/k norms replace 1/sqrt(d).
+    mask: None or [n_kv, >= kv.query_rows(n_q)] (rows past n_q are ignored)."""
     d, n_head, n_q = q.ne[0], q.ne[1], q.ne[2]
     q = g.permute(q, 0, 2, 1, 3)  # [d, n_q, Hq]
     k = g.permute(k, 0, 2, 1, 3)  # [d, n_kv, Hkv]
     if flash:
         v = g.permute(v, 0, 2, 1, 3)
-        out = g.flash_attn_ext(q, k, v, mask, 1.0, 0.0, 0.0)  # [d, Hq, n_q]
+        rows = query_rows(n_q)
+        if rows > n_q:  # zero queries: ggml's CPU kernel is then the tiled one whatever n_q (kv.query_rows)
+            q = g.pad(q, 0, rows - n_q, 0, 0)
+        out = g.flash_attn_ext(q, k, v, mask, 1.0, 0.0, 0.0)  # [d, Hq, rows]
         _lib.ggml_flash_attn_ext_set_prec(out, B.GGML_PREC_F32)
-        return g.reshape_2d(out, d * n_head, n_q)
+        return g.view_2d(out, d * n_head, n_q, out.nb[2], 0)
     kq = g.mul_mat(k, q)  # [n_kv, n_q, Hq]; KV head j serves query heads j*G..(j+1)*G-1 (ggml broadcast)
     kq = g.soft_max_ext(kq, mask if mask is not None else _ffi.NULL, 1.0, 0.0)
     vt = g.cont(g.permute(v, 1, 2, 0, 3))  # [n_kv, d, Hkv]
@@ -229,25 +250,41 @@ class Graphs:
         both = named(g.add(dense, moe), "ffn_moe_combined", il)
         return named(rms(g, both, eps, L.post_ffw_norm), "ffn_post_norm", il)
 
-    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any) -> tuple[Any, Any]:
+    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, *, exact_new: bool = False
+                        ) -> tuple[Any, Any]:
         """Write the n new K/V of layer il into the store's slots after the committed tokens (a ring write may
-        wrap), and return views of the slots the new queries read (PromptKV.read_range): one contiguous range,
-        so nothing is concatenated. (The decoder writes its canvas into slots the next encode overwrites.)"""
+        wrap), and return what the new queries read: the slots of PromptKV.read_range, one contiguous range in
+        slot order, so nothing is concatenated. (The decoder writes its canvas into slots the next encode
+        overwrites.)
+
+        exact_new (the decoder): an F16 store on the host is read as an F32 copy whose new slots hold the new
+        tokens' F32 K/V, so a canvas attends to itself unrounded; only committed tokens' K/V are rounded. The
+        copy is one pass over the slots read (the CPU's flash attention converts each F16 key once per tile of
+        queries anyway). The encoder reads its own tokens back rounded: which tokens share its pass depends on
+        the prefix a store already held, and a token's numbers must not."""
         n, swa = k.ne[2], self.hp.is_swa(il)
         first, count = kv.read_range(swa, n)
+        pieces = kv.write_pieces(swa, n)
         out = []
         for new, store in ((k, kv.k[il]), (v, kv.v[il])):
             d, h, nb1, nb2 = store.ne[0], store.ne[1], store.nb[1], store.nb[2]
-            for slot, src, cnt in kv.write_pieces(swa, n):
+            for slot, src, cnt in pieces:
                 piece = g.view_3d(new, d, h, cnt, new.nb[1], new.nb[2], src * new.nb[2])
                 g.expand(g.cpy(piece, g.view_3d(store, d, h, cnt, nb1, nb2, slot * nb2)))
-            out.append(g.view_3d(store, d, h, count, nb1, nb2, first * nb2))
+            read = g.view_3d(store, d, h, count, nb1, nb2, first * nb2)
+            # (ggml_set keeps offsets in int32: a copy past 2 GB per layer reads the store as it is)
+            if exact_new and store.type != F32 and _on_host(store) and count * d * h * 4 < 2**31:
+                read = g.cast(read, F32)
+                for slot, src, cnt in pieces:
+                    piece = g.view_3d(new, d, h, cnt, new.nb[1], new.nb[2], src * new.nb[2])
+                    read = g.set_inplace(read, piece, read.nb[1], read.nb[2], read.nb[3], (slot - first) * read.nb[2])
+            out.append(read)
         return out[0], out[1]
 
     def _mask_input(self, g: Ctx, kind: str, kv: PromptKV, n: int) -> Any:
-        """The [keys read, n queries] mask input of one layer kind ("swa" or "full")."""
+        """The [keys read, query_rows(n)] mask input of one layer kind ("swa" or "full") of n new tokens."""
         _, count = kv.read_range(kind == "swa", n)
-        return g.input(f"mask_{kind}", F16 if self.flash else F32, count, n)
+        return g.input(f"mask_{kind}", F16 if self.flash else F32, count, query_rows(n))
 
     def encode(self, g: Ctx, kv: PromptKV, n: int, images: bool = False) -> dict[str, Any]:
         """Causal pass over n new committed tokens at positions kv.n.. ; writes their K/V into the store.
@@ -263,17 +300,19 @@ class Graphs:
             extra = {"text_keep": g.input("text_keep", F32, 1, n),
                      "image_embd": g.input("image_embd", F32, hp.n_embd, n)}
             h = g.add(g.mul(h, extra["text_keep"]), extra["image_embd"])
+        h, rows_pos = min_rows(g, h), min_rows(g, pos, 0)  # only the first n rows are written to the store
+        rows = h.ne[1]
         for il, L in enumerate(w.layers):
             a = named(rms(g, h, hp.rms_eps, L.attn_norm), "attn_norm", il)
-            q, k, v = self._qkv(g, il, a, pos, n)
-            k, v = self._store_and_read(g, kv, il, k, v)
+            q, k, v = self._qkv(g, il, a, rows_pos, rows)
+            k, v = self._store_and_read(g, kv, il, token_rows(g, k, 0, n, 2), token_rows(g, v, 0, n, 2))
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
             mask = masks["swa" if hp.is_swa(il) else "full"]
             o = product(g, L.attn_output, named(attention(g, q, k, v, mask, self.flash), "kqv_out", il))
             h1 = named(g.add(h, named(rms(g, o, hp.rms_eps, L.post_attention_norm), "attn_post_norm", il)),
                        "attn_out", il)
-            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, n)), L.enc_layer_output_scale), "l_out", il)
+            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, rows)), L.enc_layer_output_scale), "l_out", il)
         return {"ids": ids, "pos": pos, **{f"mask_{k}": m for k, m in masks.items()}, **extra}
 
     def self_cond(self, g: Ctx, sc_probs: Any, embd_t: Any) -> Any:
@@ -315,20 +354,23 @@ class Graphs:
         sc = named(concat_tokens(g, [mul_scalar(g, self.self_cond(g, state, embd_t), gate)
                                      for state, gate in zip(sc_states, sc_gate, strict=True)]), "self_cond_out")
         h = named(g.rms_norm(g.add(hard, sc), hp.rms_eps), "inp_embd")  # self_conditioning.post_norm has no weight
+        h, rows_pos = min_rows(g, h), min_rows(g, pos, 0)  # rows past n (a lone token's copy) are never read
+        rows = h.ne[1]
         for il, Lw in enumerate(w.layers):
             a = named(rms(g, h, hp.rms_eps, Lw.attn_norm), "attn_norm", il)
-            q, k, v = self._qkv(g, il, a, pos, n)
+            q, k, v = self._qkv(g, il, a, rows_pos, rows)
             heads = []
             for b, kv in enumerate(kvs):
-                kb, vb = self._store_and_read(g, kv, il, token_rows(g, k, b, L, 2), token_rows(g, v, b, L, 2))
+                kb, vb = self._store_and_read(g, kv, il, token_rows(g, k, b, L, 2), token_rows(g, v, b, L, 2),
+                                             exact_new=True)
                 # Global layers: every key read is visible. Sliding layers: the ring slots read may hold committed
                 # tokens older than the last W-1, so their mask (the same for every canvas query) hides those.
                 mask = mask_swa[b] if hp.is_swa(il) else _ffi.NULL
                 heads.append(attention(g, token_rows(g, q, b, L, 2), kb, vb, mask, self.flash))
-            o = product(g, Lw.attn_output, named(concat_tokens(g, heads), "kqv_out", il))
+            o = product(g, Lw.attn_output, named(min_rows(g, concat_tokens(g, heads)), "kqv_out", il))
             h1 = named(g.add(h, named(rms(g, o, hp.rms_eps, Lw.post_attention_norm), "attn_post_norm", il)),
                        "attn_out", il)
-            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, n)), Lw.layer_output_scale), "l_out", il)
+            h = named(g.scale(g.add(h1, self._ffn(g, il, h1, rows)), Lw.layer_output_scale), "l_out", il)
         h = named(rms(g, h, hp.rms_eps, w.output_norm), "result_norm")
         logits = product(g, w.token_embd, h)  # tied LM head
         logits = softcap(g, logits, hp.softcap)

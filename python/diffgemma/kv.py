@@ -7,6 +7,11 @@ Sized by what a query can see (../shared/spec/model.md §5):
   mod R), where room holds one prefill chunk or a canvas. Its size does not depend on n_ctx.
 K and V are stored in F16 by default (F32 on request). Masks are built on the host from the positions the
 slots hold, so they stay exactly the reference's across wrap-around.
+
+A token's result must not depend on how its prompt was cut into passes (a reused prefix, a batch): ggml's CPU
+flash attention sums keys in tiles of FA_TILE counted from the first slot read, so the sliding layers read from
+a slot that is a multiple of FA_TILE and the tiles are fixed by slot; and masks have at least FA_TILE query rows
+(graph.attention pads the queries to as many, see there).
 """
 
 from __future__ import annotations
@@ -27,6 +32,14 @@ KV_TYPES = {"f16": F16, "f32": F32}
 GROW_TOKENS = 4096  # the global layers' store grows in multiples of this many tokens
 COPY_CHUNK = 64 << 20  # bytes staged through the host per copy when the store grows
 RESERVE_BYTES = 512 << 20  # memory left free next to the store (compute buffers, the rest of the process)
+FA_TILE = 64  # query rows and keys per tile of ggml's CPU flash attention (GGML_FA_TILE_Q, GGML_FA_TILE_KV)
+
+
+def query_rows(n: int) -> int:
+    """Query rows of an attention over n tokens: at least FA_TILE, so that ggml's CPU flash attention always
+    takes its tiled kernel (F32 accumulation, the same sums whatever the pass) rather than its per-row one
+    (F16 accumulation over an F16 store, chosen below FA_TILE rows)."""
+    return max(n, FA_TILE)
 
 
 def kv_type_of(name: str) -> int:
@@ -175,6 +188,8 @@ class PromptKV:
                 if buf == _ffi.NULL:
                     _lib.ggml_free(ctx)
                     raise Error(f"cannot allocate {need:,} bytes for the prompt-KV store; load with a smaller n_ctx")
+                # Masked slots are still read (0 x value): never-written memory could hold NaN bit patterns.
+                _lib.ggml_backend_buffer_clear(buf, 0)
             entry = (ctx, buf)  # one object for the group: freed once, when its last layer lets go
             for il in group:
                 self._owned[il] = entry
@@ -232,12 +247,13 @@ class PromptKV:
 
     def read_range(self, swa: bool, n: int) -> tuple[int, int]:
         """(first slot, count) a pass over n new tokens reads: every slot up to them in a global store; in the
-        ring the last W-1 committed and the n new ones where those are contiguous, else the whole ring."""
+        ring the last W-1 committed and the n new ones, from the multiple of FA_TILE at or below them, where
+        those are contiguous, else the whole ring. (The extra slots hold older tokens: masked.)"""
         if not swa:
             return 0, self.n + n
         lo = max(0, self.n - (self.hp.sliding_window - 1))
-        count = self.n + n - lo
-        first = lo % self.ring
+        first = lo % self.ring // FA_TILE * FA_TILE
+        count = lo % self.ring - first + self.n + n - lo
         return (first, count) if first + count <= self.ring else (0, self.ring)
 
     def mark(self, n: int) -> None:
@@ -252,12 +268,16 @@ class PromptKV:
 
     def masks(self, n: int, *, causal: bool, kinds: Iterable[str] = ("swa", "full"), dtype: Any = np.float32
               ) -> dict[str, np.ndarray]:
-        """The masks ("swa": sliding layers, "full": global layers) of n new tokens after the committed ones
-        over the slots they read (call `mark(n)` first)."""
+        """The masks ("swa": sliding layers, "full": global layers) [query_rows(n), keys read] of n new tokens
+        after the committed ones over the slots they read (call `mark(n)` first); rows past n (padding queries,
+        a lone token's copy) repeat the last one, so that they stay finite."""
         qpos = np.arange(self.n, self.n + n)
-        return {kind: attention_mask(self.key_positions(kind == "swa", n), qpos, causal=causal,
-                                     window=self.hp.sliding_window if kind == "swa" else None, dtype=dtype)
-                for kind in kinds}
+        out = {}
+        for kind in kinds:
+            m = attention_mask(self.key_positions(kind == "swa", n), qpos, causal=causal,
+                               window=self.hp.sliding_window if kind == "swa" else None, dtype=dtype)
+            out[kind] = np.concatenate([m, np.repeat(m[-1:], query_rows(n) - n, axis=0)])
+        return out
 
     def truncate(self, n: int) -> bool:
         """Keep only the first n committed tokens; False when the ring no longer holds the last W-1 of them
