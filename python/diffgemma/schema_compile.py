@@ -21,8 +21,10 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
+from . import chat_format
 from .errors import Error
 
 STRING_TOKENS = 16  # a string without maxLength
@@ -71,11 +73,20 @@ class Str:
     min_len: int
     max_len: int | None
     size: int
+    forbidden: tuple[str, ...] = ()  # texts the string may not hold (Gemma 4's markers, in a tool call)
 
     def valid(self, text: str, remaining: int = 0) -> bool:
         """Legal characters and a length that fits (`remaining` positions still to come may add characters)."""
-        return (not has_forbidden(text) and (self.max_len is None or len(text) <= self.max_len)
-                and len(text) + remaining >= self.min_len)
+        return (not has_forbidden(text) and not any(f in text for f in self.forbidden)
+                and (self.max_len is None or len(text) <= self.max_len) and len(text) + remaining >= self.min_len)
+
+    def clean(self, text: str) -> str:
+        """`text` without the characters and texts it may not hold."""
+        text = "".join(ch for ch in text if not has_forbidden(ch))
+        while any(f in text for f in self.forbidden):
+            for f in self.forbidden:
+                text = text.replace(f, "")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +196,12 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class OneOf:
-    """anyOf: exactly one of its groups is present."""
+    """anyOf: exactly one of its groups is present. Wider than a canvas, the first non-null one is always
+    written, unless `choose` (the model must choose: an Error then)."""
 
     path: str
     options: tuple[Group, ...]
+    choose: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +222,22 @@ class JsonSchema:
 
     schema: dict[str, Any]
     nodes: tuple[Node, ...]
-    key: str  # the schema as canonical JSON (what layouts are cached by)
+    key: str  # the schema as canonical JSON and the syntax (what layouts are cached by)
+    syntax: str = "json"  # the text is JSON ("json"), or Gemma 4's tool-call syntax ("gemma"; see tool_layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Syntax:
+    """How the text writes a value's punctuation: JSON, or the arguments of Gemma 4's tool calls (chat_format:
+    `{key:VALUE,...}`, strings between <|"|> without escapes, keys unquoted)."""
+
+    name: str
+    quote: str  # around a string
+    colon: str  # after a key
+    comma: str  # between members and items
+    literal: Callable[[Any], str]  # an enum or const value's whole text
+    key: Callable[[str], str]  # a property name's text
+    forbidden: tuple[str, ...] = ()  # texts no string value may hold
 
 
 # ---- compiling ------------------------------------------------------------------------------------------
@@ -227,7 +255,6 @@ def _in_range(v: int, lo: int | None, hi: int | None) -> bool:
 
 def _clamp(v: int, lo: int | None, hi: int | None) -> int:
     return max(lo, v) if lo is not None and v < lo else (min(hi, v) if hi is not None and v > hi else v)
-
 
 
 def _number_text(v: float) -> str:
@@ -249,6 +276,29 @@ def _dump(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _gemma_literal(value: Any) -> str:
+    """An enum or const value as a tool call writes it; an Error when the call parser would not read it back."""
+    text = chat_format.format_value(value)
+    try:
+        back = chat_format.parse_value(text)
+    except ValueError:
+        back = None
+    if back != value or any(m in text for m in chat_format.MARKERS if m != chat_format.QUOTE):
+        raise Error(f"the value {_dump(value)} cannot be written in Gemma 4's tool-call syntax")
+    return text
+
+
+def _gemma_key(name: str) -> str:
+    """A property name as Gemma 4 writes it: bare when the call parser reads it back bare, else quoted."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
+        return name
+    return _gemma_literal(name)
+
+
+JSON = Syntax("json", '"', ": ", ", ", _dump, _dump)
+GEMMA = Syntax("gemma", chat_format.QUOTE, ":", ",", _gemma_literal, _gemma_key, tuple(chat_format.MARKERS))
+
+
 def _as_dict(schema: Any) -> dict[str, Any]:
     """The schema as a dict: given as one, as JSON text, or as a pydantic model class."""
     if isinstance(schema, JsonSchema):
@@ -266,9 +316,10 @@ def _as_dict(schema: Any) -> dict[str, Any]:
     return schema
 
 
-def compile(schema: Any) -> JsonSchema:
+def compile(schema: Any, syntax: Syntax = JSON) -> JsonSchema:
     """Check `schema` (a dict, a JSON string, a pydantic model class or a compiled JsonSchema) against the
-    supported subset and compile it; raises Error naming the JSON path and keyword of anything unsupported."""
+    supported subset and compile it; raises Error naming the JSON path and keyword of anything unsupported.
+    syntax: JSON (the default), or GEMMA for the arguments of a tool call."""
     if isinstance(schema, JsonSchema):
         return schema
     s = _as_dict(schema)
@@ -276,7 +327,7 @@ def compile(schema: Any) -> JsonSchema:
         key = json.dumps(s, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise Error(f"json_schema is not JSON data: {e}") from e
-    return JsonSchema(s, _Compiler(s).value(s, "$"), key)
+    return JsonSchema(s, _Compiler(s, syntax).value(s, "$"), f"{syntax.name}:{key}", syntax.name)
 
 
 def _number(s: dict[str, Any], k: str, path: str) -> float | int | None:
@@ -296,8 +347,9 @@ def _count(s: dict[str, Any], k: str, path: str) -> int | None:
 class _Compiler:
     """Schema dicts to nodes; `$ref`s resolve against the root document (never recursively)."""
 
-    def __init__(self, root: dict[str, Any]) -> None:
+    def __init__(self, root: dict[str, Any], syntax: Syntax = JSON) -> None:
         self.root = root
+        self.syntax = syntax
         self.expanding: list[str] = ["$"]  # the definitions being expanded, outermost first
 
     def resolve(self, ref: Any, path: str) -> tuple[Any, str]:
@@ -395,7 +447,7 @@ class _Compiler:
             values = [v for v in values if _type_of(v) in types or _type_of(v) == "integer" and "number" in types]
             if not values:
                 raise Error(f"{_at(path, word)}: no value is of type {s['type']!r}")
-        texts = tuple(dict.fromkeys(_dump(v) for v in values))
+        texts = tuple(dict.fromkeys(self.syntax.literal(v) for v in values))
         return (Fixed(texts[0]),) if len(texts) == 1 else (Choice(path, texts),)
 
     def t_null(self, s: dict[str, Any], path: str) -> tuple[Node, ...]:
@@ -410,8 +462,9 @@ class _Compiler:
             raise Error(f"{path}: maxLength {hi} is below minLength {lo}")
         size = max(lo, STRING_TOKENS if hi is None else min(hi, STRING_MAX_TOKENS))
         if size == 0:
-            return (Fixed('""'),)
-        return (Fixed('"'), Str(path, lo, hi, size), Fixed('"'))
+            return (Fixed(self.syntax.quote * 2),)
+        q = Fixed(self.syntax.quote)
+        return (q, Str(path, lo, hi, size, self.syntax.forbidden), q)
 
     def bounds(self, s: dict[str, Any], path: str) -> tuple[Any, ...]:
         if isinstance(s.get("exclusiveMinimum"), bool) or isinstance(s.get("exclusiveMaximum"), bool):
@@ -468,14 +521,15 @@ class _Compiler:
         first = next(i for i, k in enumerate(names) if k in req)
         nodes: list[Node] = [Fixed("{")]
         for i, k in enumerate(names):
-            key = _dump(k) + ": "
+            key = self.syntax.key(k) + self.syntax.colon
+            comma = self.syntax.comma
             val = self.value(props[k], _at(_at(path, "properties"), k))
             if i < first:
-                nodes.append(Group(_at(_at(path, "properties"), k), (Fixed(key), *val, Fixed(", "))))
+                nodes.append(Group(_at(_at(path, "properties"), k), (Fixed(key), *val, Fixed(comma))))
             elif k in req:
-                nodes.append(Glue((Fixed(key if i == first else ", " + key), *val)))
+                nodes.append(Glue((Fixed(key if i == first else comma + key), *val)))
             else:
-                nodes.append(Group(_at(_at(path, "properties"), k), (Fixed(", " + key), *val)))
+                nodes.append(Group(_at(_at(path, "properties"), k), (Fixed(comma + key), *val)))
         nodes.append(Fixed("}"))
         return tuple(nodes)
 
@@ -490,8 +544,9 @@ class _Compiler:
             return (Fixed("[]"),)
         item = self.value(s["items"], _at(path, "items"))
         nodes: list[Node] = [Fixed("[")]
-        nodes += [Glue(((Fixed(", "),) if i else ()) + item) for i in range(lo)]
-        opt = tuple(Group(_at(_at(path, "items"), i), ((Fixed(", "),) if i else ()) + item)
+        comma = (Fixed(self.syntax.comma),)
+        nodes += [Glue((comma if i else ()) + item) for i in range(lo)]
+        opt = tuple(Group(_at(_at(path, "items"), i), (comma if i else ()) + item)
                     for i in range(lo, slots))
         if opt:
             nodes.append(Items(path, opt, head=lo == 0))

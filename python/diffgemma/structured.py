@@ -87,6 +87,7 @@ class _Text:
     """Mandatory fixed text (clamped positions)."""
 
     text: str
+    end: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,10 @@ class _Run:
     start: int
     ids: tuple[int, ...]
     text: str
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +138,10 @@ class _Items:
     def start(self) -> int:
         return self.slots[0].start
 
+    @property
+    def end(self) -> int:
+        return self.slots[-1].end
+
 
 ABSENT, PRESENT, BROKEN = "absent", "present", "broken"
 
@@ -155,8 +164,8 @@ class SchemaLayout(Layout):
     # -- reading tokens --
 
     def _text(self, toks: np.ndarray) -> str:
-        ids = [int(t) for t in toks if t != self.filler]
-        return self.tokenizer.detokenize(ids) if ids else ""
+        ids = [int(t) for t in toks if t != self.filler]  # markers kept: a tool call's choices hold <|"|>
+        return self.tokenizer.detokenize(ids, special=True) if ids else ""
 
     def _state(self, g: _Group, toks: np.ndarray) -> str:
         seg = toks[g.start:g.end]
@@ -214,7 +223,7 @@ class SchemaLayout(Layout):
         leaf = v.leaf
         assert isinstance(leaf, Str)
         text = self._text(toks[v.start:e])
-        if has_forbidden(text):
+        if has_forbidden(text) or any(f in text for f in leaf.forbidden):
             return [(s, e)]
         if leaf.max_len is not None and len(text) > leaf.max_len:
             cut = next(p for p in range(s, e + 1) if len(self._text(toks[v.start:p + 1])) > leaf.max_len)
@@ -242,7 +251,7 @@ class SchemaLayout(Layout):
 
     def _fits(self, text: str, n: int) -> list[int] | None:
         ids = self.tokenizer.tokenize(text, add_special=False) if text else []
-        return ids if len(ids) <= n and self.tokenizer.detokenize(ids) == text else None
+        return ids if len(ids) <= n and self.tokenizer.detokenize(ids, special=True) == text else None
 
     def _fix_value(self, v: _Value, toks: np.ndarray, a: int, b: int) -> int:
         if v.end <= a or v.start >= b or self._value_ok(v, toks, b):
@@ -253,7 +262,7 @@ class SchemaLayout(Layout):
             before = self._text(toks[v.start:s])
             remaining = max(0, v.end - b)
             need = leaf.min_len - remaining - len(before)
-            cur = "".join(ch for ch in self._text(toks[s:e]) if not has_forbidden(ch))
+            cur = leaf.clean(self._text(toks[s:e]))
             if leaf.max_len is not None and len(before) + len(cur) > leaf.max_len:
                 cur = _cut(cur, max(0, leaf.max_len - len(before)), max(0, need))
             for text in (cur + PAD_CHAR * max(0, need - len(cur)), PAD_CHAR * max(0, need)):
@@ -355,8 +364,28 @@ class SchemaLayout(Layout):
         text = "".join(self._fill(p, toks, holes) for p in self.parts)
         return text, holes, [int(t) for t in toks if t != self.filler]
 
+    def partial(self, tokens: np.ndarray, end: int) -> str:
+        """The text of the parts wholly before position `end` (the canvases committed so far), up to the first
+        that is not: a start of the final text, since committed positions never change and the text follows the
+        positions' order. A string still open at `end` waits for its end."""
+        out: list[str] = []
+        self._before(self.parts, np.asarray(tokens), end, out)
+        return "".join(out)
+
+    def _before(self, parts: tuple[Any, ...], toks: np.ndarray, end: int, out: list[str]) -> bool:
+        for p in parts:
+            if p.end <= end:
+                out.append(self._fill(p, toks, []))
+                continue
+            if isinstance(p, _Items):  # its slots commit one canvas at a time
+                self._before(p.slots, toks, end, out)
+            return False
+        return True
+
     def value(self, text: str) -> Any:
-        """The parsed JSON value of a filled layout's text."""
+        """The parsed JSON value of a filled layout's text (None for a tool call: chat parses it)."""
+        if self.schema.syntax != "json":
+            return None
         try:
             return json.loads(text)
         except ValueError as e:  # pragma: no cover - the layout's rules make this impossible
@@ -440,7 +469,7 @@ class _Builder:
         if isinstance(leaf, Choice):
             options = [self.ids(t) for t in leaf.texts]
             for t, o in zip(leaf.texts, options, strict=True):
-                if self.tok.detokenize(list(o)) != t:
+                if self.tok.detokenize(list(o), special=True) != t:
                     raise Error(f"{leaf.path}: the value {t} does not survive tokenization in this vocabulary")
             rows = [self.row(tuple(sorted({o[i] for o in options if len(o) > i})),
                              grouped or any(len(o) <= i for o in options)) for i in range(n)]
@@ -458,7 +487,8 @@ class _Builder:
                     rows += [self.row("point", True)] + [self.row("digits", True)] * NUMBER_FRACTION_DIGITS
                 text = leaf.canonical()
             canonical = self.ids(text)
-            if len(canonical) > n or self.tok.detokenize(list(canonical)) != text or not leaf.valid(text):
+            if len(canonical) > n or self.tok.detokenize(list(canonical), special=True) != text or \
+                    not leaf.valid(text):
                 raise Error(f"{leaf.path}: the value {text!r} does not fit in {n} tokens of this vocabulary")
         return _Value(self.put_hole(rows), n, leaf, tuple(canonical))
 
@@ -473,7 +503,7 @@ class _Builder:
             ids = self.ids(node.text)
             if not grouped:
                 self.put_fixed(ids)
-                return [_Text(node.text)]
+                return [_Text(node.text, len(self.tokens))]
             return [_Run(self.put_hole([self.row((t,), True) for t in ids]), ids, node.text)]
         if isinstance(node, Glue):
             if not grouped:
@@ -494,6 +524,9 @@ class _Builder:
             return [self.group(node)]
         if isinstance(node, OneOf):
             if not grouped:
+                if self.size(node) > self.L and node.choose:
+                    raise Error(f"{node.path}: the alternatives take {self.size(node)} tokens, more than a canvas "
+                                f"holds ({self.L}), so they cannot be laid out for the model to choose among")
                 if self.size(node) > self.L:  # too long to be atomic: its first non-null alternative, always
                     first = next((o for o in node.options if o.nodes != (Fixed("null"),)), node.options[0])
                     return self.emit(Glue(first.nodes), False)
