@@ -167,11 +167,15 @@ def test_completion_refusals(client):
         assert _error(ei)["param"] == param
 
 
-def test_strict_false_and_text_change_nothing(client):
+def test_strict_false_text_and_llama_servers_json_object(client):
     loose = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": False}}
     a = client.chat.completions.create(model="tiny", messages=MSGS, response_format=loose, seed=9, extra_body=FAST)
     b = client.chat.completions.create(model="tiny", messages=MSGS, response_format=FORMAT, seed=9, extra_body=FAST)
     assert a.choices[0].message.content == b.choices[0].message.content
+    llama = {"type": "json_object", "schema": SCHEMA}  # llama-server's spelling of a schema
+    d = client.chat.completions.create(model="tiny", messages=MSGS, seed=9,
+                                       extra_body={**FAST, "response_format": llama})
+    assert d.choices[0].message.content == b.choices[0].message.content
     c = client.chat.completions.create(model="tiny", messages=MSGS, response_format={"type": "text"}, seed=9,
                                        max_tokens=8, extra_body=FAST)
     assert c.choices[0].finish_reason == "length"  # a plain answer

@@ -4,8 +4,9 @@ supported subset is a 400 naming it before anything is queued; it is laid out ag
 
 {"type": "text"} (or none) asks for nothing. {"type": "json_object"} is refused: a fixed layout needs the keys
 and the sizes of the values, which only a schema gives, and JSON that merely parses is not something this server
-can promise without one. `strict` changes nothing: every accepted schema is enforced exactly, and an unsupported
-keyword is a 400 either way.
+can promise without one; llama-server's {"type": "json_object", "schema": {...}} is served as that schema.
+`strict` changes nothing: every accepted schema is enforced exactly, and an unsupported keyword is a 400 either
+way.
 """
 
 from typing import Any
@@ -27,6 +28,8 @@ def check(v: Any) -> JsonSchema | None:
     kind = v["type"]
     if kind == "text":
         return None
+    if kind == "json_object" and "schema" in v:  # llama-server's spelling of a schema
+        return _compiled(v["schema"])
     if kind == "json_object":
         raise invalid("'response_format' {\"type\": \"json_object\"} is not supported: the JSON is laid out over the "
                       "canvas from a schema (its keys, the sizes of its values), so pass one: {\"type\": "
@@ -43,7 +46,11 @@ def check(v: Any) -> JsonSchema | None:
         raise invalid("'response_format.json_schema.strict' must be true or false")
     if "schema" not in spec:
         raise invalid("'response_format.json_schema' needs its 'schema': this server lays the answer out from it")
+    return _compiled(spec["schema"])
+
+
+def _compiled(schema: Any) -> JsonSchema:
     try:
-        return compile(spec["schema"])
+        return compile(schema)
     except Error as e:  # the keyword and its JSON path in the schema document
-        raise invalid(f"response_format.json_schema.schema: {e} (the supported subset: docs/structured.md)") from e
+        raise invalid(f"response_format schema: {e} (the supported subset: docs/structured.md)") from e
