@@ -22,7 +22,7 @@ LAYERS: dict[str, list[str]] = {
     "generation": ["batching", "generation", "chat", "hub", "model"],
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",
               "bench", "testing"],
-    "surfaces": ["server.defaults", "server.errors", "server.auth", "server.response_format", "server.protocol",
+    "surfaces": ["server.defaults", "server.errors", "server.auth", "server.layouts", "server.protocol",
                  "server.llama_api", "server.metrics", "server.engine", "server.app", "server.runner", "server",
                  "cli_flags", "cli_display", "cli"],
     "entry": ["__init__", "__main__", "server.__main__"],

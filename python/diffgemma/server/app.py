@@ -12,7 +12,6 @@ import functools
 import importlib.metadata
 import importlib.resources
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -23,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .. import multimodal, structured, tool_layout
+from .. import multimodal, structured
 from ..chat import build_prompt, prompt_ids
 from ..errors import Error
 from ..model import Model
@@ -33,6 +32,7 @@ from .auth import RequireApiKey, api_keys
 from .defaults import MAX_BATCH, REASONING_FORMATS
 from .engine import Engine, Event, Job
 from .errors import ApiError, bad_request, validation_error
+from .layouts import forced_call
 from .llama_api import (
     ApplyTemplateResponse,
     DetokenizeRequest,
@@ -65,7 +65,6 @@ from .protocol import (
     TextLogprobs,
 )
 
-log = logging.getLogger("diffgemma.server")
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 # The paths served (requests are counted by path in /metrics). llama-server answers some without /v1 too.
 CHAT, COMPLETIONS, MODELS, HEALTH = ("/v1/chat/completions", "/chat/completions"), ("/v1/completions",), \
@@ -316,12 +315,9 @@ class _Api:
         chat = params.chat
         assert chat is not None  # chat_params always sets it
         source = req.template if req.template is not None else req.response_format
-        if chat.prefix and source is None and params.logprobs is None:
-            # A forced call: its arguments laid out with the function's parameters schema where that can be done.
-            call = await asyncio.to_thread(tool_layout.forced_call, self.model, chat.tools, req.tool_choice)
-            if call.unenforced:
-                log.info("the forced tool call is written freely: %s", call.unenforced)
-            chat, source = dataclasses.replace(chat, prefix=call.prefix or chat.prefix), call.layout
+        if source is None:  # a forced call's arguments are laid out with the function's parameters schema
+            chat, source = await asyncio.to_thread(forced_call, self.model, chat, req.tool_choice,
+                                                   params.logprobs is not None)
         ids = await self.tokenize(messages, None, "messages", params.image_budget, tools=chat.tools or None,
                                   template_kwargs=chat.template_kwargs, prefix=chat.prefix)
         template = await self.lay_out(source, ids)

@@ -40,7 +40,7 @@ from ..sampler import SamplerSettings, setting_problem, temperature_problem
 from ..template import Hole, Layout
 from .defaults import REASONING_FORMATS
 from .errors import bad_request, invalid
-from .response_format import check as compiled_schema
+from .layouts import check as compiled_schema
 
 DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens (the library's default)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}

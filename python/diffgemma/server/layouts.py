@@ -1,6 +1,9 @@
-"""`response_format` (OpenAI's, on both generating endpoints): a JSON Schema the answer is laid out with
-(docs/structured.md). The schema is compiled here, while the request is validated, so that a keyword outside the
-supported subset is a 400 naming it before anything is queued; it is laid out against the model later.
+"""What a request lays out over the canvas besides a template: its `response_format` schema, or a forced tool
+call's arguments (docs/structured.md).
+
+`response_format` (OpenAI's, on both generating endpoints) is compiled while the request is validated, so that a
+keyword outside the supported subset is a 400 naming it before anything is queued; it is laid out against the
+model later.
 
 {"type": "text"} (or none) asks for nothing. {"type": "json_object"} is refused: a fixed layout needs the keys
 and the sizes of the values, which only a schema gives, and JSON that merely parses is not something this server
@@ -9,11 +12,17 @@ can promise without one; llama-server's {"type": "json_object", "schema": {...}}
 way.
 """
 
+import dataclasses
+import logging
 from typing import Any
 
+from .. import tool_layout
 from ..errors import Error
 from ..schema_compile import JsonSchema, compile
+from ..template import Layout
 from .errors import invalid
+
+log = logging.getLogger("diffgemma.server")
 
 SHAPE = ('\'response_format\' must be {"type": "text"} or {"type": "json_schema", "json_schema": {"name": ..., '
          '"schema": {...}, "strict": true}}')
@@ -54,3 +63,15 @@ def _compiled(schema: Any) -> JsonSchema:
         return compile(schema)
     except Error as e:  # the keyword and its JSON path in the schema document
         raise invalid(f"response_format schema: {e} (the supported subset: docs/structured.md)") from e
+
+
+def forced_call(model: Any, chat: Any, tool_choice: str, free: bool) -> tuple[Any, Layout | None]:
+    """A chat request's ChatOptions with its forced call's prefix, and the layout of the call's arguments (None:
+    no call forced, `free` (a template or logprobs in the request), or a call that cannot be laid out, then
+    forced as before and logged)."""
+    if not chat.prefix or free:
+        return chat, None
+    call = tool_layout.forced_call(model, chat.tools, tool_choice)
+    if call.unenforced:
+        log.info("the forced tool call is written freely: %s", call.unenforced)
+    return dataclasses.replace(chat, prefix=call.prefix), call.layout
