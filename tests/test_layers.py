@@ -14,17 +14,17 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "diffgemma"
 # One line per module; docs/architecture.md explains each layer. A module missing here fails the test, so a new
 # module has to be given its place.
 LAYERS: dict[str, list[str]] = {
-    "base": ["errors", "version", "outputs", "sampler", "template", "structured", "chat_format", "images", "ftypes",
-             "layout"],
+    "base": ["errors", "version", "outputs", "sampler", "template", "schema_compile", "structured", "chat_format",
+             "tool_layout", "images", "ftypes", "layout"],
     "core": ["binding", "gguf_file", "weights", "kv", "graph", "tokenizer", "imatrix_file", "checkpoint", "mmproj",
              "multimodal", "vision"],
     "engine": ["memory", "engine"],
     "generation": ["batching", "generation", "chat", "hub", "model"],
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",
               "bench", "testing"],
-    "surfaces": ["server.defaults", "server.errors", "server.auth", "server.protocol", "server.llama_api",
-                 "server.metrics", "server.engine", "server.app", "server.runner", "server", "cli_flags",
-                 "cli_display", "cli"],
+    "surfaces": ["server.defaults", "server.errors", "server.auth", "server.layouts", "server.protocol",
+                 "server.llama_api", "server.metrics", "server.engine", "server.app", "server.runner", "server",
+                 "cli_flags", "cli_display", "cli"],
     "entry": ["__init__", "__main__", "server.__main__"],
 }
 RANK = {mod: i for i, mods in enumerate(LAYERS.values()) for mod in mods}

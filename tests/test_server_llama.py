@@ -129,7 +129,7 @@ def test_apply_template_gives_the_prompt_chat_completions_uses(model, http, clie
     forced = {"type": "function", "function": {"name": "get_weather"}}
     with_tools = http.post("/apply-template", json={"messages": MSGS, "tools": tools, "tool_choice": forced})
     assert with_tools.json()["prompt"].startswith("<bos>") and "get_weather" in with_tools.json()["prompt"]
-    assert with_tools.json()["prompt"].endswith("call:get_weather{")
+    assert with_tools.json()["prompt"].endswith("<|tool_call>call:get_weather")  # its arguments are laid out
 
 
 # ---- /props, /slots -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import diffgemma as dg
-from diffgemma import structured
+from diffgemma import schema_compile, structured
 
 SEEDS = int(os.environ.get("DIFFGEMMA_SCHEMA_SEEDS", "1"))
 STEPS = (6, 1, 12)  # per seed in turn: a short run (stops and re-noises), one step (every value repaired), longer
@@ -45,12 +45,12 @@ def _valid(g, schema):
 
 
 def test_compile_writes_each_keyword_as_text_and_values():
-    js = structured.compile({"type": "object", "properties": {
+    js = schema_compile.compile({"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 5}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
         "ok": {"type": "boolean"}, "none": {"type": "null"}, "kind": {"const": "pet"},
         "color": {"enum": ["red", 2, None]}, "opt": {"type": "number"}}, "required": ["name", "n", "ok", "none",
                                                                                        "kind", "color"]})
-    S = structured
+    S = schema_compile
     assert js.nodes[0] == S.Fixed("{") and js.nodes[-1] == S.Fixed("}")
     name, n, ok, none, kind, color, opt = js.nodes[1:-1]
     assert name == S.Glue((S.Fixed('"name": '), S.Fixed('"'), S.Str("$.properties.name", 0, 5, 5), S.Fixed('"')))
@@ -63,23 +63,23 @@ def test_compile_writes_each_keyword_as_text_and_values():
 
 def test_sizes_follow_the_bounds_and_the_documented_defaults():
     def leaf(s):
-        return next(n for n in structured.compile(s).nodes if not isinstance(n, structured.Fixed))
-    assert leaf({"type": "string"}).size == structured.STRING_TOKENS
-    assert leaf({"type": "string", "maxLength": 1000}).size == structured.STRING_MAX_TOKENS
+        return next(n for n in schema_compile.compile(s).nodes if not isinstance(n, schema_compile.Fixed))
+    assert leaf({"type": "string"}).size == schema_compile.STRING_TOKENS
+    assert leaf({"type": "string", "maxLength": 1000}).size == schema_compile.STRING_MAX_TOKENS
     assert leaf({"type": "string", "minLength": 80, "maxLength": 1000}).size == 80
-    assert structured.compile({"type": "string", "maxLength": 0}).nodes == (structured.Fixed('""'),)
-    assert leaf({"type": "integer"}).size == structured.INTEGER_TOKENS
+    assert schema_compile.compile({"type": "string", "maxLength": 0}).nodes == (schema_compile.Fixed('""'),)
+    assert leaf({"type": "integer"}).size == schema_compile.INTEGER_TOKENS
     assert leaf({"type": "integer", "minimum": -5, "maximum": 1000}).size == 4
     assert leaf({"type": "integer", "exclusiveMinimum": 0.5, "exclusiveMaximum": 10}) == \
-        structured.Int("$", 1, 9, 1)
-    assert leaf({"type": "number", "minimum": 0, "maximum": 100}).size == 3 + 1 + structured.NUMBER_FRACTION_DIGITS
-    assert leaf({"type": "number"}).size == 1 + structured.NUMBER_DIGITS + 1 + structured.NUMBER_FRACTION_DIGITS
-    items = structured.compile({"type": "array", "items": {"type": "integer"}}).nodes[1]
-    assert isinstance(items, structured.Items) and len(items.slots) == structured.ITEMS and items.head
-    mixed = structured.compile({"type": "array", "items": {"type": "null"}, "minItems": 2, "maxItems": 3}).nodes
+        schema_compile.Int("$", 1, 9, 1)
+    assert leaf({"type": "number", "minimum": 0, "maximum": 100}).size == 3 + 1 + schema_compile.NUMBER_FRACTION_DIGITS
+    assert leaf({"type": "number"}).size == 1 + schema_compile.NUMBER_DIGITS + 1 + schema_compile.NUMBER_FRACTION_DIGITS
+    items = schema_compile.compile({"type": "array", "items": {"type": "integer"}}).nodes[1]
+    assert isinstance(items, schema_compile.Items) and len(items.slots) == schema_compile.ITEMS and items.head
+    mixed = schema_compile.compile({"type": "array", "items": {"type": "null"}, "minItems": 2, "maxItems": 3}).nodes
     assert [type(n).__name__ for n in mixed] == ["Fixed", "Glue", "Glue", "Items", "Fixed"]
-    assert structured.compile({"type": "array", "items": {"type": "null"}, "maxItems": 0}).nodes == \
-        (structured.Fixed("[]"),)
+    assert schema_compile.compile({"type": "array", "items": {"type": "null"}, "maxItems": 0}).nodes == \
+        (schema_compile.Fixed("[]"),)
 
 
 class Pet:  # what a pydantic model class offers: model_json_schema()
@@ -89,10 +89,10 @@ class Pet:  # what a pydantic model class offers: model_json_schema()
 
 
 def test_schema_forms_dict_json_text_pydantic_class_and_compiled():
-    a = structured.compile(Pet)
-    assert structured.compile(json.dumps(Pet.model_json_schema())).nodes == a.nodes
-    assert structured.compile(Pet.model_json_schema()).key == a.key
-    assert structured.compile(a) is a
+    a = schema_compile.compile(Pet)
+    assert schema_compile.compile(json.dumps(Pet.model_json_schema())).nodes == a.nodes
+    assert schema_compile.compile(Pet.model_json_schema()).key == a.key
+    assert schema_compile.compile(a) is a
 
 
 def test_a_real_pydantic_model(rnd):
@@ -162,7 +162,7 @@ def test_a_real_pydantic_model(rnd):
 ])
 def test_unsupported_or_bad_schemas_name_the_keyword_and_path(schema, msg):
     with pytest.raises(dg.Error, match=msg):
-        structured.compile(schema)
+        schema_compile.compile(schema)
 
 
 def test_annotations_are_accepted(rnd):
@@ -187,7 +187,7 @@ def test_layout_clamps_structure_and_keeps_values_inside_a_canvas(rnd):
     L = lay.canvas_length
     assert L == 16 and lay.n_canvas > 3
     for p in lay.parts:  # no value but a string crosses a canvas edge; no group does
-        if isinstance(p, structured._Value) and not isinstance(p.leaf, structured.Str) or \
+        if isinstance(p, structured._Value) and not isinstance(p.leaf, schema_compile.Str) or \
                 isinstance(p, structured._Group | structured._OneOf):
             assert p.start // L == (p.end - 1) // L
     name = next(p for p in lay.parts if isinstance(p, structured._Value))
@@ -197,12 +197,12 @@ def test_layout_clamps_structure_and_keeps_values_inside_a_canvas(rnd):
     for t in np.flatnonzero(string_row):
         text = tok.detokenize([int(t)])
         assert t == lay.filler or (text and '"' not in text and "\\" not in text and min(map(ord, text)) >= 32)
-    n = next(p for p in lay.parts if isinstance(p, structured._Value) and isinstance(p.leaf, structured.Int))
+    n = next(p for p in lay.parts if isinstance(p, structured._Value) and isinstance(p.leaf, schema_compile.Int))
     first, rest = lay.table[lay.rows[n.start]], lay.table[lay.rows[n.start + 1]]
     assert {tok.detokenize([int(t)]) for t in np.flatnonzero(first)} <= set("-0123456789")
     assert not first[lay.filler] and rest[lay.filler]  # a mandatory integer has a first digit (or sign)
-    x = next(p for p in lay.parts if isinstance(p, structured._Value) and isinstance(p.leaf, structured.Num))
-    point = x.n - 1 - structured.NUMBER_FRACTION_DIGITS
+    x = next(p for p in lay.parts if isinstance(p, structured._Value) and isinstance(p.leaf, schema_compile.Num))
+    point = x.n - 1 - schema_compile.NUMBER_FRACTION_DIGITS
     assert {tok.detokenize([int(t)]) for t in np.flatnonzero(lay.table[lay.rows[x.start + point]])} == {".", ""}
 
 

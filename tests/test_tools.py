@@ -9,6 +9,7 @@ committed canvases; the scripted call spans canvases.
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 
@@ -29,6 +30,10 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "description": "Local time",
                                       "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
 ]
+# The same function with a schema outside the supported subset ("format"): its call is not laid out.
+FREE_TOOLS = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "format": "city"}}}}}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 FAST = {"steps": 2, "stability": None}
 # The file's chat template (ours, Gemma 4's layout in brief): tools in the system turn, calls and results.
@@ -129,8 +134,18 @@ def test_chat_agent_loop(scripted):
 
 def test_chat_tool_choice(scripted, monkeypatch):
     m = scripted.model
-    r = m.chat(MSGS, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, **FAST)
-    assert scripted.prompts[-1].endswith("<|turn>model\n<|tool_call>call:get_weather{")  # the name is fixed
+    n = len(scripted.prompts)
+    r = m.chat(MSGS, tools=TOOLS, tool_choice=NAMED, **FAST)
+    # The name is fixed; the arguments are laid out with the parameters schema, so they validate. (The script
+    # does not follow the layout, so each canvas looks like a new request to it: the first is the prompt.)
+    assert scripted.prompts[n].endswith("<|turn>model\n<|tool_call>call:get_weather")
+    (call,) = r.tool_calls
+    assert call.name == "get_weather" and r.finish_reason == "tool_calls"
+    jsonschema.validate(call.arguments, TOOLS[0]["function"]["parameters"])
+    # A schema outside the supported subset: the call is forced as before and its arguments written freely.
+    with pytest.warns(UserWarning, match="written freely .*'format' is not supported"):
+        r = m.chat(MSGS, tools=FREE_TOOLS, tool_choice=NAMED, **FAST)
+    assert scripted.prompts[-1].endswith("<|turn>model\n<|tool_call>call:get_weather{")
     assert r.tool_calls == [ToolCall("get_weather", {"city": "Rome"})]
     r = m.chat(MSGS, tools=TOOLS, tool_choice="none", **FAST)
     assert "<|tool>" not in scripted.prompts[-1]  # no tools rendered, and no calls parsed
@@ -208,9 +223,14 @@ def test_server_tool_choice_and_reasoning_opt_out(scripted, client):
                                        extra_body=FAST)
     assert "<|tool>" not in scripted.prompts[-1] and "get_weather" not in scripted.prompts[-1]  # no tools rendered
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
-    r = client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, extra_body=FAST,
-                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert scripted.prompts[-1].endswith("<|tool_call>call:get_weather{")
+    n = len(scripted.prompts)
+    r = client.chat.completions.create(model="tools", messages=MSGS, tools=TOOLS, extra_body=FAST, tool_choice=NAMED)
+    assert scripted.prompts[n].endswith("<|tool_call>call:get_weather")  # the arguments are laid out
+    jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments),
+                        TOOLS[0]["function"]["parameters"])
+    r = client.chat.completions.create(model="tools", messages=MSGS, tools=FREE_TOOLS, extra_body=FAST,
+                                       tool_choice=NAMED)
+    assert scripted.prompts[-1].endswith("<|tool_call>call:get_weather{")  # written freely, as before
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Rome"}
     r = client.chat.completions.create(model="tools", messages=MSGS, extra_body={**FAST, "reasoning_format": "none"})
     assert r.choices[0].message.content.startswith(f"<|channel>thought\n{THOUGHT}<channel|>")

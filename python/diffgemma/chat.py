@@ -4,10 +4,11 @@ image spans, for messages with pictures); `chat()`: messages (and tools) in, the
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from typing import Any
 
-from . import chat_format, multimodal
+from . import chat_format, multimodal, tool_layout
 from .errors import Error
 
 ROLES = ("system", "user", "assistant", "tool")  # what the chat template renders; anything else is a typo
@@ -185,12 +186,20 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
     tools = chat_format.check_tools(tools)
     choice = chat_format.check_tool_choice(tool_choice, tools)
     offered = tools if choice != "none" else []
-    prefix = chat_format.forced_prefix(choice) if offered else ""
     if template_kwargs is not None and not isinstance(template_kwargs, dict):
         raise Error(f"template_kwargs must be a dict, got {type(template_kwargs).__name__}")
     structured = generate_kw.get("json_schema") is not None
     if structured and offered:
         raise Error("json_schema and tools in one chat turn are not supported yet (pass tool_choice='none')")
+    # A forced call's arguments are laid out with the function's parameters schema (a template of its own or
+    # logprobs, which a layout's fixed tokens do not have, leave the call free).
+    free = generate_kw.get("template") is not None or generate_kw.get("logprobs")
+    call = tool_layout.forced_call(model, offered, "auto" if free else choice)
+    prefix = call.prefix or (chat_format.forced_prefix(choice) if offered else "")
+    if call.unenforced:
+        warnings.warn(f"diffgemma: the forced tool call is written freely ({call.unenforced})", stacklevel=3)
+    if call.layout is not None:
+        generate_kw = {**generate_kw, "template": call.layout}
     if multimodal.has_images(messages):
         if offered or template_kwargs or prefix:
             raise Error("tools (or template_kwargs) and images in one chat turn are not supported yet")
@@ -202,7 +211,7 @@ def chat(model: Any, messages: list[dict[str, Any]], *, tools: list[dict] | None
         g = model.generate(ids, **generate_kw)
     if structured:  # the answer is the laid-out JSON text itself, complete by construction
         return ChatReply(g.text, "", [], g, "stop")
-    content, reasoning, calls = chat_format.parse_chat_output(prefix + output_text(model, g.tokens),
-                                                              tools=bool(offered))
+    text = g.text if call.layout is not None else output_text(model, g.tokens)  # a laid-out call: its text
+    content, reasoning, calls = chat_format.parse_chat_output(prefix + text, tools=bool(offered))
     finish = "tool_calls" if calls else OPENAI_FINISH[g.finish_reason]
     return ChatReply(content.strip(), reasoning.strip(), calls, g, finish)

@@ -42,6 +42,8 @@ PLAIN_TEMPLATE = (
 
 # Control tokens that generated text keeps for parsing (detokenize drops control tokens otherwise).
 OUTPUT_MARKERS = (CALL, CALL_END, CHANNEL, CHANNEL_END, QUOTE, RESPONSE)
+# Every marker of the format: text that no string value of a laid-out tool call may hold.
+MARKERS = (TURN, TURN_END, TOOL, TOOL_END, CALL, CALL_END, RESPONSE, RESPONSE_END, CHANNEL, CHANNEL_END, QUOTE, THINK)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?")
@@ -391,6 +393,17 @@ class _Reader:
         if not isinstance(k, str) or not self.eat(":"):
             raise self.fail("expected ':' after a key")
         return k
+
+
+def parse_value(text: str) -> Any:
+    """One value in Gemma 4's argument syntax (what format_value writes) -> its JSON value; ValueError if
+    malformed or followed by more text."""
+    r = _Reader(text)
+    v = r.value()
+    r.ws()
+    if r.i != len(text):
+        raise r.fail("text after the value")
+    return v
 
 
 def parse_call(body: str) -> ToolCall:

@@ -274,6 +274,13 @@ def _text_delta(text: str, sent: int, last: bool) -> str:
     return delta if last else delta.rstrip("\ufffd")
 
 
+def _template_text(lay: Any, done: list[int], c: int, last: bool, detokenize: Callable) -> str:
+    """A template's text after canvas c committed: whole once filled (the last canvas); before that what its
+    committed positions already fix (a json_schema's parts so far; a plain template's none)."""
+    toks = np.asarray(done)
+    return lay.fill(toks, detokenize)[0] if last else lay.partial(toks, (c + 1) * lay.canvas_length)
+
+
 def _finish_reason(lay: Any, hit_eos: bool, n_new: int, limit: int | None) -> str:
     """Why a generation ended after its last canvas (FINISH_REASONS)."""
     if lay is not None:
@@ -321,9 +328,10 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
             argmax = lay.tokens[lay.canvas(c)]
             infos.append(CanvasInfo(steps=0, stopped_early=True, eos=False))
             committed.extend(int(t) for t in argmax)
-            text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
-            yield CanvasEvent(c, np.asarray(argmax), _text_delta(text, sent, last), 0, True, False, timings(),
-                              finish if last else None)
+            text = _template_text(lay, committed[len(ids):], c, last, model.detokenize)
+            delta = _text_delta(text, sent, last)
+            sent += len(delta)
+            yield CanvasEvent(c, np.asarray(argmax), delta, 0, True, False, timings(), finish if last else None)
             continue
         t0 = time.perf_counter()
         yield Prefill(np.asarray(committed, dtype=np.int32), images, on_prefill)
@@ -391,11 +399,8 @@ def _request(model: Engine, ids: list[int], images: list[Any], lay: Any, n_canva
         last = last or hit_eos
         if last:
             finish = _finish_reason(lay, hit_eos, len(new), limit)
-        # A template's text is only known once it is filled: it comes whole with the last canvas.
-        if lay is None:
-            text = model.detokenize(new)
-        else:
-            text = lay.fill(np.asarray(committed[len(ids):]), model.detokenize)[0] if last else ""
+        text = model.detokenize(new) if lay is None else \
+            _template_text(lay, committed[len(ids):], c, last, model.detokenize)
         delta = _text_delta(text, sent, last)
         sent += len(delta)
         yield CanvasEvent(c, np.asarray(canvas), delta, info.steps, info.stopped_early, hit_eos, timings(),

@@ -265,6 +265,11 @@ class Layout:
         were replaced."""
         return np.asarray(tokens)[self.canvas(c)], 0
 
+    def partial(self, tokens: np.ndarray, end: int) -> str:
+        """The text known once the positions before `end` are committed (a start of the final text). A plain
+        template's comes whole once filled (its text is assembled from all its holes); a json_schema's per part."""
+        return ""
+
     def fill(self, tokens: np.ndarray, detokenize: Callable[[list[int]], str]
              ) -> tuple[str, list[str], list[int]]:
         """(text, hole texts, tokens) of the filled template; fillers dropped from holes."""

@@ -22,15 +22,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .. import multimodal
+from .. import multimodal, structured
 from ..chat import build_prompt, prompt_ids
 from ..errors import Error
 from ..model import Model
+from ..schema_compile import JsonSchema
 from ..template import lay_out
 from .auth import RequireApiKey, api_keys
 from .defaults import MAX_BATCH, REASONING_FORMATS
 from .engine import Engine, Event, Job
 from .errors import ApiError, bad_request, validation_error
+from .layouts import forced_call
 from .llama_api import (
     ApplyTemplateResponse,
     DetokenizeRequest,
@@ -312,10 +314,14 @@ class _Api:
         params = req.chat_params(self.model.sampler_defaults, self.reasoning_format)
         chat = params.chat
         assert chat is not None  # chat_params always sets it
+        source = req.template if req.template is not None else req.response_format
+        if source is None:  # a forced call's arguments are laid out with the function's parameters schema
+            chat, source = await asyncio.to_thread(forced_call, self.model, chat, req.tool_choice,
+                                                   params.logprobs is not None)
         ids = await self.tokenize(messages, None, "messages", params.image_budget, tools=chat.tools or None,
                                   template_kwargs=chat.template_kwargs, prefix=chat.prefix)
-        template = await self.lay_out(req.template, ids)
-        params = dataclasses.replace(params, template=template,
+        template = await self.lay_out(source, ids)
+        params = dataclasses.replace(params, template=template, chat=chat,
                                      messages=messages if multimodal.has_images(messages) else None)
         return await self.run(request, "chat", ids, params, req.n or 1)
 
@@ -355,17 +361,20 @@ class _Api:
         return f"this server's context of {n_ctx} tokens (the model's own context length)"
 
     async def lay_out(self, template: Any, ids: list[int]) -> Any:
-        """The request's template laid out for the model (None without one): errors are 400s."""
+        """The request's template or response_format schema laid out for the model (None without one): errors are
+        400s."""
         if template is None:
             return None
+        schema = isinstance(template, JsonSchema)
+        param = "response_format" if schema else "template"
         try:
-            layout = await asyncio.to_thread(lay_out, self.model, template)
+            layout = await asyncio.to_thread(structured.lay_out if schema else lay_out, self.model, template)
         except Error as e:
-            raise bad_request(str(e), "template") from e
+            raise bad_request(str(e), param) from e
         L = self.hp.canvas_length
         if len(ids) + layout.n_canvas * L > self.model.n_ctx:
-            raise bad_request(f"the prompt ({len(ids)} tokens) and the template ({layout.n_canvas} canvases of "
-                              f"{L}) exceed {self.context()}", "template", "context_length_exceeded")
+            raise bad_request(f"the prompt ({len(ids)} tokens) and the {param} ({layout.n_canvas} canvases of "
+                              f"{L}) exceed {self.context()}", param, "context_length_exceeded")
         return layout
 
     # -- answers --

@@ -156,6 +156,9 @@ class Run:
         self.logprobs.extend(ev.logprobs or [])
         if self.per_canvas:
             self._send(self.text.update(self.committed, final=False), False)
+        elif self.job.p.json and ev.text_delta:  # a schema's parts in committed canvases: final, a start of the JSON
+            self.text.text = self.text.sent = self.text.sent + ev.text_delta
+            self._send(ev.text_delta, False)
         return not self.text.hit_stop
 
     def _frame(self, ev: StepEvent) -> Frame:
@@ -181,6 +184,10 @@ class Run:
             logprobs = self._new_logprobs(final) if p.stream else None
             if p.stream and (delta or logprobs):
                 job.put("delta", (delta, logprobs))
+            return
+        if p.json:  # the JSON text is the content as it is (nothing in it is a marker to parse)
+            if p.stream and delta:
+                job.put("delta", ({"content": delta}, None))
             return
         d = self.parsed.update(self.text.text if final else self.text.sent, final)
         if not p.stream:
@@ -210,7 +217,9 @@ class Run:
                 self.metrics.count_cancelled()
             return None
         if g is not None and p.template is not None:  # the filled template, whatever its length
-            delta = text.text = text.sent = g.holes[0] if p.infill else g.text
+            filled = text.prefix + (g.holes[0] if p.infill else g.text)  # a laid-out tool call follows its prefix
+            delta = filled[len(text.sent):]  # what a schema streamed so far is a start of it
+            text.text = text.sent = filled
             # An infill answers with its hole: the template's fixed tokens (the suffix) are not part of it.
             fixed = int(p.template.fixed[: p.template.n_template].sum()) if p.infill else 0
             text.tokens = g.tokens[: len(g.tokens) - fixed]
@@ -245,6 +254,8 @@ class Run:
     def _message(self) -> dict:
         """A chat request's answer: content, thinking and tool calls as parsed from the text."""
         parsed = self.parsed
+        if self.job.p.json:
+            return {"role": "assistant", "content": self.text.text}
         message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
         if parsed.thinking:
             message["reasoning_content"] = parsed.thinking

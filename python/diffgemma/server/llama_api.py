@@ -18,6 +18,7 @@ from ..errors import Error
 from ..model import Model
 from .engine import Engine, Run
 from .errors import ApiError, bad_request
+from .layouts import forced_call
 from .protocol import DEFAULT_MAX_TOKENS, ChatRequest, Params
 
 # ---- requests and responses ----------------------------------------------------------------------------------
@@ -129,8 +130,12 @@ class LlamaApi:
         messages = req.library_messages()
         if multimodal.has_images(messages):
             raise bad_request("/apply-template takes text messages (images become tokens, not text)", "messages")
-        chat = req.chat_params(self.model.sampler_defaults, self.reasoning_format).chat
+        params = req.chat_params(self.model.sampler_defaults, self.reasoning_format)
+        chat = params.chat
         assert chat is not None  # chat_params always sets it
+        if req.template is None and req.response_format is None:  # a forced call starts as the chat's does
+            chat, _ = await asyncio.to_thread(forced_call, self.model, chat, req.tool_choice,
+                                              params.logprobs is not None)
         try:
             text = await asyncio.to_thread(prompt_text, self.model, messages, tools=chat.tools or None,
                                            template_kwargs=chat.template_kwargs, prefix=chat.prefix)

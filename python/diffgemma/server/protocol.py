@@ -40,6 +40,7 @@ from ..sampler import SamplerSettings, setting_problem, temperature_problem
 from ..template import Hole, Layout
 from .defaults import REASONING_FORMATS
 from .errors import bad_request, invalid
+from .layouts import check as compiled_schema
 
 DEFAULT_MAX_TOKENS = 256  # when a request names no max_tokens (the library's default)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -115,7 +116,6 @@ def _one_prompt(p: Any) -> Any:
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]  # alternatives per token (logprobs)
 _FUNCTIONS = _supported_if(lambda v: not v)  # the legacy form of tools
-_RESPONSE_FORMAT = _supported_if(lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"))
 _ECHO = _supported_if(lambda v: not v)
 _BEST_OF = _supported_if(lambda v: v in (None, 1))
 
@@ -182,7 +182,8 @@ class Params:
     stream: bool = False
     include_usage: bool = False
     frames: bool = False  # denoising frames as SSE comments (streams only)
-    template: Layout | None = None  # laid out for the model
+    template: Layout | None = None  # laid out for the model (a response_format schema's too)
+    json: bool = False  # response_format json_schema: the answer is the laid-out JSON text, as it is
     infill: bool = False  # the answer is the template's one hole (completions with a suffix)
     chat: ChatOptions | None = None  # a chat request: the output is parsed into content, reasoning, calls
     messages: list[dict] | None = None  # a prompt with images goes to the engine as messages
@@ -214,6 +215,7 @@ class GenerationRequest(BaseModel):
     stop: Annotated[list[Annotated[StrictStr, Field(min_length=1)]] | None, BeforeValidator(_stop_list),
                     Field(max_length=4)] = None
     template: Annotated[Any, AfterValidator(_template)] = None
+    response_format: Annotated[Any, AfterValidator(compiled_schema)] = None  # compiled: a JsonSchema or None
     n: PositiveInt | None = None  # choices: n jobs, with seeds seed, seed + 1, ... (at most the server's max batch)
     temperature: Annotated[Any, AfterValidator(_temperature)] = None  # the schedule's scale; 0: greedy
     # OpenAI's, llama-server's and vLLM's other sampling knobs (the table in docs/server.md)
@@ -232,7 +234,8 @@ class GenerationRequest(BaseModel):
     dry_multiplier: _neutral(0) = None
 
     def _templated(self) -> bool:
-        return self.template is not None
+        """A template (or a schema) decides where the text ends, and its fixed tokens are not sampled."""
+        return self.template is not None or self.response_format is not None
 
     def _top_logprobs(self) -> int | None:
         """The alternatives per token the request's logprobs ask for; None: no logprobs."""
@@ -240,12 +243,14 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _stop_without_template(self) -> "GenerationRequest":
+        if self.template is not None and self.response_format is not None:
+            raise invalid("give a 'template' or a 'response_format' schema, not both", param="response_format")
         if self.stop and self._templated():
-            raise invalid("'stop' does not apply to a template (the template decides where the text ends)",
-                           param="stop")
+            raise invalid("'stop' does not apply to a template or a response_format schema (the layout decides "
+                          "where the text ends)", param="stop")
         if self._top_logprobs() is not None and self._templated():
-            raise invalid("'logprobs' are not available with a template or a suffix (its fixed tokens are not "
-                          "sampled)", param="logprobs", type="unsupported_parameter")
+            raise invalid("'logprobs' are not available with a template, a response_format schema or a suffix "
+                          "(fixed tokens are not sampled)", param="logprobs", type="unsupported_parameter")
         return self
 
     def params(self, sampler_defaults: SamplerSettings) -> Params:
@@ -260,6 +265,7 @@ class GenerationRequest(BaseModel):
             frames=bool(self.diffusion_frames and self.stream),  # frames only travel in a stream
             temperature=self.temperature,
             logprobs=self._top_logprobs(),
+            json=self.response_format is not None,
         )
 
 
@@ -391,9 +397,15 @@ class ChatRequest(GenerationRequest):
     chat_template_kwargs: Annotated[dict[str, Any] | None, AfterValidator(_template_kwargs)] = None
     image_budget: PositiveInt | None = None  # soft tokens per image
     functions: _FUNCTIONS = None
-    response_format: _RESPONSE_FORMAT = None
     logprobs: StrictBool | None = None
     top_logprobs: TopK | None = None
+
+    @model_validator(mode="after")
+    def _schema_without_tools(self) -> "ChatRequest":
+        if self.response_format is not None and self.tools and self.tool_choice != "none":
+            raise invalid("a 'response_format' schema and tools in one request are not supported (the answer is "
+                          "laid out as the JSON; send tool_choice 'none')", param="response_format")
+        return self
 
     def _top_logprobs(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -429,23 +441,25 @@ class CompletionRequest(GenerationRequest):
         return self.logprobs
 
     def _templated(self) -> bool:
-        return self.template is not None or bool(self.suffix)
+        return super()._templated() or bool(self.suffix)
 
     @model_validator(mode="after")
     def _prompt_or_template(self) -> "CompletionRequest":
-        if self.suffix and self.template is not None:
-            raise invalid("'suffix' must be a string, and cannot be combined with 'template'", param="suffix")
+        if self.suffix and super()._templated():
+            raise invalid("'suffix' must be a string, and cannot be combined with 'template' or 'response_format'",
+                          param="suffix")
         if not self.prompt and not self._templated():
             raise invalid(PROMPT_RULE, param="prompt")
         return self
 
     def completion_params(self, sampler_defaults: SamplerSettings) -> tuple[Params, Any]:
-        """params(), and the template to lay out: the request's, or the infill's hole and suffix."""
+        """params(), and the template to lay out: the request's (or its response_format schema), or the infill's
+        hole and suffix."""
         params = self.params(sampler_defaults)
         if self.suffix:  # a hole of up to max_tokens (filler allowed, so it may be shorter), then the suffix
             hole = Hole(params.max_tokens, None, True, "hole (template[0])")
             return dataclasses.replace(params, infill=True), [hole, self.suffix]
-        return params, self.template
+        return params, self.template if self.template is not None else self.response_format
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
