@@ -23,8 +23,8 @@ LAYERS: dict[str, list[str]] = {
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",
               "bench", "testing"],
     "surfaces": ["server.defaults", "server.errors", "server.auth", "server.layouts", "server.protocol",
-                 "server.llama_api", "server.metrics", "server.engine", "server.app", "server.runner", "server",
-                 "cli_flags", "cli_display", "cli"],
+                 "server.responses", "server.llama_api", "server.metrics", "server.engine", "server.app",
+                 "server.runner", "server", "cli_flags", "cli_display", "cli"],
     "entry": ["__init__", "__main__", "server.__main__"],
 }
 RANK = {mod: i for i, mods in enumerate(LAYERS.values()) for mod in mods}

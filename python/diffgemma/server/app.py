@@ -44,21 +44,19 @@ from .llama_api import (
     TokenizeResponse,
 )
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import (
+from .protocol import ChatRequest, CompletionRequest, Params
+from .responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
     ChatLogprobs,
-    ChatRequest,
-    CompletionRequest,
     FramesDone,
     Health,
     ModelCard,
     ModelList,
     ModelMeta,
-    Params,
     QueueState,
     TextChoice,
     TextCompletion,

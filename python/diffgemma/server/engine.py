@@ -26,7 +26,8 @@ from ..model import Model
 from .defaults import MAX_BATCH
 from .errors import ApiError, shutdown_error
 from .metrics import Metrics
-from .protocol import Frame, Params
+from .protocol import Params
+from .responses import Frame
 
 log = logging.getLogger("diffgemma.server")
 
