@@ -326,6 +326,9 @@ DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
 GGML_TYPE_COUNT = 43
 # The tensor types graphs and buffers are built with, as the plain ints ggml's C calls take.
 F32, F16, BF16, I32 = int(QT.F32), int(QT.F16), int(QT.BF16), int(QT.I32)
+# Types the pinned ggml's CPU tiled integer GEMM (ggml-cpu/tiled/) takes for mul_mat and mul_mat_id.
+TILED_TYPES = frozenset(int(t) for t in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS, QT.IQ2_XXS,
+                                         QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M))
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object): offs, size, next, type + padding
 
 ffi = cffi.FFI()
