@@ -6,6 +6,7 @@ vendored by llama-cpp-python 0.3.36; at import we check that the struct layouts 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -195,6 +196,8 @@ ggml_backend_buffer_t ggml_backend_cpu_buffer_from_ptr(void * ptr, size_t size);
 ggml_backend_buffer_t ggml_backend_alloc_ctx_tensors_from_buft(struct ggml_context * ctx,
                                                                ggml_backend_buffer_type_t buft);
 ggml_backend_buffer_type_t ggml_backend_cpu_buffer_type(void);
+ggml_backend_buffer_t ggml_backend_buft_alloc_buffer(ggml_backend_buffer_type_t buft, size_t size);
+typedef ggml_backend_buffer_type_t * (*ggml_backend_dev_get_extra_bufts_t)(ggml_backend_dev_t device);
 
 const char * ggml_backend_dev_name(ggml_backend_dev_t device);
 const char * ggml_backend_dev_description(ggml_backend_dev_t device);
@@ -323,6 +326,9 @@ DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
 GGML_TYPE_COUNT = 43
 # The tensor types graphs and buffers are built with, as the plain ints ggml's C calls take.
 F32, F16, BF16, I32 = int(QT.F32), int(QT.F16), int(QT.BF16), int(QT.I32)
+# Types the pinned ggml's CPU tiled integer GEMM (ggml-cpu/tiled/) takes for mul_mat and mul_mat_id.
+TILED_TYPES = frozenset(int(t) for t in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS, QT.IQ2_XXS,
+                                         QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M))
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object): offs, size, next, type + padding
 
 ffi = cffi.FFI()
@@ -454,18 +460,21 @@ class DeviceTensors:
             self.ctx = None
 
 
-def map_weights(ctx: object, infos: list, base: object, mapped_size: int, dev: object, *,
-                oom: str) -> tuple[dict[str, object], object]:
+def map_weights(ctx: object, infos: list, base: object, mapped_size: int, dev: object, *, oom: str,
+                buft: object = None) -> tuple[dict[str, object], object]:
     """Tensors for a file's `infos` (name, type, shape, offset, nbytes) in `ctx`, with their data: uploaded to a
-    buffer of device `dev`, or, with dev None, pointing into the CPU mapping at `base` (no copy). Returns the
-    tensors by name and the weights buffer (the caller frees it)."""
+    buffer of device `dev`, or of type `buft` (e.g. the CPU's repack type, which rearranges them on upload), or,
+    with both None, pointing into the CPU mapping at `base` (no copy). Returns the tensors by name and the
+    weights buffer (the caller frees it)."""
     weights: dict[str, object] = {}
     for info in infos:
         t = lib.ggml_new_tensor_4d(ctx, info.type, *(list(info.shape) + [1] * (4 - len(info.shape))))
         lib.ggml_set_name(t, info.name.encode())
         weights[info.name] = t
     if dev is not None:
-        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.ggml_backend_dev_buffer_type(dev))
+        buft = lib.ggml_backend_dev_buffer_type(dev)
+    if buft is not None:
+        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft)
         if buf == NULL:
             raise Error(oom)
         for info in infos:
@@ -478,6 +487,53 @@ def map_weights(ctx: object, infos: list, base: object, mapped_size: int, dev: o
                 raise Error(f"cannot place {info.name} in the mapped file")
     lib.ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
     return weights, buf
+
+
+def extra_buffer_types(dev: object) -> list[object]:
+    """The device's extra weight buffer types (on CPU: CPU_REPACK, AMX, ... as this ggml was built), in ggml's
+    order of preference; [] where the device has none."""
+    reg = lib.ggml_backend_dev_backend_reg(dev)
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if fn == NULL:
+        return []
+    arr = ffi.cast("ggml_backend_dev_get_extra_bufts_t", fn)(dev)
+    out = []
+    while arr != NULL and arr[len(out)] != NULL:
+        out.append(arr[len(out)])
+    return out
+
+
+def in_extra_buffer(t: object) -> bool:
+    """Whether tensor t lives in one of the CPU's extra (e.g. repacked) weight buffers."""
+    return t.buffer != NULL and lib.ggml_backend_buffer_get_type(t.buffer) in _cpu_extra_bufts()
+
+
+@functools.cache
+def _cpu_extra_bufts() -> tuple[object, ...]:
+    return tuple(extra_buffer_types(lib.ggml_backend_dev_by_type(DEV_TYPE_CPU)))
+
+
+def product_supported(dev: object, buft: object, ttype: int, shape: tuple[int, ...]) -> bool:
+    """Whether `dev` runs the product of a weight of this type and shape (a 2-D matrix: mul_mat; a 3-D expert
+    stack: mul_mat_id, one expert per token) when the weight lives in a buffer of type `buft`. ggml decides by
+    the weight's buffer, so the probe weight gets an empty buffer of that type."""
+    if len(shape) not in (2, 3):
+        return False
+    ctx = ggml_context(lib.ggml_tensor_overhead() * 4)
+    probe = lib.ggml_backend_buft_alloc_buffer(buft, 0)
+    try:
+        w = getattr(lib, f"ggml_new_tensor_{len(shape)}d")(ctx, int(ttype), *shape)
+        w.buffer = probe
+        if len(shape) == 2:
+            op = lib.ggml_mul_mat(ctx, w, lib.ggml_new_tensor_2d(ctx, F32, shape[0], 1))
+        else:
+            x = lib.ggml_new_tensor_3d(ctx, F32, shape[0], 1, 1)
+            op = lib.ggml_mul_mat_id(ctx, w, x, lib.ggml_new_tensor_2d(ctx, I32, 1, 1))
+        return bool(lib.ggml_backend_dev_supports_op(dev, op))
+    finally:
+        if probe != NULL:
+            lib.ggml_backend_buffer_free(probe)
+        lib.ggml_free(ctx)
 
 
 def set_verbose(on: bool) -> None:

@@ -270,7 +270,8 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
     if mode not in ("denoise", "unified"):
         raise Error(f"mode must be 'denoise' or 'unified', got {mode!r}")
     outputs.check_new(out, overwrite)
-    m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers)
+    # repack=False: a repacked product pads its rows with zeros, which the counts would include
+    m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers, repack=False)
     hp, cfg = m.hparams, m.sampler_defaults
     L = hp.canvas_length
     size = chunk_size or 2 * L

@@ -49,7 +49,8 @@ from .version import __version__
 
 def _load(a: argparse.Namespace) -> Model:
     return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, flash_attn=a.flash_attn,
-                verbose=a.verbose, n_ctx=a.n_ctx, n_batch=a.n_batch, kv_type=a.kv_type, mmproj=a.mmproj)
+                verbose=a.verbose, n_ctx=a.n_ctx, n_batch=a.n_batch, kv_type=a.kv_type, mmproj=a.mmproj,
+                repack=a.repack)
 
 
 def _read_text(path: str, what: str) -> str:

@@ -62,6 +62,9 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
                    metavar="on|off|auto",
                    help="flash attention: on, off or auto (default auto: wherever the backend runs it; -fa "
                         "alone: on)")
+    s.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="map every weight from the file (default: CPU weights with a rearranged-layout kernel, "
+                        "e.g. Q4_0/Q4_K/IQ4_NL, are repacked at load)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
     s.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,

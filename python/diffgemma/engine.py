@@ -120,7 +120,8 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
                  flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16"):
+                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
+                 repack: bool = True):
         B.set_verbose(verbose)
         if flash_attn not in ("auto", "on", "off", True, False):
             raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
@@ -147,8 +148,10 @@ class Engine:
         self._bufs: list[Any] = []
         self._ctxs: list[Any] = []
         self._owned: list[B.DeviceTensors] = []
+        if not isinstance(repack, bool):
+            raise Error(f"repack must be True or False, got {repack!r}")
         self._setup_backends(n_gpu_layers)
-        self._load_weights()
+        self._load_weights(repack)
         self.flash = self._want_flash(flash_attn)
         scale = math.sqrt(hp.n_embd)
         # The reference multiplies by sqrt(H) cast to the weight dtype (53.0 in a bf16 model).
@@ -175,6 +178,7 @@ class Engine:
             self._gpu_layers = 0
         else:
             self._gpu_layers = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
+        self._cpu_dev = cpu["handle"]
         self.cpu_backend = _lib.ggml_backend_dev_init(cpu["handle"], _ffi.NULL)
         B.set_n_threads(self.cpu_backend, self.threads)
         self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
@@ -196,28 +200,58 @@ class Engine:
         self._ctxs.append(ctx)
         return ctx
 
-    def _load_weights(self) -> None:
-        """Memory-map the file; CPU weights point into the mapping (no copy), GPU weights are uploaded; then the
-        typed records (weights.ModelWeights) over those tensors."""
+    def _load_weights(self, repack: bool) -> None:
+        """Memory-map the file; CPU weights point into the mapping (no copy), except, with `repack`, the matrices
+        the CPU has a rearranged-layout kernel for (ggml's extra buffer types: CPU_REPACK), which are uploaded
+        into that layout; GPU weights are uploaded. Then the typed records (weights.ModelWeights) over them."""
         infos = list(self._file.tensors.values())
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base = _ffi.from_buffer(self._mmap)
         tensors: dict[str, Any] = {}
-        groups = {False: [], True: []}
+        specs = layout.tensor_specs(self.hparams, fused_gate_up=layout.fused_gate_up(self._file.tensors))
+        products = {s.name for s in specs if s.role == layout.MATRIX} if repack else set()
+        groups: dict[Any, list] = {}  # placement (None: mapped, "gpu", or a CPU extra buffer type) -> infos
         for info in infos:
-            groups[self._on_gpu(info.name)].append(info)
-        for on_gpu, group in groups.items():
-            if not group:
-                continue
+            place = "gpu" if self._on_gpu(info.name) else self._repack_type(info) if info.name in products else None
+            groups.setdefault(place, []).append(info)
+        self.repacked: list[str] = []
+        for place, group in groups.items():
             ctx = self._new_ctx(len(group))
+            on_gpu, mapped = place == "gpu", place is None
             weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
-                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers")
+                                         buft=None if on_gpu or mapped else place,
+                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers"
+                                         if on_gpu else "not enough memory for the repacked weights")
             tensors.update(weights)
             self._bufs.append(buf)
+            if not (on_gpu or mapped):
+                self.repacked += [i.name for i in group]
+                self._drop_mapped(group)
         # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
         # on the CPU backend, ggml_scale is vectorized.
         self.weights = ModelWeights.build(self.hparams, tensors, lambda name: float(self._host_array(name)[0]))
+
+    def _repack_type(self, info: Any) -> Any:
+        """The first CPU extra buffer type whose kernel runs this matrix's product in its own layout, or None.
+        Only the matrices (role MATRIX) are asked: each is read by its product alone (the embedding is also
+        gathered by rows, which a rearranged layout cannot serve). Expert stacks of a type ggml's tiled K-quant/IQ
+        GEMM takes stay mapped: the repacked mul_mat_id runs one row at a time (measured 2.8x slower on Q4_K
+        experts, bench/repack_layouts.py)."""
+        if len(info.shape) == 3 and info.type in B.TILED_TYPES:
+            return None
+        return next((buft for buft in B.extra_buffer_types(self._cpu_dev)
+                     if B.product_supported(self._cpu_dev, buft, info.type, tuple(info.shape))), None)
+
+    def _drop_mapped(self, infos: list) -> None:
+        """Release the mapped pages of weights that now live in their own buffer (read once to be rearranged;
+        nothing reads them again), so they are not resident twice."""
+        page = mmap.PAGESIZE
+        for info in infos:
+            start = -(-info.offset // page) * page
+            end = (info.offset + info.nbytes) // page * page
+            if end > start:
+                self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _load_vision(self, path: str | os.PathLike) -> Any:
         """The image tower of an mmproj file, on the same devices as the text weights."""

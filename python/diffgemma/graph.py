@@ -42,6 +42,9 @@ GELU_C = math.sqrt(2.0 / math.pi)
 MASKED_LOGIT = -1e30  # a disallowed token's logit bias: its probability underflows to exactly 0, yet finite (0 * s = 0)
 GRAPH_NODES = 32768
 MIN_ROWS = 2  # a pass computes at least this many rows: ggml's CPU matrix product of one row rounds otherwise
+# Repacked (CPU_REPACK) products run rows in groups of 4 by a GEMM and the rest one by one, which rounds
+# differently (Q4_K): their input is padded to whole groups.
+REPACK_ROWS = 4
 
 
 class Ctx:
@@ -90,8 +93,13 @@ def named(t: Any, name: str, il: int = -1) -> Any:
 
 
 def product(g: Ctx, w: Any, x: Any) -> Any:
-    """w x, the node named after the weight w (weights.product_name)."""
-    return named(g.mul_mat(w, x), product_name(_ffi.string(w.name).decode()))
+    """w x, the node named after the weight w (weights.product_name). A repacked w gets its input's rows
+    padded with zeros to a multiple of REPACK_ROWS, and only the first rows of the product are read."""
+    n, pad = x.ne[1], -x.ne[1] % REPACK_ROWS
+    if not pad or x.ne[2] != 1 or not B.in_extra_buffer(w):
+        return named(g.mul_mat(w, x), product_name(_ffi.string(w.name).decode()))
+    y = named(g.mul_mat(w, g.pad(x, 0, pad, 0, 0)), product_name(_ffi.string(w.name).decode()))
+    return g.view_2d(y, y.ne[0], n, y.nb[1], 0)
 
 
 def product_id(g: Ctx, w: Any, x: Any, ids: Any) -> Any:

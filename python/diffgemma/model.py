@@ -141,7 +141,8 @@ class Model(Engine):
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
          flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-         mmproj: str | os.PathLike | bool | None = None, n_batch: int = N_BATCH, kv_type: str = "f16") -> Model:
+         mmproj: str | os.PathLike | bool | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
+         repack: bool = True) -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
@@ -149,15 +150,17 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
     context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
-    "f16" (default) or "f32". path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging Face
-    model, downloaded into huggingface_hub's cache (docs/api.md, Hugging Face); a repository brings its mmproj
-    unless mmproj= is given (False: none).
+    "f16" (default) or "f32". repack: upload the CPU weights this ggml has a rearranged-layout kernel for
+    (Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K with AVX-512, ...) into that layout instead of mapping them (faster
+    products, more load time; False: map every weight). path "hf://OWNER/NAME[:QUANT]" or
+    "hf://OWNER/NAME/FILE.gguf": a Hugging Face model, downloaded into huggingface_hub's cache (docs/api.md,
+    Hugging Face); a repository brings its mmproj unless mmproj= is given (False: none).
     """
     if hub.is_hf(path):
         path, mmproj = hub.resolve_hf(path, mmproj=mmproj)
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
                  verbose=verbose, n_ctx=n_ctx, mmproj=None if mmproj is False else mmproj, n_batch=n_batch,
-                 kv_type=kv_type)
+                 kv_type=kv_type, repack=repack)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
