@@ -382,11 +382,12 @@ def _add_validate(sub: Any) -> None:
     s.add_argument("-n", "--max-new-tokens", type=int, default=None, help="default: one canvas")
     s.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every prompt (default 0)")
     gpu_layers_arg(s)
+    threads_arg(s)
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
     md = validate(a.file, a.against, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                  n_gpu_layers=a.n_gpu_layers, progress=sys.stderr.isatty(), overwrite=a.force)
+                  n_gpu_layers=a.n_gpu_layers, threads=a.threads, progress=sys.stderr.isatty(), overwrite=a.force)
     if not a.out:
         print(md)
     else:
@@ -431,7 +432,7 @@ def _add_quantize(sub: Any) -> None:
     s.add_argument("--no-requantize", action="store_true", help="refuse to requantize already quantized tensors")
     s.add_argument("--dry-run", action="store_true", help="report types, census and size without writing")
     force_arg(s, "DST")
-    threads_arg(s)
+    threads_arg(s, "all usable cores: the workers do not spin")
     s.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
 
 
@@ -503,13 +504,14 @@ def _add_imatrix(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the noise levels and tokens (default 0; -1: random)")
     s.add_argument("--save-every", type=int, default=10, help="save the file every N chunks (0: only at the end)")
     gpu_layers_arg(s)
+    threads_arg(s)
 
 
 def _cmd_imatrix(a: argparse.Namespace) -> int:
     calibration = pathlib.Path(a.file) if a.file is not None else a.text  # -f is always a path, --text the text
     rep = imatrix(a.model, calibration, a.out, chunks=a.chunks, mode=a.mode, n_gpu_layers=a.n_gpu_layers,
-                  format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size, seed=a.seed,
-                  save_every=a.save_every, overwrite=a.force)
+                  threads=a.threads, format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size,
+                  seed=a.seed, save_every=a.save_every, overwrite=a.force)
     print(rep.summary())
     return 0
 

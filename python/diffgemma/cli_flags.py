@@ -42,10 +42,9 @@ def gpu_layers_arg(s: argparse.ArgumentParser) -> None:
                    help="-1 all layers on the GPU, 0 CPU only")
 
 
-def threads_arg(s: argparse.ArgumentParser) -> None:
-    """-t N: CPU threads."""
-    s.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: all usable cores)")
+def threads_arg(s: argparse.ArgumentParser, default: str = "one per physical core") -> None:
+    """-t N: CPU threads (`default` says what leaving it out means)."""
+    s.add_argument("-t", "--threads", type=int, default=None, metavar="N", help=f"CPU threads (default: {default})")
 
 
 def runtime_args(s: argparse.ArgumentParser) -> None:
