@@ -12,6 +12,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import binding, hub, outputs, quantizer
@@ -39,7 +40,7 @@ from .cli_flags import (
 )
 from .converter import convert
 from .errors import Error
-from .generation import Generation
+from .generation import CanvasEvent, Generation
 from .model import Model, load, resolve
 from .template import lay_out
 from .version import __version__
@@ -130,9 +131,10 @@ def _live(a: argparse.Namespace, m: Model, n_canvas: int | None = None) -> LiveC
 
 
 def _generate_live(m: Model, prompt: Any, a: argparse.Namespace, live: LiveCanvas | StepBar | None,
-                   **kw: Any) -> Generation:
-    """m.stream(prompt) with the command line's settings, every event shown on `live`, the prompt's encoding
-    on a progress bar; both are cleared however it ends (Ctrl-C closes the stream)."""
+                   on_text: Callable[[str], Any] | None = None, **kw: Any) -> Generation:
+    """m.stream(prompt) with the command line's settings, every event shown on `live`, each committed canvas's
+    text passed to `on_text`, the prompt's encoding on a progress bar; the displays are cleared however it ends
+    (Ctrl-C closes the stream)."""
     prefill = PrefillBar(m.n_batch)
     try:
         with m.stream(prompt, on_prefill=prefill, image_budget=a.image_budget, **kw,
@@ -140,12 +142,20 @@ def _generate_live(m: Model, prompt: Any, a: argparse.Namespace, live: LiveCanva
             for ev in s:
                 if live is not None:
                     live.show(ev)
+                if on_text is not None and isinstance(ev, CanvasEvent):
+                    on_text(ev.text_delta)
     finally:
         prefill.close()
         if live is not None:
             live.clear()
     assert s.generation is not None
     return s.generation
+
+
+def _write_now(text: str) -> None:
+    """Write `text` to stdout and flush it (a reader at the other end of a pipe gets it now)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -162,7 +172,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         prompt = _image_message(prompt, a.image)
     layout = None if text is None else lay_out(m, text)  # bad templates fail here, before any denoising
     live = _live(a, m, None if layout is None else layout.n_canvas)
-    g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
+    piped = not a.json and not sys.stdout.isatty()  # into a pipe or file: each canvas's text as it commits
+    g = _generate_live(m, prompt, a, live, _write_now if piped else None, chat=False if a.no_chat else None,
+                       template=layout)
     if a.json:
         out = {"text": g.text, "tokens": g.tokens, "seed": g.seed, "finish_reason": g.finish_reason,
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
@@ -170,7 +182,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             out["holes"] = g.holes
         print(json.dumps(out))
         return 0
-    print(g.text)
+    print("" if piped else g.text)  # piped: the text is out already, the line ends it
     if sys.stdout.isatty() or a.stats:
         print(stats(g), file=sys.stderr)
     return 0
