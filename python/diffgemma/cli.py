@@ -27,6 +27,7 @@ from .cli_flags import (
     gpu_layers_arg,
     hf_arg,
     hf_model,
+    image_budget,
     image_budget_arg,
     model_arg,
     override_arg,
@@ -68,8 +69,8 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _add_info(sub: Any) -> None:
-    s = command(sub, "info", _cmd_info, help="describe a diffusion-gemma GGUF file, or list devices")
-    s.add_argument("file", nargs="?", help='a GGUF file, or "tiny" for the embedded model')
+    s = command(sub, "info", _cmd_info, help="describe a diffusion-gemma GGUF, mmproj or imatrix file, or list devices")
+    s.add_argument("file", nargs="?", help='a GGUF (model, mmproj or imatrix) or legacy .dat imatrix file, or "tiny"')
     s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
     s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
     hf_arg(s)
@@ -95,7 +96,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 def _add_generate(sub: Any) -> None:
     s = command(sub, "generate", _cmd_generate, help="generate text by block diffusion")
-    s.add_argument("text", nargs="?", help="the prompt (or -p TEXT, or -f FILE)")
+    s.add_argument("text", nargs="?", help="the prompt ('-': read it from stdin; or -p TEXT, or -f FILE)")
     s.add_argument("-p", "--prompt", default=None, help="the prompt (instead of the positional TEXT)")
     s.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from FILE ('-': stdin)")
     runtime_args(s)
@@ -113,11 +114,14 @@ def _add_generate(sub: Any) -> None:
 
 
 def _prompt(a: argparse.Namespace) -> str | None:
-    """generate's prompt: the positional TEXT, -p TEXT or -f FILE, given at most once."""
+    """generate's prompt: the positional TEXT ('-': standard input), -p TEXT or -f FILE, given at most once."""
     given = [flag for flag, v in (("TEXT", a.text), ("-p", a.prompt), ("-f", a.file)) if v is not None]
     if len(given) > 1:
         raise Error(f"the prompt is given twice ({' and '.join(given)}); give one of TEXT, -p TEXT or -f FILE")
-    return _read_text(a.file, "prompt file") if a.file is not None else a.prompt if a.prompt is not None else a.text
+    path = "-" if a.text == "-" else a.file
+    if path == "-" and a.template == "-":
+        raise Error("the prompt and --template cannot both come from standard input ('-')")
+    return _read_text(path, "prompt file") if path is not None else a.prompt if a.prompt is not None else a.text
 
 
 def _image_message(text: str, images: list[str]) -> list[dict]:
@@ -137,7 +141,7 @@ def _generate_live(m: Model, prompt: Any, a: argparse.Namespace, live: LiveCanva
     (Ctrl-C closes the stream)."""
     prefill = PrefillBar(m.n_batch)
     try:
-        with m.stream(prompt, on_prefill=prefill, image_budget=a.image_budget, **kw,
+        with m.stream(prompt, on_prefill=prefill, image_budget=image_budget(a), **kw,
                       **sampler_kw(a)) as s:
             for ev in s:
                 if live is not None:
@@ -167,6 +171,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise Error("--image needs the chat template (drop --no-chat)")
     if a.image and not a.mmproj and not hub.is_hf(a.model):  # an -hf repository brings its mmproj
         raise Error("--image needs --mmproj FILE (the vision tower)")
+    if a.image_budget is not None and not a.image:
+        raise Error("--image-budget sets the soft tokens of each --image, and no --image is given")
     m = _load(a)
     if a.image:
         prompt = _image_message(prompt, a.image)
@@ -216,7 +222,9 @@ def _read_tools(path: str) -> list[dict]:
         raise Error(f"--tools: {path} is not valid JSON: {e}") from e
     tools = data.get("tools") if isinstance(data, dict) else data
     try:
-        return check_tools(tools)
+        if not check_tools(tools):  # a file of something else (or of nothing) is a mistake, not "no tools"
+            raise Error('no tools in it: give a list of OpenAI function tools, or {"tools": [...]}')
+        return tools
     except Error as e:
         raise Error(f"--tools: {path}: {e}") from e
 
@@ -250,7 +258,7 @@ def _attach_image(m: Model, path: str, a: argparse.Namespace, pending: list[str]
         print("(usage: /image FILE)", file=sys.stderr)
     else:
         try:
-            m.image_embeddings(path, image_budget=a.image_budget)
+            m.image_embeddings(path, image_budget=image_budget(a))
             pending.append(path)
             print(f"(attached {path})", file=sys.stderr)
         except Error as e:
@@ -259,6 +267,9 @@ def _attach_image(m: Model, path: str, a: argparse.Namespace, pending: list[str]
 
 def _cmd_chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
+    if a.image_budget is not None and not a.mmproj and not hub.is_hf(a.model):
+        raise Error("--image-budget sets the soft tokens of each /image, which needs --mmproj FILE (the vision "
+                    "tower)")
     m = _load(a)
     messages: list[dict] = []
     if a.system:
@@ -464,9 +475,9 @@ def _quantize_positionals(a: argparse.Namespace) -> tuple[str, pathlib.Path, str
             if quantizer.find_recipe(recipe) is None:
                 raise Error(f"unknown file type {recipe!r}; see `diffgemma quantize --list-recipes`")
     if rest:
-        if len(rest) > 1 or not rest[0].isdigit() or int(rest[0]) < 1:
+        if len(rest) > 1 or not rest[0].isdigit():
             raise Error(f"unexpected {' '.join(rest)!r}: the order is SRC [DST] TYPE [NTHREADS]")
-        threads = int(rest[0])
+        threads = int(rest[0]) or None  # 0: the default, as llama-quantize reads it
     if recipe is not None and (a.recipe or a.type):
         raise Error(f"the file type is given twice: {recipe!r} and --recipe/--type")
     if dst is None:

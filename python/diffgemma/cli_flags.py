@@ -8,7 +8,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from . import hub, sampler
+from . import hub, images, sampler
 from .errors import Error
 
 
@@ -68,8 +68,15 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
 
 
 def image_budget_arg(s: argparse.ArgumentParser) -> None:
-    """--image-budget N: soft tokens per image."""
-    s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
+    """--image-budget N: soft tokens per image (left None when not given: without an image it is an error)."""
+    s.add_argument("--image-budget", type=int, default=None, metavar="N",
+                   help=f"soft tokens per image: {', '.join(map(str, images.BUDGETS))} (default "
+                   f"{images.DEFAULT_BUDGET})")
+
+
+def image_budget(a: argparse.Namespace) -> int:
+    """--image-budget, or the default."""
+    return images.DEFAULT_BUDGET if a.image_budget is None else a.image_budget
 
 
 def sampler_args(s: argparse.ArgumentParser) -> None:
