@@ -13,8 +13,8 @@ alternate the policies, the loads and the thread counts, so a slow spell of a sh
 Each step is timed alone; the table gives the median and 90th percentile over all repeats, and the mean (what a
 long generation pays).
 
-    PYTHONPATH=python python bench/threads.py [--model tiny] [--threads 1,2,4] [--steps 15] [--repeats 4]
-        [--prompt-tokens 64] [--json out.json]
+    PYTHONPATH=python python bench/threads.py [--model tiny|mid|proportional|FILE] [--threads 1,2,4]
+        [--steps 15] [--repeats 4] [--prompt-tokens N] [--json out.json]
 
 The thread counts default to 1, 2, the default (diffgemma.binding.default_threads()) and every usable core.
 """
@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -84,13 +86,28 @@ def one_repeat(model: str, counts: list[int], steps: int, prompt_tokens: int, r:
     return times
 
 
+CONFIG_PROMPT = {"mid": 128, "proportional": 256}  # as bench/step_latency.py runs them
+
+
+def synthetic(name: str) -> pathlib.Path:
+    """bench/step_latency.py's config `name` as a Q8_0 file with random weights (in a temporary directory)."""
+    from step_latency import COMMON, CONFIGS  # this script's directory is on sys.path
+
+    from diffgemma import testing
+
+    path = pathlib.Path(tempfile.mkdtemp(prefix="dg-threads-")) / f"{name}.gguf"
+    return testing.write_model(path, testing.tiny_hparams(**COMMON, **CONFIGS[name][0]), wtype="q8_0")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help='a GGUF file (default "tiny", the embedded model)')
+    ap.add_argument("--model", default="tiny", help='a GGUF file, "tiny" (the embedded model, default), or "mid" / '
+                    '"proportional": bench/step_latency.py\'s synthetic configs, written as Q8_0')
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1,2,default,cores)")
     ap.add_argument("--steps", type=int, default=15, help="steps timed per cell and repeat (default 15)")
     ap.add_argument("--repeats", type=int, default=4, help="interleaved repeats (default 4)")
-    ap.add_argument("--prompt-tokens", type=int, default=64, help="committed prompt tokens (default 64)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="committed prompt tokens (default 64; mid 128, proportional 256)")
     ap.add_argument("--json", default=None, help="write every step time here")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # one repeat, as JSON on stdout
     a = ap.parse_args()
@@ -101,6 +118,10 @@ def main() -> None:
     if a.child is not None:
         print(json.dumps(one_repeat(a.model, counts, a.steps, a.prompt_tokens, a.child)))
         return
+    a.prompt_tokens = a.prompt_tokens or CONFIG_PROMPT.get(a.model, 64)
+    label, written = a.model, synthetic(a.model) if a.model in CONFIG_PROMPT else None
+    if written is not None:
+        a.model = str(written)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     times: dict[tuple[str, str], list[float]] = {}
     for r in range(a.repeats):
@@ -113,7 +134,7 @@ def main() -> None:
                 times.setdefault((policy, cell), []).extend(xs)
     loads = [x for (_, cell), xs in times.items() if cell == "loadavg" for x in xs]
     physical = binding.physical_cores(os.sched_getaffinity(0))
-    print(f"{a.model}, {a.prompt_tokens} prompt tokens; {cores} usable cores ({physical} physical), default "
+    print(f"{label}, {a.prompt_tokens} prompt tokens; {cores} usable cores ({physical} physical), default "
           f"threads {binding.default_threads()}; {a.repeats} interleaved "
           f"repeats x {a.steps} steps per cell; busy = {cores} busy-loop processes; 1-minute load average "
           f"{min(loads):.1f}-{max(loads):.1f}")
@@ -124,6 +145,9 @@ def main() -> None:
                 xs = sorted(times[(policy, f"{load}/{t}")])
                 print(f"{policy:8s} {load:6s} {t:7d} {statistics.median(xs):10.2f} {xs[int(0.9 * (len(xs) - 1))]:8.2f} "
                       f"{statistics.fmean(xs):8.2f}")
+    if written is not None:
+        written.unlink()
+        written.parent.rmdir()
     if a.json:
         with open(a.json, "w") as f:
             json.dump({f"{p}/{c}": v for (p, c), v in times.items()}, f)
