@@ -6,6 +6,8 @@ import pty
 import subprocess
 import sys
 
+import diffgemma as dg
+
 CLI = [sys.executable, "-m", "diffgemma.cli"]
 
 
@@ -65,3 +67,35 @@ def test_python_dash_m_runs_the_command_line():
 
     r = subprocess.run([sys.executable, "-m", "diffgemma", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("diffgemma ")
+
+
+SLOW_STEPS = """
+import sys, time
+from diffgemma import cli, engine
+real = engine.Engine.denoise_step
+def slow(self, *a, **kw):  # a slow machine: the generation lasts seconds, each canvas commits in turn
+    time.sleep(0.05)
+    return real(self, *a, **kw)
+engine.Engine.denoise_step = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_generate_into_a_pipe_writes_each_canvas_as_it_commits(random_tiny):
+    """Issue 29: piped, nothing came out until the end and a SIGTERM lost everything. Now the first canvas's
+    text is in the pipe while the generation goes on, and a SIGTERM keeps what was written."""
+    import signal
+
+    with dg.load(random_tiny) as m:
+        want = m.generate("hi", max_new_tokens=320, steps=3, seed=2).text
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["generate", "hi", "-m", str(random_tiny), "-n", "320", "--steps", "3", "--seed", "2"]  # 20 canvases
+    p = subprocess.Popen([sys.executable, "-c", SLOW_STEPS, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
+    first = os.read(p.stdout.fileno(), 65536)  # blocks until something is written
+    assert first and p.poll() is None  # the text came while the generation still ran
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=60)
+    got = (first + rest).decode("utf-8")
+    assert 0 < len(got) < len(want) and want.startswith(got)  # the canvases that committed before the signal
+    assert p.returncode == 128 + signal.SIGTERM, err

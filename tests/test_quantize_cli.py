@@ -52,6 +52,14 @@ def test_flags(src, tmp_path, capsys):
     assert len(api.tensors) < len(gguf_file.read(src).tensors)  # two blocks fewer
 
 
+def test_trailing_thread_count_zero_means_the_default(src, tmp_path, capsys):
+    """llama-quantize [options] input [output] type [nthreads]: nthreads <= 0 is its default (issue 29)."""
+    rc, out, err = _run(capsys, src, tmp_path / "z.gguf", "Q4_K_M", "0", "--dry-run")
+    assert rc == 0 and "MOSTLY_Q4_K_M" in out, err
+    rc, _, err = _run(capsys, src, tmp_path / "z.gguf", "Q4_K_M", "0", "-t", "2", "--dry-run")
+    assert rc == 0, err  # 0 names no count: -t gives it
+
+
 @pytest.mark.parametrize("argv,msg", [
     (("{src}", "{dst}", "NOPE"), "unknown file type"),
     (("{src}", "{dst}", "Q4_K_M", "--recipe", "Q8_0"), "given twice"),

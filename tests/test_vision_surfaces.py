@@ -44,14 +44,15 @@ def test_info_describes_an_mmproj(files, capsys):
 
 def test_generate_with_images(files, capsys):
     model, mm, d = files
-    args = ["generate", "-m", str(model), "--mmproj", str(mm), *FAST, "--image-budget", "70", "--json"]
-    assert cli.main([*args, "--image", str(d / "a.png"), "--image", str(d / "a.png"), "-p", "Describe."]) == 0
+    args = ["generate", "-m", str(model), "--mmproj", str(mm), *FAST, "--json"]
+    assert cli.main([*args, "--image-budget", "70", "--image", str(d / "a.png"), "--image", str(d / "a.png"), "-p",
+                     "Describe."]) == 0
     with_image = json.loads(capsys.readouterr().out)
     assert cli.main([*args, "-p", "Describe."]) == 0
     without = json.loads(capsys.readouterr().out)
     assert with_image["tokens"] != without["tokens"]  # the picture reached the canvas
     assert cli.main([*args, "--image", str(d / "bad.png"), "-p", "x"]) == 2
-    assert "cannot read the image" in capsys.readouterr().err
+    assert f"cannot read the image {d / 'bad.png'}: " in capsys.readouterr().err  # the file is named
     assert cli.main(["generate", "-m", str(model), *FAST, "--image", str(d / "a.png"), "-p", "x"]) == 2
     assert "--mmproj" in capsys.readouterr().err
 

@@ -33,7 +33,7 @@ def backends() -> list[str]:
 
 
 def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_layers: int = -1,
-             max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+             threads: int | None = None, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
              t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
              stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
              on_step: Callable[[StepEvent], Any] | None = None,
@@ -43,7 +43,8 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
     """Generate text after `prompt` with `model` and return the text (the rest as for Model.generate).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
-    loaded once with `n_gpu_layers` and cached for the next call (one model at a time). prompt: a str, a list
+    loaded once with `n_gpu_layers` and `threads` (CPU threads, default one per physical core) and cached for
+    the next call (one model at a time). prompt: a str, a list
     of chat messages [{"role", "content"}] or a list of token ids. Sampler settings left as None take the
     file's values; stability/confidence=None disable the adaptive stop; seed None or -1 draws a random one;
     template: text with {{hole N ...}} tags or a list of str / Hole parts (docs/templates.md); sampler: a
@@ -57,11 +58,11 @@ def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_la
               temperature=temperature, logprobs=logprobs, json_schema=json_schema)
     if isinstance(model, Model):
         return model.generate(prompt, **kw).text
-    return _cached(model, n_gpu_layers).generate(prompt, **kw).text
+    return _cached(model, n_gpu_layers, threads).generate(prompt, **kw).text
 
 
 def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_layers: int = -1,
-           max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
+           threads: int | None = None, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
            t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
            stability: Any = FROM_FILE, confidence: Any = FROM_FILE, chat: bool | None = None,
            on_prefill: Callable[[int, int], Any] | None = None, image_budget: int = 280,
@@ -70,7 +71,8 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
     """Generate text after `prompt` with `model` as a stream of events (the rest as for Model.stream).
 
     model: a GGUF path, "tiny" (the embedded Shakespeare model, the default) or a loaded Model; a path is
-    loaded once with `n_gpu_layers` and cached (one model at a time). prompt: a str, a list of chat messages
+    loaded once with `n_gpu_layers` and `threads` (CPU threads, default one per physical core) and cached (one
+    model at a time). prompt: a str, a list of chat messages
     [{"role", "content"}] or a list of token ids. max_new_tokens: most new tokens (the last canvas is cut).
     Sampler settings (steps, t_min, t_max, entropy_bound) left as None take the file's values;
     stability/confidence=None disable the adaptive stop; seed None or -1 draws a random one (Stream.seed).
@@ -87,17 +89,17 @@ def stream(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_laye
               entropy_bound=entropy_bound, stability=stability, confidence=confidence, chat=chat,
               on_prefill=on_prefill, image_budget=image_budget, template=template, sampler=sampler,
               temperature=temperature, logprobs=logprobs, json_schema=json_schema)
-    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
+    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers, threads)
     return m.stream(prompt, **kw)
 
 
-def _cached(model: str | os.PathLike, n_gpu_layers: int) -> Model:
+def _cached(model: str | os.PathLike, n_gpu_layers: int, threads: int | None) -> Model:
     path = resolve(model)
-    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, n_gpu_layers)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, n_gpu_layers, threads)
     with _cache_lock:
         m = _cache.get(key)
         if m is None:
-            m = load(path, n_gpu_layers=n_gpu_layers)
+            m = load(path, n_gpu_layers=n_gpu_layers, threads=threads)
             _cache.clear()  # one model at a time: they are large
             _cache[key] = m
     return m
@@ -105,10 +107,16 @@ def _cached(model: str | os.PathLike, n_gpu_layers: int) -> Model:
 
 # Like mlx_lm.generate, the function shadows its module: import the module's names from diffgemma.chat.
 def chat(messages: list[dict[str, Any]], *, model: str | os.PathLike | Model = "tiny", tools: list[dict] | None = None,
-         tool_choice: Any = "auto", n_gpu_layers: int = -1, **kw: Any) -> ChatReply:
-    """Load `model` (cached across calls) and run one assistant turn with tools (see Model.chat)."""
-    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers)
+         tool_choice: Any = "auto", n_gpu_layers: int = -1, threads: int | None = None, **kw: Any) -> ChatReply:
+    """Load `model` with `n_gpu_layers` and `threads` (cached across calls) and run one assistant turn with tools
+    (see Model.chat)."""
+    m = model if isinstance(model, Model) else _cached(model, n_gpu_layers, threads)
     return m.chat(messages, tools=tools, tool_choice=tool_choice, **kw)
+
+
+def __dir__() -> list[str]:
+    """The public API only (PEP 562): not the helpers this module imports (os, Any, ...) nor its submodules."""
+    return sorted(__all__)
 
 
 __all__ = ["BatchStream", "CanvasEvent", "ChatReply", "Error", "FROM_FILE", "GGUFError", "Generation", "HParams",

@@ -233,7 +233,8 @@ class BenchResult:
 def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16, n_gpu_layers: int = -1,
           threads: int | None = None, compare: str | None = None, hf_dtype: str = "float32") -> BenchResult:
     """Measure prefill and per-step latency of a file; compare="transformers" also times the reference on the
-    same (dequantized) weights in this process."""
+    same (dequantized) weights in this process. threads: CPU threads of both (default: ours, one per physical
+    core; torch's own)."""
     from .model import load, resolve
 
     if compare not in (None, "transformers"):
@@ -261,10 +262,11 @@ def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16,
 # ---- validation protocol -----------------------------------------------------------------------------------
 
 def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
-             max_new_tokens: int | None = None, seed: int = 0, n_gpu_layers: int = -1,
+             max_new_tokens: int | None = None, seed: int = 0, n_gpu_layers: int = -1, threads: int | None = None,
              prompts: dict[str, str] | None = None, progress: bool = True, overwrite: bool = False) -> str:
     """The published validation protocol: five prompts (factual, code, explanation, list, creative), committed
     answers, steps per canvas and tokens/s, side by side for two files; returns (and writes) Markdown.
+    Each file is loaded with `n_gpu_layers` and `threads` (CPU threads, default one per physical core).
     progress: a tqdm bar over the prompts; an existing `out` is an Error unless overwrite=True."""
     from tqdm.auto import tqdm
 
@@ -274,6 +276,7 @@ def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, 
     prompts = prompts or VALIDATION_PROMPTS
     files = [resolve(path)] + ([resolve(against)] if against else [])
     results: dict[str, dict[str, Any]] = {}
+    templated: dict[str, bool] = {}  # file name -> whether its prompts went through its chat template
     if len(files) == 2 and files[0].name == files[1].name:
         raise Error("the two files must have different names (they label the report's columns)")
     if out:
@@ -281,16 +284,20 @@ def validate(path: str | os.PathLike, against: str | os.PathLike | None = None, 
     with tqdm(total=len(files) * len(prompts), unit="prompt", desc="validate", disable=not progress,
               leave=False) as bar:
         for f in files:
-            with load(f, n_gpu_layers=n_gpu_layers) as m:
+            with load(f, n_gpu_layers=n_gpu_layers, threads=threads) as m:
                 n = max_new_tokens or m.hparams.canvas_length
+                templated[f.name] = bool(m.metadata.get("tokenizer.chat_template"))  # as generate's chat=None
                 results[f.name] = {}
                 for k, p in prompts.items():
                     bar.set_postfix_str(f"{f.name}: {k}")
                     results[f.name][k] = m.generate(p, max_new_tokens=n, seed=seed)
                     bar.update(1)
     names = list(results)
+    how = {n: "through its chat template" if t else "as plain text (no chat template)" for n, t in templated.items()}
+    prompting = (f"prompts {how[names[0]]}" if len(set(how.values())) == 1 else
+                 "prompts " + ", ".join(f"`{n}` {h}" for n, h in how.items()))
     lines = ["# diffgemma validate", "",
-             f"Files: {', '.join(f'`{n}`' for n in names)}; seed {seed}; prompts through the chat template.", ""]
+             f"Files: {', '.join(f'`{n}`' for n in names)}; seed {seed}; {prompting}.", ""]
     lines += ["| prompt | " + " | ".join(f"{n}: steps/canvas | {n}: tokens/s" for n in names) + " |",
               "|---|" + "---|---|" * len(names)]
     for k in prompts:

@@ -6,12 +6,14 @@ vendored by llama-cpp-python 0.3.36; at import we check that the struct layouts 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import os
 import pathlib
 import threading
+from collections.abc import Iterator
 
 import cffi
 from gguf import GGMLQuantizationType as QT
@@ -359,10 +361,28 @@ def _open() -> object:
     if not path.exists():
         raise Error(f"{path} not found: llama-cpp-python=={EXPECTED_LLAMA_CPP_PYTHON} built from source is required")
     try:
-        # libllama links libggml, libggml-base and the compiled-in backends: dlsym searches all of them.
-        return ffi.dlopen(str(path))
+        with _openmp_waits_passively():
+            # libllama links libggml, libggml-base and the compiled-in backends: dlsym searches all of them.
+            return ffi.dlopen(str(path))
     except OSError as e:
         raise Error(f"cannot load {path}: {e}") from e
+
+
+@contextlib.contextmanager
+def _openmp_waits_passively() -> Iterator[None]:
+    """While loading ggml, OMP_WAIT_POLICY=PASSIVE unless the user set a policy or a spin count: with libgomp's
+    default (300,000 spins at every barrier before sleeping), the CPU threads of a step spin while another
+    process holds one of their cores, and a step takes 10-100x longer (bench/threads.py, docs/performance.md).
+    The OpenMP runtime reads it once, when it loads (no effect if one named libgomp.so.1 is already loaded,
+    e.g. by torch imported first), so the variable is removed again and child processes do not inherit it."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def _check_layout(lib: object) -> None:
@@ -548,6 +568,24 @@ def cstr(p: object) -> str:
 def type_name(t: int) -> str:
     """ggml's name of a type id ("" for ids ggml does not know: it does not bound-check them itself)."""
     return cstr(lib.ggml_type_name(t)) if 0 <= t < GGML_TYPE_COUNT else ""
+
+
+def default_threads() -> int:
+    """The CPU threads a model computes with by default: one per physical core this process may run on (as
+    llama.cpp chooses: a core's second hardware thread adds nothing to matrix math), at least 1."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    return max(1, physical_cores(cpus))
+
+
+def physical_cores(cpus: set[int], sysfs: pathlib.Path = pathlib.Path("/sys/devices/system/cpu")) -> int:
+    """How many physical cores the logical CPUs `cpus` belong to (Linux sysfs topology; elsewhere len(cpus))."""
+    cores = set()
+    for cpu in cpus:
+        try:  # the logical CPUs sharing this one's core, e.g. "0,8" or "0-1": the same text for each of them
+            cores.add((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(cores)
 
 
 def set_n_threads(backend: object, n: int) -> None:

@@ -252,8 +252,8 @@ def _calibration_tokens(model: Model, calibration: Any, need: int | None) -> tup
 
 
 def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.PathLike, *, chunks: int | None = None,
-            mode: str = "denoise", n_gpu_layers: int = -1, format: str | None = None, progress: bool = True,
-            chunk_size: int | None = None, seed: int = 0, save_every: int = 10,
+            mode: str = "denoise", n_gpu_layers: int = -1, threads: int | None = None, format: str | None = None,
+            progress: bool = True, chunk_size: int | None = None, seed: int = 0, save_every: int = 10,
             overwrite: bool = False) -> ImatrixReport:
     """Collect an importance matrix for `model` (a path, "tiny" or a loaded Model) and write it to `out`
     (llama.cpp's GGUF layout, or legacy .dat by suffix / format="dat").
@@ -264,14 +264,16 @@ def imatrix(model: str | os.PathLike | Model, calibration: Any, out: str | os.Pa
     text (a binary file is an Error). chunk_size tokens per chunk (default 2 x canvas): the head is the
     causal prompt, the last canvas_length tokens the canvas. mode: "denoise" (what generation sees, default)
     or "unified" (llama-imatrix's clean canvas). The file is saved every `save_every` chunks, so an
-    interrupted run keeps what it had. An existing `out` is an Error unless overwrite=True."""
+    interrupted run keeps what it had. An existing `out` is an Error unless overwrite=True. A path is loaded with
+    `n_gpu_layers` and `threads` (CPU threads, default one per physical core)."""
     from .model import Model, load
 
     if mode not in ("denoise", "unified"):
         raise Error(f"mode must be 'denoise' or 'unified', got {mode!r}")
     outputs.check_new(out, overwrite)
     # repack=False: a repacked product pads its rows with zeros, which the counts would include
-    m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers, repack=False)
+    m = model if isinstance(model, Model) else load(model, n_gpu_layers=n_gpu_layers, threads=threads,
+                                                    repack=False)
     hp, cfg = m.hparams, m.sampler_defaults
     L = hp.canvas_length
     size = chunk_size or 2 * L

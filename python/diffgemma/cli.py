@@ -12,6 +12,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import binding, hub, outputs, quantizer, structured
@@ -26,6 +27,7 @@ from .cli_flags import (
     gpu_layers_arg,
     hf_arg,
     hf_model,
+    image_budget,
     image_budget_arg,
     model_arg,
     override_arg,
@@ -39,7 +41,7 @@ from .cli_flags import (
 )
 from .converter import convert
 from .errors import Error
-from .generation import Generation
+from .generation import CanvasEvent, Generation
 from .model import Model, load, resolve
 from .template import lay_out
 from .version import __version__
@@ -68,8 +70,8 @@ def _read_text(path: str, what: str) -> str:
 
 
 def _add_info(sub: Any) -> None:
-    s = command(sub, "info", _cmd_info, help="describe a diffusion-gemma GGUF file, or list devices")
-    s.add_argument("file", nargs="?", help='a GGUF file, or "tiny" for the embedded model')
+    s = command(sub, "info", _cmd_info, help="describe a diffusion-gemma GGUF, mmproj or imatrix file, or list devices")
+    s.add_argument("file", nargs="?", help='a GGUF (model, mmproj or imatrix) or legacy .dat imatrix file, or "tiny"')
     s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
     s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
     hf_arg(s)
@@ -95,7 +97,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
 def _add_generate(sub: Any) -> None:
     s = command(sub, "generate", _cmd_generate, help="generate text by block diffusion")
-    s.add_argument("text", nargs="?", help="the prompt (or -p TEXT, or -f FILE)")
+    s.add_argument("text", nargs="?", help="the prompt ('-': read it from stdin; or -p TEXT, or -f FILE)")
     s.add_argument("-p", "--prompt", default=None, help="the prompt (instead of the positional TEXT)")
     s.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from FILE ('-': stdin)")
     runtime_args(s)
@@ -116,11 +118,14 @@ def _add_generate(sub: Any) -> None:
 
 
 def _prompt(a: argparse.Namespace) -> str | None:
-    """generate's prompt: the positional TEXT, -p TEXT or -f FILE, given at most once."""
+    """generate's prompt: the positional TEXT ('-': standard input), -p TEXT or -f FILE, given at most once."""
     given = [flag for flag, v in (("TEXT", a.text), ("-p", a.prompt), ("-f", a.file)) if v is not None]
     if len(given) > 1:
         raise Error(f"the prompt is given twice ({' and '.join(given)}); give one of TEXT, -p TEXT or -f FILE")
-    return _read_text(a.file, "prompt file") if a.file is not None else a.prompt if a.prompt is not None else a.text
+    path = "-" if a.text == "-" else a.file
+    if path == "-" and a.template == "-":
+        raise Error("the prompt and --template cannot both come from standard input ('-')")
+    return _read_text(path, "prompt file") if path is not None else a.prompt if a.prompt is not None else a.text
 
 
 def _image_message(text: str, images: list[str]) -> list[dict]:
@@ -134,22 +139,31 @@ def _live(a: argparse.Namespace, m: Model, n_canvas: int | None = None) -> LiveC
 
 
 def _generate_live(m: Model, prompt: Any, a: argparse.Namespace, live: LiveCanvas | StepBar | None,
-                   **kw: Any) -> Generation:
-    """m.stream(prompt) with the command line's settings, every event shown on `live`, the prompt's encoding
-    on a progress bar; both are cleared however it ends (Ctrl-C closes the stream)."""
+                   on_text: Callable[[str], Any] | None = None, **kw: Any) -> Generation:
+    """m.stream(prompt) with the command line's settings, every event shown on `live`, each committed canvas's
+    text passed to `on_text`, the prompt's encoding on a progress bar; the displays are cleared however it ends
+    (Ctrl-C closes the stream)."""
     prefill = PrefillBar(m.n_batch)
     try:
-        with m.stream(prompt, on_prefill=prefill, image_budget=a.image_budget, **kw,
+        with m.stream(prompt, on_prefill=prefill, image_budget=image_budget(a), **kw,
                       **sampler_kw(a)) as s:
             for ev in s:
                 if live is not None:
                     live.show(ev)
+                if on_text is not None and isinstance(ev, CanvasEvent):
+                    on_text(ev.text_delta)
     finally:
         prefill.close()
         if live is not None:
             live.clear()
     assert s.generation is not None
     return s.generation
+
+
+def _write_now(text: str) -> None:
+    """Write `text` to stdout and flush it (a reader at the other end of a pipe gets it now)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -165,6 +179,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         raise Error("--image needs the chat template (drop --no-chat)")
     if a.image and not a.mmproj and not hub.is_hf(a.model):  # an -hf repository brings its mmproj
         raise Error("--image needs --mmproj FILE (the vision tower)")
+    if a.image_budget is not None and not a.image:
+        raise Error("--image-budget sets the soft tokens of each --image, and no --image is given")
     m = _load(a)
     if a.image:
         prompt = _image_message(prompt, a.image)
@@ -172,7 +188,9 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if schema is not None:
         layout = structured.lay_out(m, schema)  # an unsupported schema fails here, before any denoising
     live = _live(a, m, None if layout is None else layout.n_canvas)
-    g = _generate_live(m, prompt, a, live, chat=False if a.no_chat else None, template=layout)
+    piped = not a.json and not sys.stdout.isatty()  # into a pipe or file: each canvas's text as it commits
+    g = _generate_live(m, prompt, a, live, _write_now if piped else None, chat=False if a.no_chat else None,
+                       template=layout)
     if a.json:
         out = {"text": g.text, "tokens": g.tokens, "seed": g.seed, "finish_reason": g.finish_reason,
                "canvases": [dataclasses.asdict(c) for c in g.canvases], "timings": dataclasses.asdict(g.timings)}
@@ -182,7 +200,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
             out["json"] = g.json
         print(json.dumps(out))
         return 0
-    print(g.text)
+    print("" if piped else g.text)  # piped: the text is out already, the line ends it
     if sys.stdout.isatty() or a.stats:
         print(stats(g), file=sys.stderr)
     return 0
@@ -216,7 +234,9 @@ def _read_tools(path: str) -> list[dict]:
         raise Error(f"--tools: {path} is not valid JSON: {e}") from e
     tools = data.get("tools") if isinstance(data, dict) else data
     try:
-        return check_tools(tools)
+        if not check_tools(tools):  # a file of something else (or of nothing) is a mistake, not "no tools"
+            raise Error('no tools in it: give a list of OpenAI function tools, or {"tools": [...]}')
+        return tools
     except Error as e:
         raise Error(f"--tools: {path}: {e}") from e
 
@@ -250,7 +270,7 @@ def _attach_image(m: Model, path: str, a: argparse.Namespace, pending: list[str]
         print("(usage: /image FILE)", file=sys.stderr)
     else:
         try:
-            m.image_embeddings(path, image_budget=a.image_budget)
+            m.image_embeddings(path, image_budget=image_budget(a))
             pending.append(path)
             print(f"(attached {path})", file=sys.stderr)
         except Error as e:
@@ -259,6 +279,9 @@ def _attach_image(m: Model, path: str, a: argparse.Namespace, pending: list[str]
 
 def _cmd_chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
+    if a.image_budget is not None and not a.mmproj and not hub.is_hf(a.model):
+        raise Error("--image-budget sets the soft tokens of each /image, which needs --mmproj FILE (the vision "
+                    "tower)")
     m = _load(a)
     messages: list[dict] = []
     if a.system:
@@ -394,11 +417,12 @@ def _add_validate(sub: Any) -> None:
     s.add_argument("-n", "--max-new-tokens", type=int, default=None, help="default: one canvas")
     s.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every prompt (default 0)")
     gpu_layers_arg(s)
+    threads_arg(s)
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
     md = validate(a.file, a.against, out=a.out, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                  n_gpu_layers=a.n_gpu_layers, progress=sys.stderr.isatty(), overwrite=a.force)
+                  n_gpu_layers=a.n_gpu_layers, threads=a.threads, progress=sys.stderr.isatty(), overwrite=a.force)
     if not a.out:
         print(md)
     else:
@@ -443,7 +467,7 @@ def _add_quantize(sub: Any) -> None:
     s.add_argument("--no-requantize", action="store_true", help="refuse to requantize already quantized tensors")
     s.add_argument("--dry-run", action="store_true", help="report types, census and size without writing")
     force_arg(s, "DST")
-    threads_arg(s)
+    threads_arg(s, "all usable cores: the workers do not spin")
     s.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
 
 
@@ -463,9 +487,9 @@ def _quantize_positionals(a: argparse.Namespace) -> tuple[str, pathlib.Path, str
             if quantizer.find_recipe(recipe) is None:
                 raise Error(f"unknown file type {recipe!r}; see `diffgemma quantize --list-recipes`")
     if rest:
-        if len(rest) > 1 or not rest[0].isdigit() or int(rest[0]) < 1:
+        if len(rest) > 1 or not rest[0].isdigit():
             raise Error(f"unexpected {' '.join(rest)!r}: the order is SRC [DST] TYPE [NTHREADS]")
-        threads = int(rest[0])
+        threads = int(rest[0]) or None  # 0: the default, as llama-quantize reads it
     if recipe is not None and (a.recipe or a.type):
         raise Error(f"the file type is given twice: {recipe!r} and --recipe/--type")
     if dst is None:
@@ -515,13 +539,14 @@ def _add_imatrix(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the noise levels and tokens (default 0; -1: random)")
     s.add_argument("--save-every", type=int, default=10, help="save the file every N chunks (0: only at the end)")
     gpu_layers_arg(s)
+    threads_arg(s)
 
 
 def _cmd_imatrix(a: argparse.Namespace) -> int:
     calibration = pathlib.Path(a.file) if a.file is not None else a.text  # -f is always a path, --text the text
     rep = imatrix(a.model, calibration, a.out, chunks=a.chunks, mode=a.mode, n_gpu_layers=a.n_gpu_layers,
-                  format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size, seed=a.seed,
-                  save_every=a.save_every, overwrite=a.force)
+                  threads=a.threads, format=a.format, progress=sys.stderr.isatty(), chunk_size=a.chunk_size,
+                  seed=a.seed, save_every=a.save_every, overwrite=a.force)
     print(rep.summary())
     return 0
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import shutil
 import sys
 import textwrap
 from typing import Any
 
-from . import gguf_file, kv, mmproj
+from . import gguf_file, imatrix_file, kv, mmproj
 from .generation import CanvasEvent, Generation, StepEvent
 from .gguf_file import GGUFFile
 from .layout import HParams
@@ -30,10 +31,54 @@ def fmt_bytes(n: float) -> str:
 # ---- diffgemma info -----------------------------------------------------------------------------------------
 
 
+def _legacy_imatrix(p: pathlib.Path) -> bool:
+    """Whether `p` is llama.cpp's legacy .dat importance matrix (not a GGUF)."""
+    if p.suffix.lower() != ".dat" or not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) != b"GGUF"
+
+
+def _is_imatrix(gf: GGUFFile) -> bool:
+    return gf.metadata.get(imatrix_file.KEY_TYPE) == "imatrix"
+
+
+def imatrix_info(path: pathlib.Path) -> dict[str, Any]:
+    """What `diffgemma info` says about an importance matrix: format, entries, chunks, datasets, coverage."""
+    im = imatrix_file.load(path)
+    experts = [e.coverage for e in im.entries.values() if e.n_mat > 1]
+    return {"type": "imatrix", "format": im.format, "entries": len(im), "chunk_count": im.chunk_count,
+            "chunk_size": im.chunk_size, "datasets": im.datasets, "expert_entries": len(experts),
+            "expert_coverage_min": min(experts, default=None),
+            "expert_coverage_mean": sum(experts) / len(experts) if experts else None,
+            "size_bytes": path.stat().st_size}
+
+
+def imatrix_text(path: pathlib.Path) -> str:
+    """What `diffgemma info` prints for an importance matrix (diffgemma imatrix's, llama-imatrix's)."""
+    d = imatrix_info(path)
+    layout = "GGUF, llama.cpp's current layout" if d["format"] == "gguf" else "legacy .dat layout"
+    coverage = (f"; {d['expert_entries']} with experts, coverage min {d['expert_coverage_min']:.1%}, mean "
+                f"{d['expert_coverage_mean']:.1%}" if d["expert_entries"] else "")
+    return "\n".join([
+        f"file          {path}",
+        f"type          importance matrix ({layout})",
+        f"entries       {d['entries']} weights{coverage}",
+        f"chunks        {d['chunk_count']} of {d['chunk_size']} tokens",
+        f"datasets      {', '.join(d['datasets']) or '-'}",
+        f"size          {fmt_bytes(d['size_bytes'])} ({d['size_bytes']:,} bytes)",
+    ])
+
+
 def info_text(path: str) -> str:
     """What `diffgemma info FILE` prints: architecture, hyper-parameters, sampler defaults, census, size (or,
-    for an mmproj file, mmproj_text)."""
-    gf = gguf_file.read(resolve(path))
+    for an mmproj file, mmproj_text; for an importance matrix, imatrix_text)."""
+    p = resolve(path)
+    if _legacy_imatrix(p):
+        return imatrix_text(p)
+    gf = gguf_file.read(p)
+    if _is_imatrix(gf):
+        return imatrix_text(p)
     if gf.metadata.get("general.architecture") == "clip":
         return mmproj_text(gf)
     hp = gguf_file.validate(gf)
@@ -98,8 +143,13 @@ def mmproj_text(gf: GGUFFile) -> str:
 
 def info_json(path: str) -> dict[str, Any]:
     """What `diffgemma info FILE --json` prints: hyper-parameters, sampler defaults, census and size (or an
-    mmproj file's description)."""
-    gf = gguf_file.read(resolve(path))
+    mmproj file's or an importance matrix's description)."""
+    p = resolve(path)
+    if _legacy_imatrix(p):
+        return imatrix_info(p)
+    gf = gguf_file.read(p)
+    if _is_imatrix(gf):
+        return imatrix_info(p)
     if gf.metadata.get("general.architecture") == "clip":
         return mmproj.describe(gf, mmproj.validate(gf))
     hp = gguf_file.validate(gf)
@@ -155,8 +205,9 @@ class LiveCanvas:
             return  # the canvas stays on screen until the next one's first step repaints it
         width = shutil.get_terminal_size((100, 20)).columns
         text = ev.text.replace("\n", "\u21b5 ")
-        body = [f"canvas {ev.canvas_index + 1}  step {ev.step}/{ev.steps}  T={ev.temperature:.3f}  "
-                f"accepted {ev.accepted:3d}  mean entropy {ev.mean_entropy:.4f}"]
+        status = (f"canvas {ev.canvas_index + 1}  step {ev.step}/{ev.steps}  T={ev.temperature:.3f}  "
+                  f"accepted {ev.accepted:3d}  mean entropy {ev.mean_entropy:.4f}")
+        body = [status[:width - 1]]  # a wrapped line would scroll: the repaint moves up by lines written
         body += textwrap.wrap(text, width - 1) or [""]
         seq = "\x1b[?2026h" + (f"\x1b[{self.lines}F" if self.lines else "") + "\x1b[J" + "\n".join(body) + "\n"
         self.out.write(seq + "\x1b[?2026l")

@@ -8,7 +8,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from . import hub, sampler
+from . import hub, images, sampler
 from .errors import Error
 
 
@@ -42,10 +42,9 @@ def gpu_layers_arg(s: argparse.ArgumentParser) -> None:
                    help="-1 all layers on the GPU, 0 CPU only")
 
 
-def threads_arg(s: argparse.ArgumentParser) -> None:
-    """-t N: CPU threads."""
-    s.add_argument("-t", "--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: all usable cores)")
+def threads_arg(s: argparse.ArgumentParser, default: str = "one per physical core") -> None:
+    """-t N: CPU threads (`default` says what leaving it out means)."""
+    s.add_argument("-t", "--threads", type=int, default=None, metavar="N", help=f"CPU threads (default: {default})")
 
 
 def runtime_args(s: argparse.ArgumentParser) -> None:
@@ -72,8 +71,15 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
 
 
 def image_budget_arg(s: argparse.ArgumentParser) -> None:
-    """--image-budget N: soft tokens per image."""
-    s.add_argument("--image-budget", type=int, default=280, help="soft tokens per image: 70, 140, 280, 560, 1120")
+    """--image-budget N: soft tokens per image (left None when not given: without an image it is an error)."""
+    s.add_argument("--image-budget", type=int, default=None, metavar="N",
+                   help=f"soft tokens per image: {', '.join(map(str, images.BUDGETS))} (default "
+                   f"{images.DEFAULT_BUDGET})")
+
+
+def image_budget(a: argparse.Namespace) -> int:
+    """--image-budget, or the default."""
+    return images.DEFAULT_BUDGET if a.image_budget is None else a.image_budget
 
 
 def sampler_args(s: argparse.ArgumentParser) -> None:

@@ -142,7 +142,7 @@ class Engine:
         self.kv_type = kv_type.lower() if isinstance(kv_type, str) else kv_type
         self._kv_ttype = kv.kv_type_of(self.kv_type)
         self.n_batch = min(n_batch, n_ctx or hp.context_length)  # as llama.cpp: no chunk beyond the context
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or B.default_threads()
         self._lock = threading.RLock()
         self._closed = False
         self._bufs: list[Any] = []

@@ -47,6 +47,7 @@ def open_image(image: Any) -> Any:
     """A PIL image in RGB from a path, bytes, a PIL image or a uint8 array (H x W, H x W x 3 or 4); alpha is
     composited onto white as the reference processor does."""
     Image = _pil()
+    what = f"the image {image}" if isinstance(image, str | os.PathLike) else "the image"  # a file is named
     try:
         if isinstance(image, Image.Image):
             img = image
@@ -69,11 +70,11 @@ def open_image(image: Any) -> Any:
     except Error:
         raise
     except Image.UnidentifiedImageError as e:  # its message names a BytesIO object, not the problem
-        raise Error("cannot read the image: not in a format Pillow knows (PNG, JPEG, WebP, GIF, BMP, ...)") from e
+        raise Error(f"cannot read {what}: not in a format Pillow knows (PNG, JPEG, WebP, GIF, BMP, ...)") from e
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise Error(f"cannot read the image: {e}") from e
+        raise Error(f"cannot read {what}: {e}") from e
     if img.width <= 0 or img.height <= 0:
-        raise Error(f"the image has zero size ({img.width}x{img.height})")
+        raise Error(f"{what} has zero size ({img.width}x{img.height})")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

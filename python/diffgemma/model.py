@@ -146,7 +146,8 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
-    k = the last k layers. n_ctx: most committed + canvas tokens (default: the file's context length, or less
+    k = the last k layers. threads: CPU threads (default one per physical core; ggml's threads wait passively,
+    docs/performance.md). n_ctx: most committed + canvas tokens (default: the file's context length, or less
     where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
     context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
