@@ -18,7 +18,7 @@ LAYERS: dict[str, list[str]] = {
              "tool_layout", "images", "ftypes", "layout"],
     "core": ["binding", "gguf_file", "weights", "kv", "graph", "tokenizer", "imatrix_file", "checkpoint", "mmproj",
              "multimodal", "vision"],
-    "engine": ["memory", "engine"],
+    "engine": ["memory", "sequence", "engine"],
     "generation": ["batching", "generation", "chat", "hub", "model"],
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",
               "bench", "testing"],

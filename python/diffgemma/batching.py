@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import Denoise  # the engine's own request record; batching.Denoise is its public name too
+from .sequence import Denoise  # the engine's own request record; batching.Denoise is its public name too
 
 if TYPE_CHECKING:
-    from .engine import Engine, Sequence
+    from .engine import Engine
+    from .sequence import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
