@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from . import binding as B
-from . import gguf_file, kv, layout, multimodal
+from . import devices, gguf_file, kv, layout, multimodal
 from .batching import Denoise
 from .errors import Error, GGUFError
 from .generation import FROM_FILE, BatchStream, Generation, Stream
@@ -109,7 +109,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
                  flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16"):
+                 mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
+                 device: Any = None, tensor_split: Any = None, rpc: Any = None):
         B.set_verbose(verbose)
         if flash_attn not in ("auto", "on", "off", True, False):
             raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
@@ -121,8 +122,6 @@ class Model:
         hp = self.hparams
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise Error(f"threads must be an int >= 1 or None, got {threads!r}")
-        if not isinstance(n_gpu_layers, int):
-            raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise Error(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
@@ -138,7 +137,7 @@ class Model:
         self._bufs: list[Any] = []
         self._ctxs: list[Any] = []
         self._owned: list[B.DeviceTensors] = []
-        self._setup_backends(n_gpu_layers)
+        self._setup_backends(n_gpu_layers, device, tensor_split, rpc)
         self._load_weights()
         self.flash = self._want_flash(flash_attn)
         scale = math.sqrt(hp.n_embd)
@@ -152,37 +151,33 @@ class Model:
         self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
         self._graph: _Graph | None = None
-        self._main = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+        self._main = Sequence(self._new_store(), self._buffer_type(self.placement.output))
 
     # ---- setup -------------------------------------------------------------------------------------
 
-    def _setup_backends(self, n_gpu_layers: int) -> None:
-        devs = B.devices()
-        cpu = next(d for d in devs if d["type"] == "cpu")
-        gpu = next((d for d in devs if d["type"] in ("gpu", "igpu")), None)
+    def _setup_backends(self, n_gpu_layers: int, device: Any, tensor_split: Any, rpc: Any) -> None:
+        """Place each layer on a device (devices.plan: device=, n_gpu_layers, tensor_split, rpc=) and start a
+        backend per device in use; the scheduler gets them all, CPU last."""
         hp = self.hparams
-        if gpu is None or n_gpu_layers == 0:
-            self._gpu_layers = 0
-        else:
-            self._gpu_layers = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
-        self.cpu_backend = _lib.ggml_backend_dev_init(cpu["handle"], _ffi.NULL)
+        embd = self._file.tensors["token_embd.weight"]
+        embd_t = hp.n_vocab * hp.n_embd * (4 if embd.type == int(QT.F32) else 2)  # E^T, made on the output device
+        self.placement = devices.plan(devices.layer_bytes(hp, self._file.tensors, embd_t),
+                                      devices.local() + devices.remote(rpc), device=device,
+                                      n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
+        self.cpu_backend = _lib.ggml_backend_dev_init(self.placement.cpu.handle, _ffi.NULL)
         B.set_n_threads(self.cpu_backend, self.threads)
-        self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
-        self._gpu_dev = gpu["handle"] if self._gpu_layers else None
-        backends = ([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend]
+        self._dev_backends: dict[str, Any] = {}
+        for d in self.placement.devices:
+            self._dev_backends[d.name] = _lib.ggml_backend_dev_init(d.handle, _ffi.NULL)
+            if self._dev_backends[d.name] == _ffi.NULL:
+                raise Error(f"ggml could not start a backend on {d.name} ({d.description})")
+        # the output layer's device, where sampling runs (None: the CPU)
+        self.gpu_backend = self._dev_backends.get(self.placement.output.name)
+        backends = [*self._dev_backends.values(), self.cpu_backend]
         self._backends_arr = _ffi.new("ggml_backend_t[]", backends)
         self.sched = _lib.ggml_backend_sched_new(self._backends_arr, _ffi.NULL, len(backends), GRAPH_NODES,
                                                  False, True)
-        self.devices = ([B.cstr(_lib.ggml_backend_name(self.gpu_backend))] if self.gpu_backend else []) + ["CPU"]
-
-    def _on_gpu(self, name: str) -> bool:
-        """Last k layers on the GPU (llama.cpp's n_gpu_layers); the output layer (tied embedding, final norm,
-        self-conditioning) counts as layer n_layer."""
-        if not self._gpu_layers:
-            return False
-        il = layout.layer_of(name)
-        il = self.hparams.n_layer if il is None else il
-        return il >= self.hparams.n_layer + 1 - self._gpu_layers
+        self.devices = self.placement.names
 
     def _new_ctx(self, n: int) -> Any:
         ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (n + 8))
@@ -197,15 +192,16 @@ class Model:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self._base = _ffi.from_buffer(self._mmap)
         tensors: dict[str, Any] = {}
-        groups = {False: [], True: []}
+        groups: dict[str, tuple[devices.Device, list]] = {}
         for info in infos:
-            groups[self._on_gpu(info.name)].append(info)
-        for on_gpu, group in groups.items():
-            if not group:
-                continue
+            dev = self.placement.of_tensor(info.name)
+            groups.setdefault(dev.name, (dev, []))[1].append(info)
+        for dev, group in groups.values():
             ctx = self._new_ctx(len(group))
-            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
-                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers")
+            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), None if dev.is_cpu else dev.handle,
+                                         oom=f"not enough memory on {dev.name} for its layers' weights "
+                                             f"({sum(i.nbytes for i in group):,} bytes); lower n_gpu_layers or "
+                                             "change tensor_split")
             tensors.update(weights)
             self._bufs.append(buf)
         # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
@@ -217,7 +213,8 @@ class Model:
         from .mmproj import Tower
 
         backends = [b for b in (self.gpu_backend, self.cpu_backend) if b is not None]
-        tower = Tower(path, backends=backends, gpu_dev=self._gpu_dev)
+        out = self.placement.output  # the tower runs where the output layer is
+        tower = Tower(path, backends=backends, gpu_dev=None if out.is_cpu else out.handle)
         if tower.hparams.n_proj != self.hparams.n_embd:
             tower.close()
             raise GGUFError(f"{path}: the vision tower projects to width {tower.hparams.n_proj}, but this text model "
@@ -240,6 +237,7 @@ class Model:
                 if len(self._image_cache) >= 8:
                     self._image_cache.pop(next(iter(self._image_cache)))
                 self._image_cache[key] = self.vision.encode(p.pixels, p.cols, p.rows)
+                self.placement.check()
             return self._image_cache[key].copy()
 
     def _want_flash(self, flash_attn: str | bool) -> bool:
@@ -248,10 +246,10 @@ class Model:
         if flash_attn in (False, "off"):
             return False
         # The CPU backend runs flash attention at any head size (exact at F32, ~10% faster per step here).
-        return self.gpu_backend is None or self._flash_supported()
+        return not self._dev_backends or self._flash_supported()
 
     def _flash_supported(self) -> bool:
-        """Ask the GPU backend whether it runs flash attention at both head sizes of this model."""
+        """Ask every non-CPU backend in use whether it runs flash attention at both head sizes of this model."""
         g = Ctx(64)
         try:
             ok = True
@@ -260,7 +258,7 @@ class Model:
                 k = _lib.ggml_new_tensor_3d(g.ctx, F16, d, 16, n_kv)
                 m = _lib.ggml_new_tensor_2d(g.ctx, F16, 16, 4)
                 fa = g.flash_attn_ext(q, k, k, m, 1.0, 0.0, 0.0)
-                ok = ok and bool(_lib.ggml_backend_supports_op(self.gpu_backend, fa))
+                ok = ok and all(_lib.ggml_backend_supports_op(b, fa) for b in self._dev_backends.values())
             return ok
         finally:
             g.free()
@@ -274,10 +272,13 @@ class Model:
         if self.vision is not None:  # an image is encoded in one pass, however many soft tokens it has
             room = max(room, multimodal.MAX_IMAGE_TOKENS)
         self._kv_room = room
-        groups = {dev: [il for il in range(hp.n_layer) if self._on_gpu(f"blk.{il}.") == dev] for dev in (False, True)}
+        groups: dict[str, tuple[devices.Device, list[int]]] = {}
+        for il in range(hp.n_layer):
+            dev = self.placement.of_layer(il)
+            groups.setdefault(dev.name, (dev, []))[1].append(il)
         if n_ctx is None:
             self.n_ctx = min(kv.max_context(hp, self._kv_ttype, room, self._kv_budget(dev), layers)
-                             for dev, layers in groups.items() if layers)
+                             for dev, layers in groups.values())
             if self.n_ctx < hp.canvas_length + 1:
                 raise Error(f"not enough free memory for a prompt-KV store next to the weights "
                             f"({kv.store_bytes(hp, self._kv_ttype, hp.canvas_length + 1, room):,} bytes for one "
@@ -287,32 +288,30 @@ class Model:
                 raise Error(f"n_ctx={n_ctx} is above the file's context length {hp.context_length} "
                             "(positions past it were never trained); use n_ctx <= that, or leave it out")
             self.n_ctx = n_ctx
-            for dev, layers in groups.items():
-                if not layers:
-                    continue
+            for dev, layers in groups.values():
                 need = kv.store_bytes(hp, self._kv_ttype, self.n_ctx, room, layers)
                 free = self._free_bytes(dev) - kv.RESERVE_BYTES
                 if need > free:
                     raise Error(f"n_ctx={self.n_ctx}: the prompt-KV store would need {need:,} bytes of "
-                                f"{'GPU' if dev else 'host'} memory ({kv.bytes_per_token(hp, self._kv_ttype):,} "
+                                f"{dev.name} memory ({kv.bytes_per_token(hp, self._kv_ttype):,} "
                                 f"per token in {self.kv_type}) but only {max(free, 0):,} are free; use a smaller n_ctx")
         if self.n_ctx < hp.canvas_length + 1:
             raise Error(f"n_ctx={self.n_ctx} cannot hold a prompt and a canvas of {hp.canvas_length}")
 
-    def _buffer_type(self, on_gpu: bool) -> Any:
-        return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+    def _buffer_type(self, dev: devices.Device) -> Any:
+        return _lib.ggml_backend_cpu_buffer_type() if dev.is_cpu else _lib.ggml_backend_dev_buffer_type(dev.handle)
 
     def _new_store(self) -> kv.PromptKV:
         """An empty prompt-KV store of n_ctx tokens, each layer's part on that layer's device."""
         return kv.PromptKV(self.hparams, n_ctx=self.n_ctx, room=self._kv_room, ttype=self._kv_ttype,
-                           buffer_type=lambda il: self._buffer_type(self._on_gpu(f"blk.{il}.")),
-                           device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+                           buffer_type=lambda il: self._buffer_type(self.placement.of_layer(il)),
+                           device_free=lambda il: self._free_bytes(self.placement.of_layer(il)))
 
     def new_sequence(self) -> Sequence:
         """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with free_sequence."""
         with self._lock:
             self._check_open()
-            seq = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+            seq = Sequence(self._new_store(), self._buffer_type(self.placement.output))
             self._sequences.append(seq)
             return seq
 
@@ -347,19 +346,16 @@ class Model:
         """multimodal.ImageSpan of the model's own committed tokens."""
         return self._main.images
 
-    def _free_bytes(self, on_gpu: bool) -> int:
-        """Memory free now on the GPU, or on the host (MemAvailable)."""
-        if not on_gpu:
-            return kv.host_available()
-        free, total = _ffi.new("size_t *"), _ffi.new("size_t *")
-        _lib.ggml_backend_dev_memory(self._gpu_dev, free, total)
-        return int(free[0])
+    def _free_bytes(self, dev: devices.Device) -> int:
+        """Memory free now on a device, or on the host (MemAvailable) for the CPU."""
+        return kv.host_available() if dev.is_cpu else dev.free_now()
 
-    def _kv_budget(self, on_gpu: bool) -> int:
+    def _kv_budget(self, dev: devices.Device) -> int:
         """Bytes the store may take on a device by default: its free memory less a reserve and, on the host,
         less the CPU weights (their mapped pages must stay resident to run at speed)."""
-        weights = 0 if on_gpu else sum(i.nbytes for i in self._file.tensors.values() if not self._on_gpu(i.name))
-        return self._free_bytes(on_gpu) - weights - kv.RESERVE_BYTES
+        weights = sum(i.nbytes for i in self._file.tensors.values()
+                      if self.placement.of_tensor(i.name).is_cpu) if dev.is_cpu else 0
+        return self._free_bytes(dev) - weights - kv.RESERVE_BYTES
 
     @property
     def sampler_defaults(self) -> SamplerSettings:
@@ -395,7 +391,7 @@ class Model:
             e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
             ttype = F32 if info.type == int(QT.F32) else F16
             et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
-            self._owned.append(B.DeviceTensors(self._buffer_type(self._on_gpu("token_embd.weight")),
+            self._owned.append(B.DeviceTensors(self._buffer_type(self.placement.output),
                                                [("token_embd_t", ttype, (hp.n_vocab, hp.n_embd))], weights=True,
                                                what="the transposed embedding for self-conditioning"))
             t = self._owned[-1].tensors[0]
@@ -423,6 +419,7 @@ class Model:
 
     def _compute(self, gr: _Graph) -> None:
         status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
+        self.placement.check()  # a lost RPC server: its relay answered in its place, the results are void
         if self._observer_error is not None:  # observe()'s callback raised: the graph stopped there
             err, self._observer_error = self._observer_error, None
             raise err
@@ -569,6 +566,7 @@ class Model:
             gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)
             _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
+            self.placement.check()
             return out
 
     def _self_cond_state(self, L: int, sequence: Sequence | None = None) -> Any:
@@ -640,6 +638,7 @@ class Model:
                 for name, arr in (("argmax", argmax), ("entropy", entropy), ("sample", sample)):
                     _lib.ggml_backend_tensor_get(gr.io[name][b], _ffi.from_buffer(arr), 0, arr.nbytes)
                 out.append((argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64)))
+            self.placement.check()
             return out
 
     def denoise_step(self, canvas: np.ndarray, temperature: float, self_cond: bool, uniform: np.ndarray,
@@ -825,8 +824,8 @@ class Model:
                 _lib.ggml_backend_buffer_free(buf)
             for ctx in self._ctxs:
                 _lib.ggml_free(ctx)
-            if self.gpu_backend is not None:
-                _lib.ggml_backend_free(self.gpu_backend)
+            for backend in getattr(self, "_dev_backends", {}).values():
+                _lib.ggml_backend_free(backend)
             _lib.ggml_backend_free(self.cpu_backend)
             del self._base
             self._mmap.close()
@@ -851,18 +850,23 @@ class Model:
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
          flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
-         mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16") -> Model:
+         mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
+         device: Any = None, tensor_split: Any = None, rpc: Any = None) -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
-    n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
-    k = the last k layers. n_ctx: most committed + canvas tokens (default: the file's context length, or less
-    where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
-    context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
+    device: a device name ("Vulkan0", "CUDA0", "RPC0"), a list of them, or "cpu"; default: every GPU (see
+    dg.devices()). n_gpu_layers: -1 = every layer (and the output layer) on those devices, 0 = CPU only, k = the
+    last k layers (the output layer counts as one). tensor_split: one weight per device for the layer split
+    (default: in proportion to free memory). rpc: "host:port" of ggml RPC servers (a list, or comma-separated),
+    whose devices join the others (docs/devices.md). n_ctx: most committed + canvas tokens (default: the file's
+    context length, or less where its prompt-KV store would not fit next to the weights in the memory free now;
+    the store grows as the context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
     "f16" (default) or "f32".
     """
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
-                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj, n_batch=n_batch, kv_type=kv_type)
+                 verbose=verbose, n_ctx=n_ctx, mmproj=mmproj, n_batch=n_batch, kv_type=kv_type, device=device,
+                 tensor_split=tensor_split, rpc=rpc)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
