@@ -99,15 +99,16 @@ def mmproj_text(gf: Any) -> str:
     ])
 
 
-def _cmd_info(a: argparse.Namespace) -> int:
-    from . import binding
+def _list_devices(a: argparse.Namespace) -> None:
+    from . import binding, devices
 
+    print("\n".join(devices.backends_text(devices.local() + devices.remote(getattr(a, "rpc", None)))))
+    print(f"ggml {binding.cstr(binding.lib.ggml_version())}, llama-cpp-python {binding.llama_cpp_python_version()}")
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
     if a.devices:
-        for d in binding.devices():
-            gib = (d["memory_free"] / 2**30, d["memory_total"] / 2**30)
-            mem = f"{gib[0]:.1f}/{gib[1]:.1f} GiB free" if d["memory_total"] else ""
-            print(f"{d['name']:10s} {d['type']:6s} {d['description']}  {mem}")
-        print(f"ggml {binding.cstr(binding.lib.ggml_version())}, llama-cpp-python {binding.llama_cpp_python_version()}")
+        _list_devices(a)
         if not a.file:
             return 0
     if not a.file:
@@ -145,6 +146,18 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="prompt-KV store type (default f16)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
+    _device_args(s)
+
+
+def _device_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-dev", "--device", default=None, metavar="DEV1,DEV2",
+                   help="devices for the offloaded layers (Vulkan0, CUDA0,CUDA1, RPC0; 'none': CPU only; default: "
+                        "every GPU)")
+    s.add_argument("-ts", "--tensor-split", default=None, metavar="N0,N1",
+                   help="share of the offloaded layers per device, e.g. 3,1 (default: by free memory)")
+    s.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="ggml RPC servers whose devices join (see `diffgemma rpc-server`)")
+    s.add_argument("--list-devices", action="store_true", help="list the devices (with --rpc, theirs too) and exit")
 
 
 def _image_budget_arg(s: argparse.ArgumentParser) -> None:
@@ -173,7 +186,8 @@ def _load(a: argparse.Namespace) -> Any:
     from .model import load
 
     return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, verbose=a.verbose, n_ctx=a.n_ctx,
-                n_batch=a.n_batch, kv_type=a.kv_type, mmproj=getattr(a, "mmproj", None))
+                n_batch=a.n_batch, kv_type=a.kv_type, mmproj=getattr(a, "mmproj", None), device=a.device,
+                tensor_split=a.tensor_split, rpc=a.rpc)
 
 
 class _PrefillBar:
@@ -436,7 +450,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench
 
     r = bench(a.model, prompt_tokens=a.prompt_tokens, steps=a.steps, n_gpu_layers=a.n_gpu_layers, threads=a.threads,
-              compare=a.compare, hf_dtype=a.hf_dtype)
+              compare=a.compare, hf_dtype=a.hf_dtype, device=a.device, tensor_split=a.tensor_split, rpc=a.rpc)
     if a.json:
         print(json.dumps({"file": r.file, "devices": r.devices, "ours": r.ours, "transformers": r.transformers,
                           "ratio": r.ratio}, indent=1))
@@ -586,6 +600,13 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rpc_server(a: argparse.Namespace) -> int:
+    from .devices import serve_rpc
+
+    serve_rpc(a.host, a.port, a.threads, a.device, a.cache)
+    return 0
+
+
 def _add_serve_parser(sub: Any) -> None:
     from .server import MAX_BATCH, REASONING_FORMATS
 
@@ -617,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="describe a diffusion-gemma GGUF file, or list devices")
     s.add_argument("file", nargs="?", help='a GGUF file, or "tiny" for the embedded model')
-    s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
+    s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...) and their memory")
+    s.add_argument("--rpc", default=None, metavar="HOST:PORT,...", help="with --devices: also these RPC servers'")
     s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
     s.set_defaults(fn=_cmd_info)
 
@@ -727,6 +749,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="-1 all layers on the GPU, 0 CPU only")
     s.set_defaults(fn=_cmd_imatrix)
 
+    s = sub.add_parser("rpc-server", help="serve a local device to other machines' models (ggml's RPC server)",
+                       description="Serve a device through ggml's RPC server; clients add it with --rpc HOST:PORT. "
+                       "The protocol has no authentication or encryption: keep the default host 127.0.0.1, or "
+                       "use a trusted network.")
+    s.add_argument("-H", "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads of a served CPU (default: all)")
+    s.add_argument("-d", "--device", default=None, metavar="DEV1,DEV2",
+                   help="devices to serve (default: the first GPU, else the CPU; 'cpu' for the CPU)")
+    s.add_argument("-c", "--cache", default=None, metavar="DIR", help="cache received weights in DIR (ggml's -c)")
+    s.set_defaults(fn=_cmd_rpc_server)
+
     s = sub.add_parser("convert", help="Hugging Face DiffusionGemma checkpoint -> GGUF")
     s.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
     s.add_argument("out", help="the GGUF to write, or a directory (named after the checkpoint)")
@@ -742,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        if getattr(a, "list_devices", False):
+            _list_devices(a)
+            return 0
         if a.cmd == "serve":  # the server handles SIGTERM itself (graceful shutdown)
             return int(a.fn(a) or 0)
         with outputs.sigterm_unwinds():  # SIGTERM cleans up like Ctrl-C (no temporary files left)
