@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# CI device stage (run by .ci/run after the CPU tests): tests/test_devices.py on real ggml devices without a GPU:
+# ggml's Vulkan backend on Mesa's software driver lavapipe, and ggml's RPC backend with servers on localhost.
+# Every test must run: a skip fails the stage. The Vulkan+RPC build of the pinned llama-cpp-python is kept as a
+# wheel outside the clone (keyed by version and CMake flags), so only the first run on a machine builds it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LCP=0.3.36
+FLAGS="-DGGML_VULKAN=on -DGGML_RPC=on"
+PKGS="mesa-vulkan-drivers libvulkan-dev glslc spirv-headers"  # lavapipe, the loader, the shader compiler, headers
+WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
+VENV=.venv-devices
+t0=$(date +%s)
+
+missing=""
+for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "device stage: missing Debian packages:$missing (apt-get install them as root)" >&2
+        exit 1
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$wheel" ]; then
+    echo "device stage: building llama-cpp-python $LCP with $FLAGS (cached in $WHEELS afterwards)"
+    mkdir -p "$WHEELS.tmp"
+    # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS (it would hand back a CPU build)
+    CMAKE_ARGS="$FLAGS" python3 -m pip wheel -q --no-cache-dir --no-deps "llama-cpp-python==$LCP" -w "$WHEELS.tmp"
+    rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+    wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl | head -1)
+fi
+t1=$(date +%s)
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install -q --no-cache-dir "$wheel"
+"$VENV/bin/pip" install -q . pillow pytest
+t2=$(date +%s)
+
+# lavapipe only (a real GPU's driver would otherwise be device 0), and ggml's Vulkan backend skips CPU-type
+# Vulkan devices unless they are named in GGML_VK_VISIBLE_DEVICES.
+export VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json GGML_VK_VISIBLE_DEVICES=0
+"$VENV/bin/python" -m diffgemma info --devices
+"$VENV/bin/python" -c "import diffgemma as dg, sys; n = dg.backends(); sys.exit(0 if 'Vulkan0' in n else
+    f'device stage: lavapipe is not Vulkan0 (devices: {n})')"
+log=$(mktemp)
+set +e
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs tests/test_devices.py tests/test_placement.py 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+t3=$(date +%s)
+echo "device stage: wheel $((t1 - t0)) s, venv $((t2 - t1)) s, tests $((t3 - t2)) s"
+if [ "$rc" != 0 ]; then exit "$rc"; fi
+if grep -Eq "^SKIPPED|[0-9]+ skipped" "$log"; then
+    echo "device stage: tests were skipped; on this stage every device test must run" >&2
+    exit 1
+fi
