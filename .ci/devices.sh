@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 LCP=0.3.36
 FLAGS="-DGGML_VULKAN=on -DGGML_RPC=on"
 PKGS="mesa-vulkan-drivers libvulkan-dev glslc spirv-headers"  # lavapipe, the loader, the shader compiler, headers
-WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
 VENV=.venv-devices
 t0=$(date +%s)
 
@@ -21,6 +20,28 @@ if [ -n "$missing" ]; then
     fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
+
+# The pinned ggml-vulkan needs Vulkan headers that declare VK_EXT_layer_settings; Debian 12's (1.3.239) do not.
+# Then take the headers alone from Debian 13's libvulkan-dev (same mirror as this system's sources, a private apt
+# state, nothing installed); the loader and lavapipe stay Debian 12's.
+HDR=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/vulkan-headers
+if ! grep -qs "struct LayerSettingEXT" /usr/include/vulkan/vulkan_structs.hpp; then
+    if [ ! -f "$HDR/usr/include/vulkan/vulkan.hpp" ]; then
+        mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /\/debian$/ {print $2; exit}' /etc/apt/sources.list)
+        apt_dir=$(mktemp -d)
+        mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+        echo "deb $mirror trixie main" > "$apt_dir/sources.list"
+        opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+              -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+        apt-get "${opts[@]}" update -qq
+        (cd "$apt_dir" && apt-get "${opts[@]}" download -qq libvulkan-dev)
+        rm -rf "$HDR.tmp" && dpkg-deb -x "$apt_dir"/libvulkan-dev_*.deb "$HDR.tmp" && mv "$HDR.tmp" "$HDR"
+        rm -rf "$apt_dir"
+    fi
+    FLAGS="$FLAGS -DVulkan_INCLUDE_DIR=$HDR/usr/include"
+fi
+WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then
