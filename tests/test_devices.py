@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -49,8 +50,9 @@ class Server:
     def __init__(self) -> None:
         self.endpoint = f"127.0.0.1:{_free_port()}"
         port = self.endpoint.rsplit(":", 1)[1]
+        self.log = tempfile.TemporaryFile()  # not a pipe: a full pipe would block the server
         self.proc = subprocess.Popen([sys.executable, "-m", "diffgemma", "rpc-server", "--port", port, "--device",
-                                      "cpu", "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "cpu", "-t", "1"], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -59,7 +61,8 @@ class Server:
             except dg.Error:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"rpc-server did not start: {self.proc.stderr.read().decode()}") from None
+                    self.log.seek(0)
+                    raise RuntimeError(f"rpc-server did not start: {self.log.read().decode()}") from None
                 time.sleep(0.2)
 
     def stop(self) -> None:

@@ -413,6 +413,7 @@ class Model:
         io = build(g)
         if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
             g.free()
+            self.placement.check()  # a lost RPC server refuses allocations: say so rather than "out of memory"
             raise Error("ggml could not allocate the compute graph (out of memory?)")
         self._graph = _Graph(key, g, io)
         return self._graph
@@ -805,6 +806,7 @@ class Model:
     def _check_open(self) -> None:
         if self._closed:
             raise Error("this model was closed")
+        self.placement.check()  # a lost RPC server fails every later call, not only the one that met it
 
     def close(self) -> None:
         """Free backends, buffers and the mapping (the object is unusable afterwards)."""
