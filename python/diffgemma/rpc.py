@@ -193,9 +193,12 @@ class Relay:
                     else:
                         (reply,) = struct.unpack("<Q", payload[-8:])
                     tail = payload
-                server = self._forward(server, client, head, tail, size - len(tail))
-                if reply is not None:
-                    server = self._answer(server, client, cmd, reply)
+                try:
+                    server = self._forward(server, client, head, tail, size - len(tail))
+                    if reply is not None:
+                        server = self._answer(server, client, cmd, reply)
+                except (OSError, ConnectionError):
+                    return  # ggml went away mid-message (its process is ending): nothing left to answer
         finally:
             client.close()
             if server is not None:
