@@ -21,27 +21,41 @@ if [ -n "$missing" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci
+mkdir -p "$CACHE"
+
+# unpack_deb SUITE PACKAGE DEST: a package of another suite of this system's Debian mirror, unpacked into DEST
+# (a private apt state: nothing is installed, the system's sources are left alone).
+unpack_deb() {
+    [ -d "$3" ] && return 0
+    local mirror apt_dir opts
+    mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /\/debian$/ {print $2; exit}' /etc/apt/sources.list)
+    apt_dir=$(mktemp -d)
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    echo "deb $mirror $1 main" > "$apt_dir/sources.list"
+    opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+    apt-get "${opts[@]}" update -qq
+    (cd "$apt_dir" && apt-get "${opts[@]}" download -qq "$2")
+    rm -rf "$3.tmp" && dpkg-deb -x "$apt_dir"/*.deb "$3.tmp" && mv "$3.tmp" "$3"
+    rm -rf "$apt_dir"
+}
+
 # The pinned ggml-vulkan needs Vulkan headers that declare VK_EXT_layer_settings; Debian 12's (1.3.239) do not.
-# Then take the headers alone from Debian 13's libvulkan-dev (same mirror as this system's sources, a private apt
-# state, nothing installed); the loader and lavapipe stay Debian 12's.
-HDR=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/vulkan-headers
+# Then the headers alone come from Debian 13's libvulkan-dev; the loader stays the system's.
 if ! grep -qs "struct LayerSettingEXT" /usr/include/vulkan/vulkan_structs.hpp; then
-    if [ ! -f "$HDR/usr/include/vulkan/vulkan.hpp" ]; then
-        mirror=$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
-        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /\/debian$/ {print $2; exit}' /etc/apt/sources.list)
-        apt_dir=$(mktemp -d)
-        mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-        echo "deb $mirror trixie main" > "$apt_dir/sources.list"
-        opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-              -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
-        apt-get "${opts[@]}" update -qq
-        (cd "$apt_dir" && apt-get "${opts[@]}" download -qq libvulkan-dev)
-        rm -rf "$HDR.tmp" && dpkg-deb -x "$apt_dir"/libvulkan-dev_*.deb "$HDR.tmp" && mv "$HDR.tmp" "$HDR"
-        rm -rf "$apt_dir"
-    fi
-    FLAGS="$FLAGS -DVulkan_INCLUDE_DIR=$HDR/usr/include"
+    unpack_deb trixie libvulkan-dev "$CACHE/vulkan-headers"
+    FLAGS="$FLAGS -DVulkan_INCLUDE_DIR=$CACHE/vulkan-headers/usr/include"
 fi
-WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/diffgemma-ci/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
+# Debian 12's lavapipe (Mesa 22.3) crashes in ggml's flash-attention shader; Debian 12's backports have Mesa 25,
+# whose lavapipe runs everything: use it from an unpacked copy (the system's Mesa is left alone).
+LVP=/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so
+if dpkg --compare-versions "$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers)" lt 24; then
+    unpack_deb bookworm-backports mesa-vulkan-drivers "$CACHE/mesa-vulkan"
+    LVP=$CACHE/mesa-vulkan/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so
+fi
+WHEELS=$CACHE/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then
@@ -59,8 +73,11 @@ python3 -m venv "$VENV"
 t2=$(date +%s)
 
 # lavapipe only (a real GPU's driver would otherwise be device 0), and ggml's Vulkan backend skips CPU-type
-# Vulkan devices unless they are named in GGML_VK_VISIBLE_DEVICES.
-export VK_ICD_FILENAMES=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json GGML_VK_VISIBLE_DEVICES=0
+# Vulkan devices unless they are named in GGML_VK_VISIBLE_DEVICES. Lavapipe compiles ggml's shaders with LLVM on
+# first use, minutes for some: its shader cache is kept beside the wheel.
+printf '{"file_format_version": "1.0.0", "ICD": {"api_version": "1.3.0", "library_path": "%s"}}\n' "$LVP" \
+    > "$CACHE/lvp_icd.json"
+export VK_ICD_FILENAMES=$CACHE/lvp_icd.json GGML_VK_VISIBLE_DEVICES=0 MESA_SHADER_CACHE_DIR=$CACHE/mesa-shaders
 "$VENV/bin/python" -m diffgemma info --devices
 "$VENV/bin/python" -c "import diffgemma as dg, sys; n = dg.backends(); sys.exit(0 if 'Vulkan0' in n else
     f'device stage: lavapipe is not Vulkan0 (devices: {n})')"
