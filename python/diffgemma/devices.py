@@ -58,9 +58,9 @@ class Device:
 def _device(handle: Any, name: str | None = None, relay: Any = None) -> Device:
     free, total = B.ffi.new("size_t *"), B.ffi.new("size_t *")
     B.lib.ggml_backend_dev_memory(handle, free, total)
-    desc = B.cstr(B.lib.ggml_backend_dev_description(handle))
-    return Device(name or B.cstr(B.lib.ggml_backend_dev_name(handle)),
-                  f"{desc} at {relay.endpoint}" if relay is not None else desc,
+    # ggml describes an RPC device by the address it connected to: that is the relay's, so name the server
+    desc = f"RPC server {relay.endpoint}" if relay is not None else B.cstr(B.lib.ggml_backend_dev_description(handle))
+    return Device(name or B.cstr(B.lib.ggml_backend_dev_name(handle)), desc,
                   _TYPES.get(B.lib.ggml_backend_dev_type(handle), "other"), int(free[0]), int(total[0]),
                   handle, relay)
 
