@@ -46,7 +46,7 @@ unpack_deb() {
 # Then the headers alone come from Debian 13's libvulkan-dev; the loader stays the system's.
 if ! grep -qs "struct LayerSettingEXT" /usr/include/vulkan/vulkan_structs.hpp; then
     unpack_deb trixie libvulkan-dev "$CACHE/vulkan-headers"
-    FLAGS="$FLAGS -DVulkan_INCLUDE_DIR=$CACHE/vulkan-headers/usr/include"
+    HEADERS="-DVulkan_INCLUDE_DIR=$CACHE/vulkan-headers/usr/include"
 fi
 # Debian 12's lavapipe (Mesa 22.3) crashes in ggml's flash-attention shader; Debian 12's backports have Mesa 25,
 # whose lavapipe runs everything: use it from an unpacked copy (the system's Mesa is left alone).
@@ -55,14 +55,15 @@ if dpkg --compare-versions "$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers)
     unpack_deb bookworm-backports mesa-vulkan-drivers "$CACHE/mesa-vulkan"
     LVP=$CACHE/mesa-vulkan/usr/lib/x86_64-linux-gnu/libvulkan_lvp.so
 fi
-WHEELS=$CACHE/wheels/lcp-$LCP-$(echo "$FLAGS" | sha256sum | cut -c1-12)
+HEADERS=${HEADERS:-}
+WHEELS=$CACHE/wheels/lcp-$LCP-$(echo "$FLAGS ${HEADERS:+debian13-headers}" | sha256sum | cut -c1-12)
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$wheel" ]; then
     echo "device stage: building llama-cpp-python $LCP with $FLAGS (cached in $WHEELS afterwards)"
     mkdir -p "$WHEELS.tmp"
     # --no-cache-dir: pip's own wheel cache is keyed by the sdist, not by CMAKE_ARGS (it would hand back a CPU build)
-    CMAKE_ARGS="$FLAGS" python3 -m pip wheel -q --no-cache-dir --no-deps "llama-cpp-python==$LCP" -w "$WHEELS.tmp"
+    CMAKE_ARGS="$FLAGS $HEADERS" python3 -m pip wheel -q --no-cache-dir --no-deps "llama-cpp-python==$LCP" -w "$WHEELS.tmp"
     rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
     wheel=$(ls "$WHEELS"/llama_cpp_python-$LCP-*.whl | head -1)
 fi
