@@ -13,7 +13,7 @@ python -m venv --system-site-packages .venv-gpu
 .venv-gpu/bin/pip install -q --no-deps . pytest 2>&1 | tail -2
 echo "build_seconds $(( $(date +%s) - start ))" | tee -a "$OUT/build.log"
 .venv-gpu/bin/python -c "import diffgemma as dg; print(dg.backends())" | tee "$OUT/backends.txt"
-.venv-gpu/bin/python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_golden.py 2>&1 | tail -5 | tee "$OUT/tests.log"
+.venv-gpu/bin/python -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_golden.py 2>&1 | tail -5 | tee "$OUT/tests.log"
 .venv-gpu/bin/python bench/full_layout.py --recipe asym-2bitexp --out "$OUT" 2>&1 | tee "$OUT/full_layout.log"
 # 5. batched denoising on the GPU: tokens/s at max batch 1, 2, 4, 8 on the proportional config (library only).
 .venv-gpu/bin/python bench/batch_throughput.py --threads 16 --no-server --json "$OUT/batch.json" 2>&1 | tee "$OUT/batch.log"

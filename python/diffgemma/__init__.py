@@ -32,6 +32,14 @@ def backends() -> list[str]:
     return [d["name"] for d in binding.devices()]
 
 
+def list_devices(rpc: str | list[str] | None = None) -> list[Any]:
+    """Every ggml device this installation can use, with its memory: dg.devices.Device records (.name, .type,
+    .description, .memory_free, .memory_total). rpc: also the devices of these RPC servers ("host:port")."""
+    from . import devices
+
+    return devices.local() + devices.remote(rpc)
+
+
 def generate(prompt: Any, *, model: str | os.PathLike | Model = "tiny", n_gpu_layers: int = -1,
              threads: int | None = None, max_new_tokens: int = 256, steps: int | None = None, seed: int | None = None,
              t_min: float | None = None, t_max: float | None = None, entropy_bound: float | None = None,
@@ -121,5 +129,6 @@ def __dir__() -> list[str]:
 
 __all__ = ["BatchStream", "CanvasEvent", "ChatReply", "Error", "FROM_FILE", "GGUFError", "Generation", "HParams",
            "Hole", "ImatrixReport", "Model", "QuantizeReport", "SamplerSettings", "StepEvent", "Stream",
-           "TokenLogprob", "ToolCall", "__version__", "backends", "chat", "convert", "generate", "imatrix", "load",
+           "TokenLogprob", "ToolCall", "__version__", "backends", "chat", "convert", "generate", "imatrix",
+           "list_devices", "load",
            "parse_chat_output", "parse_template", "quantize", "recipes", "stream"]

@@ -231,10 +231,11 @@ class BenchResult:
 
 
 def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16, n_gpu_layers: int = -1,
-          threads: int | None = None, compare: str | None = None, hf_dtype: str = "float32") -> BenchResult:
+          threads: int | None = None, compare: str | None = None, hf_dtype: str = "float32", device: Any = None,
+          tensor_split: Any = None, rpc: Any = None) -> BenchResult:
     """Measure prefill and per-step latency of a file; compare="transformers" also times the reference on the
     same (dequantized) weights in this process. threads: CPU threads of both (default: ours, one per physical
-    core; torch's own)."""
+    core; torch's own). device, tensor_split, rpc: as for dg.load."""
     from .model import load, resolve
 
     if compare not in (None, "transformers"):
@@ -244,8 +245,8 @@ def bench(path: str | os.PathLike, *, prompt_tokens: int = 128, steps: int = 16,
     path = resolve(path)
     if compare == "transformers":
         _require_reference()  # before timing our half, not after
-    with load(path, n_gpu_layers=n_gpu_layers, threads=threads,
-              n_ctx=prompt_tokens + 2 * 256 + 64) as m:
+    with load(path, n_gpu_layers=n_gpu_layers, threads=threads, n_ctx=prompt_tokens + 2 * 256 + 64, device=device,
+              tensor_split=tensor_split, rpc=rpc) as m:
         res = BenchResult(str(path), m.devices, ours(m, prompt_tokens=prompt_tokens, steps=steps))
         hp = m.hparams
     if compare == "transformers":

@@ -214,6 +214,15 @@ void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * na
 const char * ggml_backend_reg_name(ggml_backend_reg_t reg);
 size_t ggml_backend_dev_count(void);
 ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+size_t ggml_backend_reg_count(void);
+ggml_backend_reg_t ggml_backend_reg_get(size_t index);
+ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
+size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
+ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
+/* ggml-rpc.h: reached through ggml_backend_reg_get_proc_address of the "RPC" registry entry */
+typedef ggml_backend_reg_t (*ggml_backend_rpc_add_server_t)(const char * endpoint);
+typedef void (*ggml_backend_rpc_start_server_t)(const char * endpoint, const char * cache_dir, size_t n_threads,
+                                                size_t n_devices, ggml_backend_dev_t * devices);
 ggml_backend_dev_t ggml_backend_dev_by_type(int type);
 void ggml_backend_load_all(void);
 
@@ -222,6 +231,8 @@ ggml_backend_sched_t ggml_backend_sched_new(ggml_backend_t * backends, ggml_back
 void ggml_backend_sched_free(ggml_backend_sched_t sched);
 bool ggml_backend_sched_reserve(ggml_backend_sched_t sched, struct ggml_cgraph * measure_graph);
 int ggml_backend_sched_get_n_splits(ggml_backend_sched_t sched);
+int ggml_backend_sched_get_n_copies(ggml_backend_sched_t sched);
+void ggml_backend_sched_split_graph(ggml_backend_sched_t sched, struct ggml_cgraph * graph);
 size_t ggml_backend_sched_get_buffer_size(ggml_backend_sched_t sched, ggml_backend_t backend);
 bool ggml_backend_sched_alloc_graph(ggml_backend_sched_t sched, struct ggml_cgraph * graph);
 int ggml_backend_sched_graph_compute(ggml_backend_sched_t sched, struct ggml_cgraph * graph);

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import binding, hub, outputs, quantizer, structured
+from . import binding, devices, hub, outputs, quantizer, structured
 from .bench import bench, validate
 from .calibration import imatrix
 from .chat_format import check_tools
@@ -23,6 +23,7 @@ from .checkpoint import OUTTYPES
 from .cli_display import LiveCanvas, PrefillBar, StepBar, info_json, info_text, live_display, stats
 from .cli_flags import (
     command,
+    device_args,
     force_arg,
     gpu_layers_arg,
     hf_arg,
@@ -52,7 +53,7 @@ from .version import __version__
 def _load(a: argparse.Namespace) -> Model:
     return load(a.model, n_gpu_layers=a.n_gpu_layers, threads=a.threads, flash_attn=a.flash_attn,
                 verbose=a.verbose, n_ctx=a.n_ctx, n_batch=a.n_batch, kv_type=a.kv_type, mmproj=a.mmproj,
-                repack=a.repack)
+                repack=a.repack, device=a.device, tensor_split=a.tensor_split, rpc=a.rpc)
 
 
 def _read_text(path: str, what: str) -> str:
@@ -72,18 +73,20 @@ def _read_text(path: str, what: str) -> str:
 def _add_info(sub: Any) -> None:
     s = command(sub, "info", _cmd_info, help="describe a diffusion-gemma GGUF, mmproj or imatrix file, or list devices")
     s.add_argument("file", nargs="?", help='a GGUF (model, mmproj or imatrix) or legacy .dat imatrix file, or "tiny"')
-    s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...)")
+    s.add_argument("--devices", action="store_true", help="list the ggml devices (CPU, CUDA0, ...) and their memory")
+    s.add_argument("--rpc", default=None, metavar="HOST:PORT,...", help="with --devices: also these RPC servers'")
     s.add_argument("--json", action="store_true", help="hyper-parameters, census and size as JSON")
     hf_arg(s)
 
 
+def _list_devices(a: argparse.Namespace) -> None:
+    print("\n".join(devices.backends_text(devices.local() + devices.remote(getattr(a, "rpc", None)))))
+    print(f"ggml {binding.cstr(binding.lib.ggml_version())}, llama-cpp-python {binding.llama_cpp_python_version()}")
+
+
 def _cmd_info(a: argparse.Namespace) -> int:
     if a.devices:
-        for d in binding.devices():
-            gib = (d["memory_free"] / 2**30, d["memory_total"] / 2**30)
-            mem = f"{gib[0]:.1f}/{gib[1]:.1f} GiB free" if d["memory_total"] else ""
-            print(f"{d['name']:10s} {d['type']:6s} {d['description']}  {mem}")
-        print(f"ggml {binding.cstr(binding.lib.ggml_version())}, llama-cpp-python {binding.llama_cpp_python_version()}")
+        _list_devices(a)
         if not a.file:
             return 0
     if not a.file:
@@ -388,6 +391,7 @@ def _add_bench(sub: Any) -> None:
     model_arg(s)
     gpu_layers_arg(s)
     threads_arg(s)
+    device_args(s)
     s.add_argument("--prompt-tokens", type=int, default=128, help="random prompt tokens prefilled (default 128)")
     s.add_argument("--steps", type=int, default=16, help="denoising steps timed (fixed, no early stop)")
     s.add_argument("--compare", choices=["transformers"], default=None,
@@ -399,7 +403,7 @@ def _add_bench(sub: Any) -> None:
 
 def _cmd_bench(a: argparse.Namespace) -> int:
     r = bench(a.model, prompt_tokens=a.prompt_tokens, steps=a.steps, n_gpu_layers=a.n_gpu_layers, threads=a.threads,
-              compare=a.compare, hf_dtype=a.hf_dtype)
+              compare=a.compare, hf_dtype=a.hf_dtype, device=a.device, tensor_split=a.tensor_split, rpc=a.rpc)
     if a.json:
         print(json.dumps({"file": r.file, "devices": r.devices, "ours": r.ours, "transformers": r.transformers,
                           "ratio": r.ratio}, indent=1))
@@ -551,6 +555,25 @@ def _cmd_imatrix(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rpc_server(sub: Any) -> None:
+    s = command(sub, "rpc-server", _cmd_rpc_server,
+                help="serve a local device to other machines' models (ggml's RPC server)",
+                description="Serve a device through ggml's RPC server; clients add it with --rpc HOST:PORT. The "
+                "protocol has no authentication or encryption: keep the default host 127.0.0.1, or use a trusted "
+                "network.")
+    s.add_argument("-H", "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
+    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads of a served CPU (default: all)")
+    s.add_argument("-d", "--device", default=None, metavar="DEV1,DEV2",
+                   help="devices to serve (default: the first GPU, else the CPU; 'cpu' for the CPU)")
+    s.add_argument("-c", "--cache", default=None, metavar="DIR", help="cache received weights in DIR (ggml's -c)")
+
+
+def _cmd_rpc_server(a: argparse.Namespace) -> int:
+    devices.serve_rpc(a.host, a.port, a.threads, a.device, a.cache)
+    return 0
+
+
 def _add_convert(sub: Any) -> None:
     s = command(sub, "convert", _cmd_convert, help="Hugging Face DiffusionGemma checkpoint -> GGUF")
     s.add_argument("hf_dir", help="a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer)")
@@ -580,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"diffgemma {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_info, _add_generate, _add_chat, _add_serve, _add_bench, _add_validate, _add_quantize,
-                _add_imatrix, _add_convert):
+                _add_imatrix, _add_convert, _add_rpc_server):
         add(sub)
     return p
 
@@ -589,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         hf_model(a)
+        if getattr(a, "list_devices", False):
+            _list_devices(a)
+            return 0
         if a.cmd == "serve":  # the server handles SIGTERM itself (graceful shutdown)
             return int(a.fn(a) or 0)
         with outputs.sigterm_unwinds():  # SIGTERM cleans up like Ctrl-C (no temporary files left)

@@ -68,6 +68,19 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
     s.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,
                    help="do not fetch the -hf repository's mmproj")
+    device_args(s)
+
+
+def device_args(s: argparse.ArgumentParser) -> None:
+    """llama.cpp's device flags: -dev, -ts, --rpc, --list-devices (docs/devices.md)."""
+    s.add_argument("-dev", "--device", default=None, metavar="DEV1,DEV2",
+                   help="devices for the offloaded layers (Vulkan0, CUDA0,CUDA1, RPC0; 'none': CPU only; default: "
+                        "every GPU)")
+    s.add_argument("-ts", "--tensor-split", default=None, metavar="N0,N1",
+                   help="share of the offloaded layers per device, e.g. 3,1 (default: by free memory)")
+    s.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="ggml RPC servers whose devices join (see `diffgemma rpc-server`)")
+    s.add_argument("--list-devices", action="store_true", help="list the devices (with --rpc, theirs too) and exit")
 
 
 def image_budget_arg(s: argparse.ArgumentParser) -> None:

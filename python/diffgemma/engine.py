@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import binding as B
-from . import gguf_file, kv, layout, memory, multimodal
+from . import devices, gguf_file, kv, layout, memory, multimodal
 from .errors import Error, GGUFError
 from .graph import F16, F32, Allocated, Graphs, Runner, flash_supported, set_input
 from .images import preprocess
@@ -39,7 +39,7 @@ class Engine:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
                  flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
                  mmproj: str | os.PathLike | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
-                 repack: bool = True):
+                 repack: bool = True, device: Any = None, tensor_split: Any = None, rpc: Any = None):
         B.set_verbose(verbose)
         if flash_attn not in ("auto", "on", "off", True, False):
             raise Error(f"flash_attn must be 'auto', 'on' or 'off', got {flash_attn!r}")
@@ -51,8 +51,6 @@ class Engine:
         hp = self.hparams
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise Error(f"threads must be an int >= 1 or None, got {threads!r}")
-        if not isinstance(n_gpu_layers, int):
-            raise Error(f"n_gpu_layers must be an int, got {n_gpu_layers!r}")
         if isinstance(n_batch, bool) or not isinstance(n_batch, int) or n_batch < 1:
             raise Error(f"n_batch must be an int >= 1, got {n_batch!r}")
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
@@ -68,7 +66,7 @@ class Engine:
         self._owned: list[B.DeviceTensors] = []
         if not isinstance(repack, bool):
             raise Error(f"repack must be True or False, got {repack!r}")
-        self._setup_backends(n_gpu_layers)
+        self._setup_backends(n_gpu_layers, device, tensor_split, rpc)
         self._load_weights(repack)
         self.flash = self._want_flash(flash_attn)
         scale = math.sqrt(hp.n_embd)
@@ -78,40 +76,36 @@ class Engine:
         self._graphs = Graphs(self.weights, hp, self.flash, scale)
         self.vision = self._load_vision(mmproj) if mmproj is not None else None
         self._kv_room = memory.store_room(hp, self.n_batch, self.vision is not None)
-        self.n_ctx = memory.context_length(hp, n_ctx, kv_type=self.kv_type, room=self._kv_room, on_gpu=self._on_gpu,
-                                           tensors=self._file.tensors.values(), free=self._free_bytes)
+        self.n_ctx = memory.context_length(hp, n_ctx, kv_type=self.kv_type, room=self._kv_room,
+                                           placement=self.placement, tensors=self._file.tensors.values())
         self._sequences: list[Sequence] = []  # those new_sequence made (freed with the model)
         self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
-        self._main = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+        self._main = Sequence(self._new_store(), self._buffer_type(self.placement.output))
 
     # ---- setup -------------------------------------------------------------------------------------
 
-    def _setup_backends(self, n_gpu_layers: int) -> None:
-        devs = B.devices()
-        cpu = next(d for d in devs if d["type"] == "cpu")
-        gpu = next((d for d in devs if d["type"] in ("gpu", "igpu")), None)
+    def _setup_backends(self, n_gpu_layers: int, device: Any, tensor_split: Any, rpc: Any) -> None:
+        """Place each layer on a device (devices.plan: device=, n_gpu_layers, tensor_split, rpc=) and start a
+        backend per device in use; the scheduler gets them all, CPU last."""
         hp = self.hparams
-        if gpu is None or n_gpu_layers == 0:
-            self._gpu_layers = 0
-        else:
-            self._gpu_layers = hp.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, hp.n_layer + 1)
-        self._cpu_dev = cpu["handle"]
-        self.cpu_backend = _lib.ggml_backend_dev_init(cpu["handle"], _ffi.NULL)
+        embd = self._file.tensors["token_embd.weight"]
+        embd_t = hp.n_vocab * hp.n_embd * (4 if embd.type == int(QT.F32) else 2)  # E^T, made on the output device
+        self.placement = devices.plan(devices.layer_bytes(hp, self._file.tensors, embd_t),
+                                      devices.local() + devices.remote(rpc), device=device,
+                                      n_gpu_layers=n_gpu_layers, tensor_split=tensor_split)
+        self._cpu_dev = self.placement.cpu.handle
+        self.cpu_backend = _lib.ggml_backend_dev_init(self._cpu_dev, _ffi.NULL)
         B.set_n_threads(self.cpu_backend, self.threads)
-        self.gpu_backend = _lib.ggml_backend_dev_init(gpu["handle"], _ffi.NULL) if self._gpu_layers else None
-        self._gpu_dev = gpu["handle"] if self._gpu_layers else None
-        self._runner = Runner(([self.gpu_backend] if self.gpu_backend else []) + [self.cpu_backend])
-        self.devices = ([B.cstr(_lib.ggml_backend_name(self.gpu_backend))] if self.gpu_backend else []) + ["CPU"]
-
-    def _on_gpu(self, name: str) -> bool:
-        """Last k layers on the GPU (llama.cpp's n_gpu_layers); the output layer (tied embedding, final norm,
-        self-conditioning) counts as layer n_layer."""
-        if not self._gpu_layers:
-            return False
-        il = layout.layer_of(name)
-        il = self.hparams.n_layer if il is None else il
-        return il >= self.hparams.n_layer + 1 - self._gpu_layers
+        self._dev_backends: dict[str, Any] = {}
+        for d in self.placement.devices:
+            self._dev_backends[d.name] = _lib.ggml_backend_dev_init(d.handle, _ffi.NULL)
+            if self._dev_backends[d.name] == _ffi.NULL:
+                raise Error(f"ggml could not start a backend on {d.name} ({d.description})")
+        # the output layer's device, where sampling runs (None: the CPU)
+        self.gpu_backend = self._dev_backends.get(self.placement.output.name)
+        self._runner = Runner([*self._dev_backends.values(), self.cpu_backend], health=self.placement.check)
+        self.devices = self.placement.names
 
     def _new_ctx(self, n: int) -> Any:
         ctx = B.ggml_context(_lib.ggml_tensor_overhead() * (n + 8))
@@ -129,21 +123,25 @@ class Engine:
         tensors: dict[str, Any] = {}
         specs = layout.tensor_specs(self.hparams, fused_gate_up=layout.fused_gate_up(self._file.tensors))
         products = {s.name for s in specs if s.role == layout.MATRIX} if repack else set()
-        groups: dict[Any, list] = {}  # placement (None: mapped, "gpu", or a CPU extra buffer type) -> infos
+        # placement -> infos: a non-CPU device, a CPU extra buffer type (repacked), or None (mapped)
+        groups: dict[Any, list] = {}
         for info in infos:
-            place = "gpu" if self._on_gpu(info.name) else self._repack_type(info) if info.name in products else None
+            dev = self.placement.of_tensor(info.name)
+            place = dev if not dev.is_cpu else self._repack_type(info) if info.name in products else None
             groups.setdefault(place, []).append(info)
         self.repacked: list[str] = []
         for place, group in groups.items():
             ctx = self._new_ctx(len(group))
-            on_gpu, mapped = place == "gpu", place is None
-            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), self._gpu_dev if on_gpu else None,
-                                         buft=None if on_gpu or mapped else place,
-                                         oom="not enough GPU memory for the offloaded layers; lower n_gpu_layers"
-                                         if on_gpu else "not enough memory for the repacked weights")
+            on_dev, mapped = isinstance(place, devices.Device), place is None
+            need = f"{sum(i.nbytes for i in group):,} bytes"
+            weights, buf = B.map_weights(ctx, group, self._base, len(self._mmap), place.handle if on_dev else None,
+                                         buft=None if on_dev or mapped else place,
+                                         oom=f"not enough memory on {place.name} for its layers' weights ({need}); "
+                                         "lower n_gpu_layers or change tensor_split" if on_dev
+                                         else f"not enough memory for the repacked weights ({need})")
             tensors.update(weights)
             self._bufs.append(buf)
-            if not (on_gpu or mapped):
+            if not (on_dev or mapped):
                 self.repacked += [i.name for i in group]
                 self._drop_mapped(group)
         # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
@@ -174,7 +172,8 @@ class Engine:
     def _load_vision(self, path: str | os.PathLike) -> Any:
         """The image tower of an mmproj file, on the same devices as the text weights."""
         backends = [b for b in (self.gpu_backend, self.cpu_backend) if b is not None]
-        tower = Tower(path, backends=backends, gpu_dev=self._gpu_dev)
+        out = self.placement.output  # the tower runs where the output layer is
+        tower = Tower(path, backends=backends, gpu_dev=None if out.is_cpu else out.handle)
         if tower.hparams.n_proj != self.hparams.n_embd:
             tower.close()
             raise GGUFError(f"{path}: the vision tower projects to width {tower.hparams.n_proj}, but this text model "
@@ -195,6 +194,7 @@ class Engine:
                 if len(self._image_cache) >= 8:
                     self._image_cache.pop(next(iter(self._image_cache)))
                 self._image_cache[key] = self.vision.encode(p.pixels, p.cols, p.rows)
+                self.placement.check()
             return self._image_cache[key].copy()
 
     def _want_flash(self, flash_attn: str | bool) -> bool:
@@ -203,22 +203,22 @@ class Engine:
         if flash_attn in (False, "off"):
             return False
         # The CPU backend runs flash attention at any head size (exact at F32, ~10% faster per step here).
-        return self.gpu_backend is None or flash_supported(self.gpu_backend, self.hparams)
+        return all(flash_supported(b, self.hparams) for b in self._dev_backends.values())
 
-    def _buffer_type(self, on_gpu: bool) -> Any:
-        return _lib.ggml_backend_dev_buffer_type(self._gpu_dev) if on_gpu else _lib.ggml_backend_cpu_buffer_type()
+    def _buffer_type(self, dev: devices.Device) -> Any:
+        return _lib.ggml_backend_cpu_buffer_type() if dev.is_cpu else _lib.ggml_backend_dev_buffer_type(dev.handle)
 
     def _new_store(self) -> kv.PromptKV:
         """An empty prompt-KV store of n_ctx tokens, each layer's part on that layer's device."""
         return kv.PromptKV(self.hparams, n_ctx=self.n_ctx, room=self._kv_room, ttype=self._kv_ttype,
-                           buffer_type=lambda il: self._buffer_type(self._on_gpu(f"blk.{il}.")),
-                           device_free=lambda il: self._free_bytes(self._on_gpu(f"blk.{il}.")))
+                           buffer_type=lambda il: self._buffer_type(self.placement.of_layer(il)),
+                           device_free=lambda il: memory.free_bytes(self.placement.of_layer(il)))
 
     def new_sequence(self) -> Sequence:
         """A fresh sequence (its own prompt-KV store) for one request of a batch; free it with free_sequence."""
         with self._lock:
             self._check_open()
-            seq = Sequence(self._new_store(), self._buffer_type(self._on_gpu("token_embd.weight")))
+            seq = Sequence(self._new_store(), self._buffer_type(self.placement.output))
             self._sequences.append(seq)
             return seq
 
@@ -253,9 +253,6 @@ class Engine:
         """multimodal.ImageSpan of the model's own committed tokens."""
         return self._main.images
 
-    def _free_bytes(self, on_gpu: bool) -> int:
-        return memory.free_bytes(self._gpu_dev if on_gpu else None)
-
     @property
     def sampler_defaults(self) -> SamplerSettings:
         """The sampler settings generation uses where none are given: the file's diffusion.eb_* keys, the
@@ -285,7 +282,7 @@ class Engine:
             e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
             ttype = F32 if info.type == int(QT.F32) else F16
             et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
-            self._owned.append(B.DeviceTensors(self._buffer_type(self._on_gpu("token_embd.weight")),
+            self._owned.append(B.DeviceTensors(self._buffer_type(self.placement.output),
                                                [("token_embd_t", ttype, (hp.n_vocab, hp.n_embd))], weights=True,
                                                what="the transposed embedding for self-conditioning"))
             t = self._owned[-1].tensors[0]
@@ -427,6 +424,7 @@ class Engine:
             gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)
             _lib.ggml_backend_tensor_get(gr.io["logits"], _ffi.from_buffer(out), 0, out.nbytes)
+            self.placement.check()
             return out
 
     def _self_cond_state(self, L: int, sequence: Sequence | None = None) -> Any:
@@ -502,6 +500,7 @@ class Engine:
                 answer = (argmax.astype(np.int64), entropy, np.minimum(sample, top).astype(np.int64))
                 k = batch[b][1].logprobs
                 out.append(answer if k is None else (*answer, self._step_logprobs(gr, b, L, k)))
+            self.placement.check()  # a lost RPC server: its relay answered in its place, the results are void
             return out
 
     @staticmethod
@@ -581,6 +580,7 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise Error("this model was closed")
+        self.placement.check()  # a lost RPC server fails every later call, not only the one that met it
 
     def close(self) -> None:
         """Free backends, buffers and the mapping (the object is unusable afterwards)."""
@@ -599,8 +599,8 @@ class Engine:
                 _lib.ggml_backend_buffer_free(buf)
             for ctx in self._ctxs:
                 _lib.ggml_free(ctx)
-            if self.gpu_backend is not None:
-                _lib.ggml_backend_free(self.gpu_backend)
+            for backend in getattr(self, "_dev_backends", {}).values():
+                _lib.ggml_backend_free(backend)
             _lib.ggml_backend_free(self.cpu_backend)
             del self._base
             self._mmap.close()

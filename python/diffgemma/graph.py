@@ -489,9 +489,11 @@ class Allocated:
 
 class Runner:
     """A ggml scheduler over `backends` (the first preferred) holding one allocated graph: use() rebuilds and
-    reallocates only when the key changes. An observer (set_observer) sees every node computed."""
+    reallocates only when the key changes. An observer (set_observer) sees every node computed. health() is
+    called after each compute and failed allocation (the engine's check for a lost RPC server)."""
 
-    def __init__(self, backends: list[Any]) -> None:
+    def __init__(self, backends: list[Any], health: Callable[[], None] = lambda: None) -> None:
+        self._health = health
         self._backends = _ffi.new("ggml_backend_t[]", backends)
         self.sched = _lib.ggml_backend_sched_new(self._backends, _ffi.NULL, len(backends), GRAPH_NODES, False, True)
         self.graph: Allocated | None = None  # the one allocated now
@@ -508,6 +510,7 @@ class Runner:
         io = build(g)
         if not _lib.ggml_backend_sched_alloc_graph(self.sched, g.graph):
             g.free()
+            self._health()  # a lost RPC server refuses allocations: say so rather than "out of memory"
             raise Error("ggml could not allocate the compute graph (out of memory?)")
         self.graph = Allocated(key, g, io)
         return self.graph
@@ -515,6 +518,7 @@ class Runner:
     def compute(self, gr: Allocated) -> None:
         """Run the graph; an exception the observer raised is raised here."""
         status = _lib.ggml_backend_sched_graph_compute(self.sched, gr.ctx.graph)
+        self._health()  # a lost RPC server: its relay answered in its place, the results are void
         if self._observer_error is not None:  # the callback raised: the graph went unobserved from there
             err, self._observer_error = self._observer_error, None
             raise err

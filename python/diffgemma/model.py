@@ -142,14 +142,17 @@ class Model(Engine):
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None = None,
          flash_attn: str | bool = "auto", verbose: bool = False, n_ctx: int | None = None,
          mmproj: str | os.PathLike | bool | None = None, n_batch: int = N_BATCH, kv_type: str = "f16",
-         repack: bool = True) -> Model:
+         repack: bool = True, device: Any = None, tensor_split: Any = None, rpc: Any = None) -> Model:
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
-    n_gpu_layers: -1 = every layer (and the output layer) on the best GPU backend if one exists, 0 = CPU only,
-    k = the last k layers. threads: CPU threads (default one per physical core; ggml's threads wait passively,
-    docs/performance.md). n_ctx: most committed + canvas tokens (default: the file's context length, or less
-    where its prompt-KV store would not fit next to the weights in the memory free now; the store grows as the
-    context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
+    device: a device name ("Vulkan0", "CUDA0", "RPC0"), a list of them, or "cpu"; default: every GPU (see
+    dg.list_devices()). n_gpu_layers: -1 = every layer (and the output layer) on those devices, 0 = CPU only,
+    k = the last k layers (the output layer counts as one). tensor_split: one weight per device for the layer
+    split (default: in proportion to free memory). rpc: "host:port" of ggml RPC servers (a list, or
+    comma-separated), whose devices join the others (docs/devices.md). threads: CPU threads (default one per
+    physical core; ggml's threads wait passively, docs/performance.md). n_ctx: most committed + canvas tokens
+    (default: the file's context length, or less where its prompt-KV store would not fit next to the weights in
+    the memory free now; the store grows as the context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
     "f16" (default) or "f32". repack: upload the CPU weights this ggml has a rearranged-layout kernel for
     (Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K with AVX-512, ...) into that layout instead of mapping them (faster
@@ -161,7 +164,7 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
         path, mmproj = hub.resolve_hf(path, mmproj=mmproj)
     return Model(resolve(path), n_gpu_layers=n_gpu_layers, threads=threads, flash_attn=flash_attn,
                  verbose=verbose, n_ctx=n_ctx, mmproj=None if mmproj is False else mmproj, n_batch=n_batch,
-                 kv_type=kv_type, repack=repack)
+                 kv_type=kv_type, repack=repack, device=device, tensor_split=tensor_split, rpc=rpc)
 
 
 # "tiny": the small DiffusionGemma trained on Shakespeare by tools/make_default_model.py (docs/quality.md).
