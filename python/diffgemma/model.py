@@ -146,19 +146,19 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     """Open a `diffusion-gemma` GGUF file. `path` may also be "tiny" for the embedded default model.
 
     device: a device name ("Vulkan0", "CUDA0", "RPC0"), a list of them, or "cpu"; default: every GPU (see
-    dg.list_devices()). n_gpu_layers: -1 = every layer (and the output layer) on those devices, 0 = CPU only,
-    k = the last k layers (the output layer counts as one). tensor_split: one weight per device for the layer
-    split (default: in proportion to free memory). rpc: "host:port" of ggml RPC servers (a list, or
-    comma-separated), whose devices join the others (docs/devices.md). threads: CPU threads (default one per
-    physical core; ggml's threads wait passively, docs/performance.md). n_ctx: most committed + canvas tokens
-    (default: the file's context length, or less where its prompt-KV store would not fit next to the weights in
-    the memory free now; the store grows as the context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
+    dg.list_devices()). n_gpu_layers: -1 = every layer (and the output layer) on those devices, 0 = CPU only, k =
+    the last k layers (the output layer counts as one). tensor_split: one weight per device for the layer split
+    (default: in proportion to free memory). rpc: "host:port" of ggml RPC servers (a list, or comma-separated),
+    whose devices join the others (docs/devices.md). threads: CPU threads (default one per physical core; ggml's
+    threads wait passively, docs/performance.md). n_ctx: most committed + canvas tokens (default: the file's context
+    length, or less where its prompt-KV store would not fit next to the weights in the memory free now; the store
+    grows as the context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
-    "f16" (default) or "f32". repack: upload the CPU weights this ggml has a rearranged-layout kernel for
-    (Q4_0, Q4_K, IQ4_NL, MXFP4, Q2_K with AVX-512, ...) into that layout instead of mapping them (faster
-    products, more load time; False: map every weight). path "hf://OWNER/NAME[:QUANT]" or
-    "hf://OWNER/NAME/FILE.gguf": a Hugging Face model, downloaded into huggingface_hub's cache (docs/api.md,
-    Hugging Face); a repository brings its mmproj unless mmproj= is given (False: none).
+    "f16" (default) or "f32". repack: upload the CPU weights this ggml has a rearranged-layout kernel for (Q4_0,
+    Q4_K, IQ4_NL, MXFP4, Q2_K with AVX-512, ...) into that layout instead of mapping them (faster products, more
+    load time; False: map every weight). path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging
+    Face model, downloaded into huggingface_hub's cache (docs/api.md, Hugging Face); a repository brings its mmproj
+    unless mmproj= is given (False: none).
     """
     if hub.is_hf(path):
         path, mmproj = hub.resolve_hf(path, mmproj=mmproj)
