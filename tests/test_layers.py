@@ -16,8 +16,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "python" / "diffgemma"
 LAYERS: dict[str, list[str]] = {
     "base": ["errors", "version", "outputs", "sampler", "template", "schema_compile", "structured", "chat_format",
              "tool_layout", "images", "ftypes", "layout"],
-    "core": ["binding", "gguf_file", "weights", "kv", "graph", "tokenizer", "imatrix_file", "checkpoint", "mmproj",
-             "multimodal", "vision", "rpc", "devices"],
+    "core": ["binding_cdef", "binding", "gguf_file", "weights", "kv", "graph", "tokenizer", "imatrix_file",
+             "checkpoint", "mmproj", "multimodal", "vision", "rpc", "devices"],
     "engine": ["memory", "sequence", "engine"],
     "generation": ["batching", "generation", "chat", "hub", "model"],
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",

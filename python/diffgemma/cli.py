@@ -33,6 +33,7 @@ from .cli_flags import (
     model_arg,
     override_arg,
     prune_arg,
+    quantize_positionals,
     runtime_args,
     sampler_args,
     sampler_kw,
@@ -475,40 +476,12 @@ def _add_quantize(sub: Any) -> None:
     s.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
 
 
-def _quantize_positionals(a: argparse.Namespace) -> tuple[str, pathlib.Path, str | None, int | None]:
-    """SRC DST, SRC DST TYPE [NTHREADS] or SRC TYPE [NTHREADS]: llama-quantize's orders (with only TYPE the
-    output is ggml-model-TYPE.gguf next to SRC, as llama-quantize names it)."""
-    if not a.args:
-        raise Error("quantize needs SRC and DST (or --list-recipes)")
-    src, rest = a.args[0], list(a.args[1:])
-    dst = recipe = threads = None
-    if rest and quantizer.find_recipe(rest[0]) is not None:
-        recipe = rest.pop(0)
-    elif rest:
-        dst = rest.pop(0)
-        if rest and not ((a.recipe or a.type) and rest[0].isdigit()):  # with --recipe a number is NTHREADS
-            recipe = rest.pop(0)
-            if quantizer.find_recipe(recipe) is None:
-                raise Error(f"unknown file type {recipe!r}; see `diffgemma quantize --list-recipes`")
-    if rest:
-        if len(rest) > 1 or not rest[0].isdigit():
-            raise Error(f"unexpected {' '.join(rest)!r}: the order is SRC [DST] TYPE [NTHREADS]")
-        threads = int(rest[0]) or None  # 0: the default, as llama-quantize reads it
-    if recipe is not None and (a.recipe or a.type):
-        raise Error(f"the file type is given twice: {recipe!r} and --recipe/--type")
-    if dst is None:
-        if recipe is None:
-            raise Error("quantize needs SRC and DST (or SRC TYPE)")
-        dst = pathlib.Path(src).parent / f"ggml-model-{quantizer.find_recipe(recipe).name}.gguf"
-    return src, pathlib.Path(dst), recipe, threads
-
-
 def _cmd_quantize(a: argparse.Namespace) -> int:
     if a.list_recipes:
         for name, desc in quantizer.recipes().items():
             print(f"{name}\n    {desc}")
         return 0
-    src, dst, recipe, threads = _quantize_positionals(a)
+    src, dst, recipe, threads = quantize_positionals(a)
     if threads is not None and a.threads is not None:
         raise Error("NTHREADS is given twice: positional and --threads")
     rep = quantizer.quantize(resolve(src), dst, recipe=recipe or a.recipe, type=a.type, imatrix=a.imatrix,

@@ -4,7 +4,6 @@ model.Model adds the user-level calls (generate, stream, chat, ...) on top."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import mmap
 import os
@@ -21,7 +20,6 @@ from . import binding as B
 from . import devices, gguf_file, kv, layout, memory, multimodal
 from .errors import Error, GGUFError
 from .graph import F16, F32, Allocated, Graphs, Runner, flash_supported, set_input
-from .images import preprocess
 from .sampler import SamplerSettings
 from .sequence import Denoise, Sequence, StepLogprobs
 from .tokenizer import Tokenizer
@@ -79,7 +77,6 @@ class Engine:
         self.n_ctx = memory.context_length(hp, n_ctx, kv_type=self.kv_type, room=self._kv_room,
                                            placement=self.placement, tensors=self._file.tensors.values())
         self._sequences: list[Sequence] = []  # those new_sequence made (freed with the model)
-        self._image_cache: dict[tuple, np.ndarray] = {}
         self._embd_t = None
         self._main = Sequence(self._new_store(), self._buffer_type(self.placement.output))
 
@@ -187,15 +184,9 @@ class Engine:
             self._check_open()
             if self.vision is None:
                 raise Error("this model was loaded without a vision tower: dg.load(model, mmproj=...)")
-            hp = self.vision.hparams
-            p = preprocess(image, image_budget, hp.patch_size, hp.pool)
-            key = (hashlib.blake2b(p.pixels.tobytes(), digest_size=16).digest(), p.cols, p.rows)
-            if key not in self._image_cache:  # a chat re-sends its pictures every turn: run the tower once
-                if len(self._image_cache) >= 8:
-                    self._image_cache.pop(next(iter(self._image_cache)))
-                self._image_cache[key] = self.vision.encode(p.pixels, p.cols, p.rows)
-                self.placement.check()
-            return self._image_cache[key].copy()
+            out = self.vision.embeddings(image, image_budget)
+            self.placement.check()
+            return out
 
     def _want_flash(self, flash_attn: str | bool) -> bool:
         if flash_attn in (True, "on"):
@@ -296,6 +287,11 @@ class Engine:
     def _graph(self) -> Allocated | None:
         """The graph allocated now (tests check which one ran last)."""
         return self._runner.graph
+
+    @property
+    def sched(self) -> Any:
+        """ggml's backend scheduler of the text graphs (its splits say what left the device: docs/devices.md)."""
+        return self._runner.sched
 
     def _check_ids(self, ids: Any, what: str) -> np.ndarray:
         try:

@@ -10,6 +10,7 @@ Shapes are in ggml order: activations are [features, tokens].
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -23,6 +24,7 @@ from . import gguf_file
 from .binding import F32, I32
 from .errors import Error
 from .graph import Ctx, attention, gelu_tanh, rms
+from .images import preprocess
 from .mmproj import BOUNDS, ROPE_THETA, VisionHParams, validate
 
 _lib, _ffi = B.lib, B.ffi
@@ -138,10 +140,23 @@ class Tower:
         self._graph: tuple[tuple[int, int], Any, dict[str, Any]] | None = None
         self.flash = True
         self._closed = False
+        self._cache: dict[tuple, np.ndarray] = {}  # embeddings by (pixels hash, grid)
 
     def _host(self, name: str) -> np.ndarray:
         info = self._file.tensors[name]
         return np.frombuffer(self._mmap, dtype=np.float32, count=info.nbytes // 4, offset=info.offset)
+
+    def embeddings(self, image: Any, image_budget: int) -> np.ndarray:
+        """The projected embeddings of one image (a path, bytes, a PIL image or a uint8 array), preprocessed as
+        the Hugging Face processor does; the last few are kept (a chat re-sends its pictures every turn)."""
+        hp = self.hparams
+        p = preprocess(image, image_budget, hp.patch_size, hp.pool)
+        key = (hashlib.blake2b(p.pixels.tobytes(), digest_size=16).digest(), p.cols, p.rows)
+        if key not in self._cache:
+            if len(self._cache) >= 8:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self.encode(p.pixels, p.cols, p.rows)
+        return self._cache[key].copy()
 
     def encode(self, patches: np.ndarray, cols: int, rows: int) -> np.ndarray:
         """Projected embeddings [n_tokens, n_proj] of one image's patches [rows*cols, 3 p^2] (HF layout: raster
