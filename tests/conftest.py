@@ -37,3 +37,22 @@ def encoded(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(model_mod.Model, "encode", spy)
     return calls
+
+
+@pytest.fixture(scope="module")
+def model(random_tiny):
+    """The random tiny model, loaded once per test module; one thread: no ggml barrier stalls on a busy machine."""
+    import diffgemma
+
+    with diffgemma.load(random_tiny, threads=1) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def server(request, model):
+    """`diffgemma serve` on `model`, on a free localhost port, for one test module (queue size: the module's
+    QUEUE, else 4)."""
+    srv = pytest.importorskip("diffgemma.server")
+    s = srv.Server(model, port=0, queue_size=getattr(request.module, "QUEUE", 4), log_level="warning").start()
+    yield s
+    s.stop()

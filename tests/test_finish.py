@@ -3,19 +3,12 @@ generation ended (issue 29, defect 5)."""
 
 import json
 
-import pytest
 from test_generate import _peaked
 
 import diffgemma as dg
 from diffgemma import cli, testing
 
 FAST = {"steps": 2, "stability": None}
-
-
-@pytest.fixture(scope="module")
-def model(random_tiny):
-    with dg.load(random_tiny, threads=1) as m:
-        yield m
 
 
 def test_max_new_tokens_cuts_the_canvas(model):

@@ -11,12 +11,6 @@ PROMPT = "The quick brown fox"
 FAST = {"steps": 3, "stability": None}
 
 
-@pytest.fixture(scope="module")
-def model(random_tiny):
-    with dg.load(random_tiny, threads=1) as m:
-        yield m
-
-
 def _log_softmax(x):
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)

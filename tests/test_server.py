@@ -37,20 +37,6 @@ FAST = {"steps": 2, "stability": None}
 
 
 @pytest.fixture(scope="module")
-def model(random_tiny):
-    m = diffgemma.load(random_tiny, threads=1)  # one thread: no ggml spin-barrier stalls on a busy 2-core machine
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    s = srv.Server(model, port=0, queue_size=QUEUE, log_level="warning").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 

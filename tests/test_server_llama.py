@@ -30,20 +30,7 @@ from diffgemma.server.protocol import GenerationRequest  # noqa: E402
 
 MSGS = [{"role": "user", "content": "Tell me about rivers."}]
 FAST = {"steps": 2, "stability": None}  # every canvas takes exactly 2 steps
-
-
-@pytest.fixture(scope="module")
-def model(random_tiny):
-    m = diffgemma.load(random_tiny, threads=1)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    s = srv.Server(model, port=0, queue_size=3, log_level="warning").start()
-    yield s
-    s.stop()
+QUEUE = 3  # the server fixture's queue
 
 
 @pytest.fixture(scope="module")

@@ -48,20 +48,6 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def model(random_tiny):
-    m = diffgemma.load(random_tiny, threads=1)
-    yield m
-    m.close()
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    s = srv.Server(model, port=0, queue_size=4, log_level="warning").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 

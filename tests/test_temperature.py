@@ -11,12 +11,6 @@ FAST = {"steps": 3, "stability": None, "max_new_tokens": 20}
 PROMPT = "The quick brown fox"
 
 
-@pytest.fixture(scope="module")
-def model(random_tiny):
-    with dg.load(random_tiny, threads=1) as m:
-        yield m
-
-
 def test_temperature_zero_is_the_same_text_every_run(model):
     a = model.generate(PROMPT, temperature=0, **FAST)
     b = model.generate(PROMPT, temperature=0, **FAST)

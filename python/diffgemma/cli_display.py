@@ -70,17 +70,23 @@ def imatrix_text(path: pathlib.Path) -> str:
     ])
 
 
+def _kind(path: str) -> tuple[str, pathlib.Path, Any]:
+    """("imatrix" | "mmproj" | "model", the file, its GGUFFile or None for a legacy .dat imatrix)."""
+    p = resolve(path)
+    if _legacy_imatrix(p):
+        return "imatrix", p, None
+    gf = gguf_file.read(p)
+    if _is_imatrix(gf):
+        return "imatrix", p, gf
+    return ("mmproj" if gf.metadata.get("general.architecture") == "clip" else "model"), p, gf
+
+
 def info_text(path: str) -> str:
     """What `diffgemma info FILE` prints: architecture, hyper-parameters, sampler defaults, census, size (or,
     for an mmproj file, mmproj_text; for an importance matrix, imatrix_text)."""
-    p = resolve(path)
-    if _legacy_imatrix(p):
-        return imatrix_text(p)
-    gf = gguf_file.read(p)
-    if _is_imatrix(gf):
-        return imatrix_text(p)
-    if gf.metadata.get("general.architecture") == "clip":
-        return mmproj_text(gf)
+    kind, p, gf = _kind(path)
+    if kind != "model":
+        return imatrix_text(p) if kind == "imatrix" else mmproj_text(gf)
     hp = gguf_file.validate(gf)
     md = gf.metadata
     sp = SamplerSettings.from_metadata(md)
@@ -144,14 +150,9 @@ def mmproj_text(gf: GGUFFile) -> str:
 def info_json(path: str) -> dict[str, Any]:
     """What `diffgemma info FILE --json` prints: hyper-parameters, sampler defaults, census and size (or an
     mmproj file's or an importance matrix's description)."""
-    p = resolve(path)
-    if _legacy_imatrix(p):
-        return imatrix_info(p)
-    gf = gguf_file.read(p)
-    if _is_imatrix(gf):
-        return imatrix_info(p)
-    if gf.metadata.get("general.architecture") == "clip":
-        return mmproj.describe(gf, mmproj.validate(gf))
+    kind, p, gf = _kind(path)
+    if kind != "model":
+        return imatrix_info(p) if kind == "imatrix" else mmproj.describe(gf, mmproj.validate(gf))
     hp = gguf_file.validate(gf)
     return {"hparams": dataclasses.asdict(hp),
             "sampler": dataclasses.asdict(SamplerSettings.from_metadata(gf.metadata)),
