@@ -13,7 +13,7 @@ import pytest
 import diffgemma as dg
 from diffgemma import bench, binding, calibration, cli, model
 
-COMPUTING = ["generate", "chat", "serve", "bench", "validate", "quantize", "imatrix"]
+COMPUTING = ["generate", "chat", "serve", "bench", "validate", "quantize", "imatrix", "rpc-server"]
 NOT_COMPUTING = ["info", "convert"]  # no ggml graph runs: reading metadata, numpy conversion
 
 

@@ -536,7 +536,8 @@ def _add_rpc_server(sub: Any) -> None:
                 "network.")
     s.add_argument("-H", "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("-p", "--port", type=int, default=50052, help="port (default 50052)")
-    s.add_argument("-t", "--threads", type=int, default=None, help="CPU threads of a served CPU (default: all)")
+    s.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of a served CPU (default: one per physical core)")
     s.add_argument("-d", "--device", default=None, metavar="DEV1,DEV2",
                    help="devices to serve (default: the first GPU, else the CPU; 'cpu' for the CPU)")
     s.add_argument("-c", "--cache", default=None, metavar="DIR", help="cache received weights in DIR (ggml's -c)")

@@ -290,9 +290,8 @@ def serve_rpc(host: str = "127.0.0.1", port: int = rpc.DEFAULT_PORT, threads: in
               device: Any = None, cache_dir: str | None = None) -> None:
     """Serve local devices to other machines' models through ggml's RPC server (`diffgemma rpc-server`), until
     interrupted. device: a name or list of names (default: the first GPU, else the CPU). threads: CPU threads
-    of the served CPU backend (default: all usable cores). The protocol has no authentication: keep the default
+    of the served CPU backend (default: one per physical core). The protocol has no authentication: keep the default
     host 127.0.0.1 or use a trusted network."""
-    import os
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise Error(f"port must be in 1..65535, got {port!r}")
@@ -307,4 +306,4 @@ def serve_rpc(host: str = "127.0.0.1", port: int = rpc.DEFAULT_PORT, threads: in
         served = [d for d in have if d.is_cpu]
     else:
         served = choose(names, [d for d in have if not d.is_cpu])
-    rpc.serve([d.handle for d in served], host, port, threads or len(os.sched_getaffinity(0)), cache_dir)
+    rpc.serve([d.handle for d in served], host, port, threads or B.default_threads(), cache_dir)
