@@ -3,6 +3,7 @@ generation ended (issue 29, defect 5)."""
 
 import json
 
+import pytest
 from test_generate import _peaked
 
 import diffgemma as dg
@@ -61,3 +62,24 @@ def test_cli_generate_n_is_a_limit(random_tiny, capsys):
                      "--seed", "3", "--steps", "2", "--no-chat", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["tokens"]) == 4 and out["finish_reason"] == "length"
+
+
+def test_minus_one_means_until_eos_or_a_full_context(random_tiny):
+    """llama.cpp's -n -1: no limit of its own; generation ends at an EOS or when the context is full."""
+    with dg.load(random_tiny, threads=1, n_ctx=96) as m:
+        g = m.generate("The quick brown fox", max_new_tokens=-1, seed=3, **FAST)
+        assert g.finish_reason in ("eos", "context")
+        assert g.prompt_tokens + len(g.tokens) <= m.n_ctx
+        if g.finish_reason == "context":  # every canvas the context holds was generated
+            assert len(g.tokens) == (m.n_ctx - g.prompt_tokens) // m.hparams.canvas_length * m.hparams.canvas_length
+        with pytest.raises(dg.Error, match="-1 for no limit"):
+            m.generate("x", max_new_tokens=-2)
+    assert cli.main(["generate", "hi", "-m", str(random_tiny), "-t", "1", "-n", "-1", "--steps", "2", "-c", "96"]) == 0
+
+
+def test_random_seeds_fit_32_bits_and_huge_seeds_are_refused(model):
+    from diffgemma.generation import resolve_seed
+
+    assert all(0 <= resolve_seed(None) < 2**32 for _ in range(20))
+    with pytest.raises(dg.Error, match="2\\*\\*64"):
+        model.generate("x", seed=2**64, max_new_tokens=4, **FAST)

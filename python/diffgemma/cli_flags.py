@@ -98,7 +98,8 @@ def image_budget(a: argparse.Namespace) -> int:
 def sampler_args(s: argparse.ArgumentParser) -> None:
     """-n, --seed, --temp and one flag per SamplerSettings field (--steps, --t-min, ...)."""
     s.add_argument("-n", "--max-new-tokens", type=int, default=256,
-                   help="most new tokens (canvases are denoised whole; the text is cut here)")
+                   help="most new tokens (canvases are denoised whole; the text is cut here); -1: until EOS or a "
+                        "full context")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default or -1: a random one, reported)")
     s.add_argument("--temp", dest="temperature", type=float, default=None, metavar="T",
                    help="multiply the file's temperature schedule (t_max -> t_min) by T (default 1; 0: greedy, "

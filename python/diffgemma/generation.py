@@ -61,6 +61,7 @@ class Timings:
     repaired: int = 0  # json_schema: values replaced by their nearest valid one when the steps ran out
 
 
+UNLIMITED = -1  # max_new_tokens=-1 (llama.cpp's -n -1): until EOS or a full context
 MAX_TOP_LOGPROBS = 20  # most alternatives per token logprobs= may ask for (OpenAI's top_logprobs limit)
 
 
@@ -132,10 +133,10 @@ def resolve_seed(seed: Any, greedy: bool = False) -> int:
         raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed!r}")
     if seed is None and greedy:
         return GREEDY_SEED
-    if seed is None or seed == RANDOM_SEED:
-        return int(np.random.SeedSequence().entropy % (2**63))
-    if seed < 0:
-        raise Error(f"seed must be an int >= 0, or None/-1 for a random one; got {seed}")
+    if seed is None or seed == RANDOM_SEED:  # a 32-bit seed, as llama.cpp draws: exact in any JSON client too
+        return int(np.random.SeedSequence().entropy % (2**32))
+    if not 0 <= seed < 2**64:
+        raise Error(f"seed must be an int in 0..2**64-1, or None/-1 for a random one; got {seed}")
     return int(seed)
 
 
@@ -195,9 +196,12 @@ def _top_k(logprobs: Any) -> int | None:
 
 def _token_logprobs(canvas: np.ndarray, lp: Any) -> list[TokenLogprob]:
     """The committed canvas's tokens with their log-probabilities from the StepLogprobs of its last step."""
-    return [TokenLogprob(int(t), float(lp.argmax[j]),
-                         [(int(i), float(v)) for i, v in zip(lp.top_ids[j], lp.top[j], strict=True)])
-            for j, t in enumerate(canvas.tolist())]
+    out = []
+    for j, t in enumerate(canvas.tolist()):
+        top = [(int(i), float(v)) for i, v in zip(lp.top_ids[j], lp.top[j], strict=True)]
+        # the token's own entry among the alternatives, where it is one: the same number in both places
+        out.append(TokenLogprob(int(t), next((v for i, v in top if i == t), float(lp.argmax[j])), top))
+    return out
 
 
 def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int | None = None,
@@ -216,8 +220,10 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
         steps=steps, t_min=t_min, t_max=t_max, entropy_bound=entropy_bound, stability=stability,
         confidence=confidence), temperature)
     greedy = is_greedy(temperature)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise Error(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
+            max_new_tokens > 0 or max_new_tokens == UNLIMITED):
+        raise Error(f"max_new_tokens must be a positive int, or -1 for no limit (until EOS or the context is "
+                    f"full), got {max_new_tokens!r}")
     if on_prefill is not None and not callable(on_prefill):  # checked before any work, not at the first call
         raise Error(f"on_prefill must be callable or None, got {on_prefill!r}")
     top_k = _top_k(logprobs)
@@ -231,6 +237,8 @@ def request(model: Engine, prompt: Any, *, max_new_tokens: int = 256, steps: int
     # A template may stand alone: the canvas then follows just the BOS token.
     alone = lay is not None and (prompt is None or prompt == "")
     ids, images = (model.tokenize(""), []) if alone else build_prompt(model, prompt, chat, image_budget)
+    if max_new_tokens == UNLIMITED:  # llama.cpp's -n -1: as many canvases as the context holds
+        max_new_tokens = model.n_ctx
     n_canvas = -(-max_new_tokens // L) if lay is None else lay.n_canvas
     if len(ids) + L > model.n_ctx:
         raise Error(f"the prompt ({len(ids)} tokens) leaves no room for a canvas of {L} in n_ctx={model.n_ctx}")
