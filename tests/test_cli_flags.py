@@ -117,3 +117,11 @@ def test_prompt_from_a_file(capsys, tmp_path, random_tiny):
     for twice in (["-p", "a", "-f", str(p)], ["a", "-p", "b"]):  # one prompt, never one silently dropped
         assert cli.main([*args, *twice]) == 2
         assert "the prompt is given twice" in capsys.readouterr().err
+
+
+def test_list_devices_at_the_top_level(capsys):
+    assert cli.main(["--list-devices"]) == 0  # llama.cpp's spelling, no command needed
+    assert "CPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as ei:
+        cli.main([])
+    assert ei.value.code == 2 and "give a COMMAND" in capsys.readouterr().err

@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffgemma", allow_abbrev=False, description="DiffusionGemma on ggml: "
                                 "generate, quantize, calibrate and inspect block-diffusion models.")
     p.add_argument("--version", action="version", version=f"diffgemma {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--list-devices", action="store_true", help="list the devices with their memory and exit")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     for add in (_add_info, _add_generate, _add_chat, _add_serve, _add_bench, _add_validate, _add_quantize,
                 _add_imatrix, _add_convert, _add_rpc_server):
         add(sub)
@@ -583,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.cmd is None and not a.list_devices:
+        parser.error("give a COMMAND (generate, chat, serve, quantize, ...), or --list-devices")
     try:
         hf_model(a)
         if getattr(a, "list_devices", False):
