@@ -16,11 +16,11 @@ HP = testing.tiny_hparams(n_embd=256, n_ff=256, n_ff_exp=256, n_expert=8, n_expe
 
 def repack_available() -> bool:
     cpu = binding.lib.ggml_backend_dev_by_type(binding.DEV_TYPE_CPU)
-    return any(binding.product_supported(cpu, b, int(QT.Q4_K), (256, 256))
+    return any(binding.product_supported(cpu, b, int(QT.Q4_0), (256, 256))
                for b in binding.extra_buffer_types(cpu))
 
 
-needs_repack = pytest.mark.skipif(not repack_available(), reason="this ggml/CPU has no repacked Q4_K kernel")
+needs_repack = pytest.mark.skipif(not repack_available(), reason="this ggml/CPU has no repacked Q4_0 kernel")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_matrices_are_repacked_and_compute_the_same_products(files, qtype):
             if not repack:
                 assert m.repacked == []
                 continue
-            assert "blk.0.attn_q.weight" in m.repacked
-            # Q4_K expert stacks keep ggml's tiled GEMM (faster than the repacked row-by-row mul_mat_id)
+            # Q4_K keeps ggml's tiled GEMM, faster here than the repacked kernels (dense 2x, experts 2.8x)
+            assert ("blk.0.attn_q.weight" in m.repacked) == (qtype == "q4_0")
             assert ("blk.0.ffn_down_exps.weight" in m.repacked) == (qtype == "q4_0")
             # the embedding is also gathered by rows: never repacked; the router is F32: no kernel
             assert "token_embd.weight" not in m.repacked and "blk.0.ffn_gate_inp.weight" not in m.repacked
@@ -61,12 +61,12 @@ def test_matrices_are_repacked_and_compute_the_same_products(files, qtype):
 
 
 @needs_repack
-def test_repacked_q4_k_batches_equal_solo_runs_and_prompt_cuts_do_not_matter(files):
-    """Repacked dense products run rows in groups of 4 by a GEMM and the rest one by one (other rounding on
-    Q4_K): without padding to whole groups, a prompt cut at 22 (chunks of 16) changed the logits."""
+def test_repacked_batches_equal_solo_runs_and_prompt_cuts_do_not_matter(files):
+    """Repacked dense products run rows in groups of 4 by a GEMM and the rest one by one (other rounding): without
+    padding to whole groups, a prompt cut at 22 (chunks of 16) changed the logits (seen on Q4_K)."""
     rng = np.random.default_rng(0)
     prompt = [testing.BOS, *rng.integers(3, HP.n_vocab, 37).tolist()]
-    with dg.load(files["q4_k"], n_batch=16) as m:
+    with dg.load(files["q4_0"], n_batch=16) as m:
         assert m.repacked
         canvas = rng.integers(3, HP.n_vocab, HP.canvas_length).tolist()
         want = m.logits(prompt, canvas)

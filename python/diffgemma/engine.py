@@ -148,10 +148,11 @@ class Engine:
     def _repack_type(self, info: Any) -> Any:
         """The first CPU extra buffer type whose kernel runs this matrix's product in its own layout, or None.
         Only the matrices (role MATRIX) are asked: each is read by its product alone (the embedding is also
-        gathered by rows, which a rearranged layout cannot serve). Expert stacks of a type ggml's tiled K-quant/IQ
-        GEMM takes stay mapped: the repacked mul_mat_id runs one row at a time (measured 2.8x slower on Q4_K
-        experts, bench/repack_layouts.py)."""
-        if len(info.shape) == 3 and info.type in B.TILED_TYPES:
+        gathered by rows, which a rearranged layout cannot serve). Types ggml's tiled K-quant/IQ GEMM takes (forced
+        on: binding) stay mapped, matrices and expert stacks alike: on this CPU the tiled kernel beat the repacked
+        one on Q4_K (dense products 2x, experts 2.8x: bench/repack_layouts.py), so repacking serves Q4_0, IQ4_NL
+        and MXFP4."""
+        if info.type in B.TILED_TYPES:
             return None
         return next((buft for buft in B.extra_buffer_types(self._cpu_dev)
                      if B.product_supported(self._cpu_dev, buft, info.type, tuple(info.shape))), None)
