@@ -125,3 +125,16 @@ def test_list_devices_at_the_top_level(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.main([])
     assert ei.value.code == 2 and "give a COMMAND" in capsys.readouterr().err
+
+
+def test_an_unknown_flag_gets_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["generate", "x", "--tem", "0"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "usage: diffgemma generate" in err and "unrecognized arguments: --tem 0" in err
+
+
+def test_json_with_stats_prints_the_stats_line(capsys, random_tiny):
+    assert cli.main(["generate", "hi", "-m", str(random_tiny), *FAST, "-n", "8", "--json", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("{") and "tokens/s" in out.err

@@ -203,6 +203,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         if schema is not None:
             out["json"] = g.json
         print(json.dumps(out))
+        if a.stats:
+            print(stats(g), file=sys.stderr)
         return 0
     print("" if piped else g.text)  # piped: the text is out already, the line ends it
     if sys.stdout.isatty() or a.stats:
@@ -580,12 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info, _add_generate, _add_chat, _add_serve, _add_bench, _add_validate, _add_quantize,
                 _add_imatrix, _add_convert, _add_rpc_server):
         add(sub)
+    p.commands = sub.choices  # name -> the command's parser (its own usage in errors)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    if extra:  # the command's own usage, not the top level's
+        parser.commands.get(a.cmd, parser).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     if a.cmd is None and not a.list_devices:
         parser.error("give a COMMAND (generate, chat, serve, quantize, ...), or --list-devices")
     try:
