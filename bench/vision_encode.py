@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from diffgemma import binding as B
-from diffgemma import mmproj, vision, vision_convert
+from diffgemma import devices, mmproj, vision, vision_convert
 
 RELEASED = mmproj.VisionHParams(n_embd=1152, n_ff=4304, n_layer=27, n_head=16, head_dim=72, n_proj=2816,
                                 patch_size=16, n_pos=10240, pool=3, standardize=True)
@@ -42,8 +42,8 @@ def synthetic_weights(hp: mmproj.VisionHParams, seed: int = 0) -> dict[str, np.n
 
 
 def ours(path: pathlib.Path, patches: np.ndarray, threads: int, repeats: int) -> tuple[float, list[float], np.ndarray]:
-    cpu = next(d for d in B.devices() if d["type"] == "cpu")
-    backend = B.lib.ggml_backend_dev_init(cpu["handle"], B.ffi.NULL)
+    cpu = next(d for d in devices.local() if d.is_cpu)
+    backend = B.lib.ggml_backend_dev_init(cpu.handle, B.ffi.NULL)
     B.set_n_threads(backend, threads)
     tower = vision.Tower(path, backends=[backend], gpu_dev=None)
     t0 = time.perf_counter()

@@ -27,9 +27,9 @@ _cache_lock = threading.Lock()
 
 def backends() -> list[str]:
     """Names of the ggml devices this installation can use, e.g. ['CUDA0', 'CPU']."""
-    from . import binding
+    from . import devices
 
-    return [d["name"] for d in binding.devices()]
+    return [d.name for d in devices.local()]
 
 
 def list_devices(rpc: str | list[str] | None = None) -> list[Any]:

@@ -301,21 +301,6 @@ def set_n_threads(backend: object, n: int) -> None:
         ffi.cast("ggml_backend_set_n_threads_t", fn)(backend, n)
 
 
-def devices() -> list[dict]:
-    """Every ggml device, in registration order: name, description, type, memory."""
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ffi.new("size_t *"), ffi.new("size_t *")
-        lib.ggml_backend_dev_memory(dev, free, total)
-        kind = {DEV_TYPE_CPU: "cpu", DEV_TYPE_GPU: "gpu", DEV_TYPE_IGPU: "igpu", DEV_TYPE_ACCEL: "accel"}.get(
-            lib.ggml_backend_dev_type(dev), "other")
-        out.append({"name": cstr(lib.ggml_backend_dev_name(dev)),
-                    "description": cstr(lib.ggml_backend_dev_description(dev)),
-                    "type": kind, "memory_free": int(free[0]), "memory_total": int(total[0]), "handle": dev})
-    return out
-
-
 def llama_cpp_python_version() -> str:
     try:
         return importlib.metadata.version("llama_cpp_python")
