@@ -11,6 +11,7 @@ on that layer's device; the scheduler gets a backend for every device in use, CP
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -170,7 +171,7 @@ class Placement:
     cpu: Device
     layers: tuple[Device, ...]
 
-    @property
+    @functools.cached_property  # read on every call and step (check): derived once
     def devices(self) -> list[Device]:
         """The non-CPU devices holding layers, in layer order."""
         out: list[Device] = []
