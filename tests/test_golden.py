@@ -177,3 +177,27 @@ def test_multi_canvas_generation_far_past_the_window(long_pair):
         assert m.prompt_kv.ring == 11 + 8
         ours = lock_step(hf, m, [2] + _ids(4, 7, 512, 7), 40, seed=7)
     assert len(ours.tokens) == 40  # no EOS on the way: the last canvas sees committed tokens 24..36
+
+
+def test_self_conditioning_in_vocabulary_blocks(tmp_path, monkeypatch):
+    """The self-conditioning product cut into vocabulary blocks (graph.sc_blocks: the released 262k vocabulary
+    runs in 64) still gives transformers' logits, from a state written by the host and from the one a step
+    leaves on the device."""
+    from diffgemma import graph
+
+    monkeypatch.setattr(graph, "SC_BLOCK", 16)
+    hf = ref.make_hf_model(tmp_path / "hf", seed=11)
+    path = dg.convert(tmp_path / "hf", tmp_path / "m-f32.gguf", outtype="f32", progress=False)
+    with dg.load(path, kv_type="f32") as m:
+        hp = m.hparams
+        assert graph.sc_blocks(hp.n_vocab) == 32 and m._embedding_t().ne[2] == 32
+        prompt = [2] + _ids(8, 7, hp.n_vocab, 5)
+        canvas = _ids(hp.canvas_length, 0, hp.n_vocab, 6)
+        sc = ref.hf_logits(hf, prompt, canvas) / 0.7
+        want = ref.hf_logits(hf, prompt, canvas, self_cond=sc)
+        assert np.abs(m.logits(prompt, canvas, self_cond=sc) - want).max() < 1e-3
+        # a step's own state: the next step reads it as logits(self_cond=...) reads the host's
+        u = np.full(hp.canvas_length, 0.5, np.float32)
+        m.denoise_step(np.asarray(canvas), 0.7, False, u)
+        argmax, _, _ = m.denoise_step(np.asarray(canvas), 0.6, True, u)
+        np.testing.assert_array_equal(argmax, want.argmax(1))

@@ -17,7 +17,7 @@ LAYERS: dict[str, list[str]] = {
     "base": ["errors", "version", "outputs", "sampler", "template", "schema_compile", "structured", "chat_format",
              "tool_layout", "images", "ftypes", "layout"],
     "core": ["binding_cdef", "binding", "gguf_file", "weights", "kv", "graph", "tokenizer", "imatrix_file",
-             "checkpoint", "mmproj", "multimodal", "vision", "rpc", "devices"],
+             "checkpoint", "mmproj", "multimodal", "vision", "rpc", "devices", "cpu_layout"],
     "engine": ["memory", "sequence", "engine"],
     "generation": ["batching", "generation", "chat", "hub", "model"],
     "tools": ["quant_recipes", "quant_plan", "quantizer", "calibration", "hf_tokenizer", "vision_convert", "converter",

@@ -31,7 +31,7 @@ from . import binding as B
 from . import imatrix_file, outputs, sampler
 from .errors import Error
 from .generation import resolve_seed
-from .graph import Graphs
+from .graph import Graphs, sc_shape
 from .kv import PromptKV
 from .weights import ModelWeights, weight_of_product
 
@@ -168,8 +168,8 @@ def dry_run_entries(path: str | os.PathLike) -> list[str]:
             _lib.ggml_set_name(t, info.name.encode())
             w[info.name] = t
         kv.n = 4
-        embd_t = _lib.ggml_new_tensor_2d(ctx, B.F16, hp.n_vocab, hp.n_embd)
-        sc_state = _lib.ggml_new_tensor_2d(ctx, B.F16, hp.n_vocab, hp.canvas_length)
+        embd_t = _lib.ggml_new_tensor_3d(ctx, B.F16, *sc_shape(hp.n_vocab, hp.n_embd))
+        sc_state = _lib.ggml_new_tensor_3d(ctx, B.F16, *sc_shape(hp.n_vocab, hp.canvas_length))
         _lib.ggml_set_name(embd_t, b"token_embd_t")
         graphs = Graphs(ModelWeights.build(hp, w, lambda name: 1.0), hp, False, 1.0)
         return expected_weights(graphs.node_names(kv, hp.canvas_length, embd_t, sc_state))

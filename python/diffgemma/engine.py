@@ -17,9 +17,9 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import binding as B
-from . import devices, gguf_file, kv, layout, memory, multimodal
+from . import cpu_layout, devices, gguf_file, kv, layout, memory, multimodal
 from .errors import Error, GGUFError
-from .graph import F16, F32, Allocated, Graphs, Runner, flash_supported, set_input
+from .graph import F16, F32, Allocated, Graphs, Runner, flash_supported, sc_layout, sc_shape, set_input
 from .sampler import SamplerSettings
 from .sequence import Denoise, Sequence, StepLogprobs
 from .tokenizer import Tokenizer
@@ -111,8 +111,8 @@ class Engine:
 
     def _load_weights(self, repack: bool) -> None:
         """Memory-map the file; CPU weights point into the mapping (no copy), except, with `repack`, the matrices
-        the CPU has a rearranged-layout kernel for (ggml's extra buffer types: CPU_REPACK), which are uploaded
-        into that layout; GPU weights are uploaded. Then the typed records (weights.ModelWeights) over them."""
+        cpu_layout.choose rearranges (ggml's CPU extra buffer types) or copies as F32; GPU weights are uploaded.
+        Then the typed records (weights.ModelWeights) over them."""
         infos = list(self._file.tensors.values())
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -124,9 +124,15 @@ class Engine:
         groups: dict[Any, list] = {}
         for info in infos:
             dev = self.placement.of_tensor(info.name)
-            place = dev if not dev.is_cpu else self._repack_type(info) if info.name in products else None
+            place = dev if not dev.is_cpu else cpu_layout.choose(self._cpu_dev, info) if info.name in products else None
             groups.setdefault(place, []).append(info)
         self.repacked: list[str] = []
+        if cpu_layout.DEQUANTIZE in groups:
+            group = groups.pop(cpu_layout.DEQUANTIZE)
+            self._owned.append(cpu_layout.dequantized(group, self._host_array))
+            tensors.update((i.name, t) for i, t in zip(group, self._owned[-1].tensors, strict=True))
+            self.repacked += [i.name for i in group]
+            cpu_layout.drop_mapped(self._mmap, group)
         for place, group in groups.items():
             ctx = self._new_ctx(len(group))
             on_dev, mapped = isinstance(place, devices.Device), place is None
@@ -140,32 +146,10 @@ class Engine:
             self._bufs.append(buf)
             if not (on_dev or mapped):
                 self.repacked += [i.name for i in group]
-                self._drop_mapped(group)
+                cpu_layout.drop_mapped(self._mmap, group)
         # Layer scalars go into the graphs as constants: multiplying by a one-element tensor costs per element
         # on the CPU backend, ggml_scale is vectorized.
         self.weights = ModelWeights.build(self.hparams, tensors, lambda name: float(self._host_array(name)[0]))
-
-    def _repack_type(self, info: Any) -> Any:
-        """The first CPU extra buffer type whose kernel runs this matrix's product in its own layout, or None.
-        Only the matrices (role MATRIX) are asked: each is read by its product alone (the embedding is also
-        gathered by rows, which a rearranged layout cannot serve). Types ggml's tiled K-quant/IQ GEMM takes (forced
-        on: binding) stay mapped, matrices and expert stacks alike: on this CPU the tiled kernel beat the repacked
-        one on Q4_K (dense products 2x, experts 2.8x: bench/repack_layouts.py), so repacking serves Q4_0, IQ4_NL
-        and MXFP4."""
-        if info.type in B.TILED_TYPES:
-            return None
-        return next((buft for buft in B.extra_buffer_types(self._cpu_dev)
-                     if B.product_supported(self._cpu_dev, buft, info.type, tuple(info.shape))), None)
-
-    def _drop_mapped(self, infos: list) -> None:
-        """Release the mapped pages of weights that now live in their own buffer (read once to be rearranged;
-        nothing reads them again), so they are not resident twice."""
-        page = mmap.PAGESIZE
-        for info in infos:
-            start = -(-info.offset // page) * page
-            end = (info.offset + info.nbytes) // page * page
-            if end > start:
-                self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def _load_vision(self, path: str | os.PathLike) -> Any:
         """The image tower of an mmproj file, on the same devices as the text weights."""
@@ -267,16 +251,16 @@ class Engine:
         return gguf_file.decode(self._mmap, self._file.tensors[name])
 
     def _embedding_t(self) -> Any:
-        """E^T [V, H] for the self-conditioning product, built once on the embedding's device."""
+        """E^T for the self-conditioning product (graph.sc_shape's blocks), built once on the embedding's device."""
         if self._embd_t is None:
             info = self._file.tensors["token_embd.weight"]
             hp = self.hparams
-            e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
             ttype = F32 if info.type == int(QT.F32) else F16
-            et = np.ascontiguousarray(e.T, dtype=np.float32 if ttype == F32 else np.float16)
+            e = self._host_array("token_embd.weight").reshape(hp.n_vocab, hp.n_embd)
+            et = sc_layout(e.astype(np.float32 if ttype == F32 else np.float16, copy=False).T)
             self._owned.append(B.DeviceTensors(self._buffer_type(self.placement.output),
-                                               [("token_embd_t", ttype, (hp.n_vocab, hp.n_embd))], weights=True,
-                                               what="the transposed embedding for self-conditioning"))
+                                               [("token_embd_t", ttype, sc_shape(hp.n_vocab, hp.n_embd))],
+                                               weights=True, what="the transposed embedding for self-conditioning"))
             t = self._owned[-1].tensors[0]
             _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(et), 0, et.nbytes)
             self._embd_t = t
@@ -416,7 +400,7 @@ class Engine:
                 e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
                 probs = e / e.sum(axis=1, keepdims=True)
                 state = self._self_cond_state(L)
-                set_input(state, probs.astype(np.float32 if state.type == F32 else np.float16))
+                set_input(state, sc_layout(probs).astype(np.float32 if state.type == F32 else np.float16))
             ask = Denoise(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
             gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)
@@ -425,8 +409,9 @@ class Engine:
             return out
 
     def _self_cond_state(self, L: int, sequence: Sequence | None = None) -> Any:
-        """The persistent [V, L] self-conditioning state of a sequence (the model's own by default)."""
-        return (sequence or self._main).self_cond_state(self.hparams.n_vocab, L, self._embedding_t().type)
+        """The persistent self-conditioning state of a sequence (the model's own by default) for canvases of L."""
+        return (sequence or self._main).self_cond_state(sc_shape(self.hparams.n_vocab, L),
+                                                        self._embedding_t().type)
 
     def _run_decoder(self, batch: list[tuple[Sequence, Denoise]]) -> Allocated:
         """One denoising forward pass over each sequence's canvas, after its committed prefix, all in one graph;

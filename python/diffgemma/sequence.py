@@ -62,11 +62,13 @@ class Sequence:
         same = np.asarray(self.committed[:n]) == np.asarray(tokens[:n])
         return n if same.all() else int(np.argmin(same))
 
-    def self_cond_state(self, n_vocab: int, L: int, ttype: int) -> Any:
-        """The persistent [V, L] tensor holding the previous step's softmax(logits / T) (zeros until written)."""
+    def self_cond_state(self, shape: tuple[int, int, int], ttype: int) -> Any:
+        """The persistent tensor (graph.sc_shape: canvas length in shape[1]) holding the previous step's
+        softmax(logits / T), zeros until written."""
+        L = shape[1]
         if L not in self._sc_state:
             # zeroed: finite, and the first step multiplies it by a zero gate
-            self._sc_state[L] = B.DeviceTensors(self._buffer_type, [(f"self_cond_state.{L}", ttype, (n_vocab, L))],
+            self._sc_state[L] = B.DeviceTensors(self._buffer_type, [(f"self_cond_state.{L}", ttype, shape)],
                                                 what="the self-conditioning state", clear=True)
         return self._sc_state[L].tensors[0]
 
