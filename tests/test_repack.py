@@ -28,7 +28,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("repack")
     src = testing.write_model(d / "f32.gguf", HP, weights=testing.random_weights(HP, seed=0, calm=True))
     out = {"f32": src}
-    for t in ("q4_0", "q4_k"):
+    for t in ("q4_0", "q4_k", "q5_1"):
         dg.quantize(src, d / f"{t}.gguf", type=t, progress=False)
         out[t] = d / f"{t}.gguf"
     return out
@@ -80,6 +80,44 @@ def test_repacked_batches_equal_solo_runs_and_prompt_cuts_do_not_matter(files):
         for i, p in enumerate(prompts):
             alone = m.generate(p, seed=kw["seed"][i], steps=4, max_new_tokens=32)
             assert got[i].tokens == alone.tokens
+
+
+def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files):
+    """Q5_1 (like Q4_1) has only ggml's dot-product kernel on CPU: its dense matrices are loaded as F32 copies of
+    exactly the values the file holds (its expert stacks stay mapped), and prompt cuts still do not matter."""
+    from diffgemma import gguf_file
+
+    rng = np.random.default_rng(1)
+    prompt = [testing.BOS, *rng.integers(3, HP.n_vocab, 37).tolist()]
+    canvas = rng.integers(3, HP.n_vocab, HP.canvas_length).tolist()
+    with dg.load(files["f32"], threads=1) as m:
+        ref = m.logits(prompt, canvas)
+    gf = gguf_file.read(files["q5_1"])
+    logits = {}
+    for repack in (False, True):
+        with dg.load(files["q5_1"], repack=repack, threads=1, n_batch=16) as m:
+            logits[repack] = m.logits(prompt, canvas)
+            if not repack:
+                assert m.repacked == []
+                continue
+            dense = sorted(n for n, i in gf.tensors.items() if i.type == int(QT.Q5_1) and len(i.shape) == 2)
+            assert "blk.0.ffn_down.weight" in dense and "token_embd.weight" in dense
+            # expert stacks (3-D) and the embedding (also gathered by rows) stay mapped
+            assert sorted(m.repacked) == [n for n in dense if n != "token_embd.weight"]
+            w = m.weights.layers[0].ffn_down
+            assert w.type == binding.F32
+            got = np.empty(w.ne[0] * w.ne[1], np.float32)
+            binding.lib.ggml_backend_tensor_get(w, binding.ffi.from_buffer(got), 0, got.nbytes)
+            want = gguf_file.decode(np.fromfile(files["q5_1"], np.uint8), gf.tensors["blk.0.ffn_down.weight"])
+            np.testing.assert_array_equal(got, want)
+            for cut in (1, 6, 22):  # F32 GEMM rows are independent: a prompt cut anywhere gives the same logits
+                m.reset()
+                m.prefill(prompt[:cut])
+                np.testing.assert_array_equal(m.logits(prompt, canvas), logits[True], err_msg=f"cut {cut}")
+    # F32 activations instead of Q8_1-rounded ones: no further from the F32 weights' logits than mapped
+    err = {k: np.abs(v - ref) for k, v in logits.items()}
+    assert err[True].max() < 1.1 * err[False].max() and err[True].mean() < 1.1 * err[False].mean()
+    assert np.abs(logits[True] - logits[False]).max() > 0  # the F32 copies were really used
 
 
 def test_repack_must_be_a_bool_and_the_cli_flag_turns_it_off(random_tiny):

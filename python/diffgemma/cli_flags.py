@@ -62,8 +62,8 @@ def runtime_args(s: argparse.ArgumentParser) -> None:
                    help="flash attention: on, off or auto (default auto: wherever the backend runs it; -fa "
                         "alone: on)")
     s.add_argument("--no-repack", dest="repack", action="store_false",
-                   help="map every weight from the file (default: CPU weights with a rearranged-layout kernel, "
-                        "e.g. Q4_0/Q4_K/IQ4_NL, are repacked at load)")
+                   help="map every weight from the file (default: CPU matrices are copied at load into the layout "
+                        "their fastest kernel reads: Q4_0/IQ4_NL/MXFP4 repacked, dense Q4_1/Q5_1 as F32)")
     s.add_argument("-v", "--verbose", action="store_true", help="show ggml/libllama logs")
     s.add_argument("--mmproj", default=None, help="gemma4v mmproj GGUF with the vision tower (for images)")
     s.add_argument("--no-mmproj", dest="mmproj", action="store_const", const=False,

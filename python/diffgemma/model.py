@@ -154,9 +154,9 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     length, or less where its prompt-KV store would not fit next to the weights in the memory free now; the store
     grows as the context fills). mmproj: a `gemma4v` mmproj GGUF with the vision tower, for images in prompts.
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
-    "f16" (default) or "f32". repack: upload the CPU weights this ggml has a rearranged-layout kernel for (Q4_0,
-    Q4_K, IQ4_NL, MXFP4, Q2_K with AVX-512, ...) into that layout instead of mapping them (faster products, more
-    load time; False: map every weight). path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging
+    "f16" (default) or "f32". repack: copy the CPU matrices whose product runs faster from another layout into it
+    at load instead of mapping them: Q4_0, IQ4_NL, MXFP4 into ggml's repacked layouts, dense Q4_1/Q5_1 as F32
+    (faster products; more load time, and memory for the F32 copies; False: map every weight; cpu_layout.py). path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging
     Face model, downloaded into huggingface_hub's cache (docs/api.md, Hugging Face); a repository brings its mmproj
     unless mmproj= is given (False: none).
     """
