@@ -139,7 +139,7 @@ def main() -> None:
     for label in trees:
         ms = [med(x["step_ms"]) for x in runs[label]]
         print(f"{label:10s} median ms/step {med(ms):8.0f}   per repeat " + " ".join(f"{x:.0f}" for x in ms) +
-              f"   speed-up per repeat " + " ".join(f"{b / x:.2f}x" for b, x in zip(base, ms, strict=True)))
+              "   speed-up per repeat " + " ".join(f"{b / x:.2f}x" for b, x in zip(base, ms, strict=True)))
     if a.profile:
         nodes = {label: runs[label][0]["nodes"] for label in trees}
         keys = sorted(set().union(*nodes.values()), key=lambda k: -max(n.get(k, 0.0) for n in nodes.values()))
