@@ -146,6 +146,29 @@ def test_logits_match_the_cpu(files, cpu_logits, server, target, wtype):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_self_conditioning_in_vocabulary_blocks(files, server, target, monkeypatch):
+    """The self-conditioning product in vocabulary blocks (graph.sc_blocks; forced small here, as the released
+    vocabulary gets 64): the block-major E^T and state, the batched product and the sum over blocks run on the
+    device, from a state the host wrote and from the one a step leaves there."""
+    from diffgemma import graph
+
+    monkeypatch.setattr(graph, "SC_BLOCK", 16)
+    got = {}
+    for where in ("CPU", target):
+        with dg.load(files["f32"], device="cpu") if where == "CPU" else _load(files["f32"], target, server) as m:
+            assert m._embedding_t().ne[2] == graph.sc_blocks(m.hparams.n_vocab) > 1
+            prompt, canvas = _case(m.hparams)
+            with_sc = m.logits(prompt, canvas, self_cond=m.logits(prompt, canvas) / 0.8)
+            u = np.full(len(canvas), 0.5, np.float32)
+            m.denoise_step(np.asarray(canvas), 0.8, False, u)
+            _, entropy, _ = m.denoise_step(np.asarray(canvas), 0.7, True, u)
+            got[where] = (with_sc, entropy, binding.lib.ggml_backend_sched_get_n_splits(m.sched))
+    _compare(got["CPU"][0], got[target][0], TOL["f32"])
+    np.testing.assert_allclose(got[target][1], got["CPU"][1], atol=TOL["f32"])
+    assert got[target][2] == 1  # nothing of it falls back to the CPU
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_partial_offload(files, cpu_logits, server, target):
     with _load(files["q8_0"], target, server, n_gpu_layers=3) as m:
         assert m.placement.describe().startswith("layers 0-3 CPU, 4-5 ")
