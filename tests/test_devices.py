@@ -169,6 +169,18 @@ def test_self_conditioning_in_vocabulary_blocks(files, server, target, monkeypat
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_no_f32_copies_next_to_device_layers(files, server, target, tmp_path):
+    """Alone on the CPU, dense Q5_1 matrices are copied as F32 (cpu_layout); with layers on a device they stay
+    mapped: the scheduler uploads CPU layers' weights for large batches, and a copy is 5.3x the bytes."""
+    path = tmp_path / "q5_1.gguf"
+    dg.quantize(files["f32"], path, type="q5_1", progress=False)
+    with dg.load(path, device="cpu") as m:
+        assert "blk.0.ffn_down.weight" in m.repacked
+    with _load(path, target, server, n_gpu_layers=3) as m:
+        assert m.placement.layers[0].is_cpu and not [n for n in m.repacked if n.endswith("ffn_down.weight")]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_partial_offload(files, cpu_logits, server, target):
     with _load(files["q8_0"], target, server, n_gpu_layers=3) as m:
         assert m.placement.describe().startswith("layers 0-3 CPU, 4-5 ")

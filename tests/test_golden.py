@@ -193,11 +193,14 @@ def test_self_conditioning_in_vocabulary_blocks(tmp_path, monkeypatch):
         assert graph.sc_blocks(hp.n_vocab) == 32 and m._embedding_t().ne[2] == 32
         prompt = [2] + _ids(8, 7, hp.n_vocab, 5)
         canvas = _ids(hp.canvas_length, 0, hp.n_vocab, 6)
-        sc = ref.hf_logits(hf, prompt, canvas) / 0.7
-        want = ref.hf_logits(hf, prompt, canvas, self_cond=sc)
-        assert np.abs(m.logits(prompt, canvas, self_cond=sc) - want).max() < 1e-3
-        # a step's own state: the next step reads it as logits(self_cond=...) reads the host's
+        first = ref.hf_logits(hf, prompt, canvas)
+        host = ref.hf_logits(hf, prompt, canvas, self_cond=first / 0.9)
+        assert np.abs(m.logits(prompt, canvas, self_cond=first / 0.9) - host).max() < 1e-3
+        # a step's own state (at another temperature than the host's, so a step that left the host's state in
+        # place would fail): the next step reads it as logits(self_cond=...) reads the host's
+        want = ref.hf_logits(hf, prompt, canvas, self_cond=first / 0.3)
+        assert (want.argmax(1) != host.argmax(1)).any()
         u = np.full(hp.canvas_length, 0.5, np.float32)
-        m.denoise_step(np.asarray(canvas), 0.7, False, u)
+        m.denoise_step(np.asarray(canvas), 0.3, False, u)
         argmax, _, _ = m.denoise_step(np.asarray(canvas), 0.6, True, u)
         np.testing.assert_array_equal(argmax, want.argmax(1))

@@ -28,7 +28,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("repack")
     src = testing.write_model(d / "f32.gguf", HP, weights=testing.random_weights(HP, seed=0, calm=True))
     out = {"f32": src}
-    for t in ("q4_0", "q4_k", "q5_1"):
+    for t in ("q4_0", "q4_k", "q4_1", "q5_1"):
         dg.quantize(src, d / f"{t}.gguf", type=t, progress=False)
         out[t] = d / f"{t}.gguf"
     return out
@@ -82,9 +82,10 @@ def test_repacked_batches_equal_solo_runs_and_prompt_cuts_do_not_matter(files):
             assert got[i].tokens == alone.tokens
 
 
-def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files):
-    """Q5_1 (like Q4_1) has only ggml's dot-product kernel on CPU: its dense matrices are loaded as F32 copies of
-    exactly the values the file holds (its expert stacks stay mapped), and prompt cuts still do not matter."""
+@pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])
+def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files, qtype):
+    """Q4_1 and Q5_1 have only ggml's dot-product kernel on CPU: their dense matrices are loaded as F32 copies of
+    the values ggml dequantizes them to (expert stacks stay mapped), and prompt cuts still do not matter."""
     from diffgemma import gguf_file
 
     rng = np.random.default_rng(1)
@@ -92,15 +93,16 @@ def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files):
     canvas = rng.integers(3, HP.n_vocab, HP.canvas_length).tolist()
     with dg.load(files["f32"], threads=1) as m:
         ref = m.logits(prompt, canvas)
-    gf = gguf_file.read(files["q5_1"])
+    gf = gguf_file.read(files[qtype])
     logits = {}
     for repack in (False, True):
-        with dg.load(files["q5_1"], repack=repack, threads=1, n_batch=16) as m:
+        with dg.load(files[qtype], repack=repack, threads=1, n_batch=16) as m:
             logits[repack] = m.logits(prompt, canvas)
             if not repack:
                 assert m.repacked == []
                 continue
-            dense = sorted(n for n, i in gf.tensors.items() if i.type == int(QT.Q5_1) and len(i.shape) == 2)
+            qt = int(QT.Q4_1 if qtype == "q4_1" else QT.Q5_1)
+            dense = sorted(n for n, i in gf.tensors.items() if i.type == qt and len(i.shape) == 2)
             assert "blk.0.ffn_down.weight" in dense and "token_embd.weight" in dense
             # expert stacks (3-D) and the embedding (also gathered by rows) stay mapped
             assert sorted(m.repacked) == [n for n in dense if n != "token_embd.weight"]
@@ -108,7 +110,7 @@ def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files):
             assert w.type == binding.F32
             got = np.empty(w.ne[0] * w.ne[1], np.float32)
             binding.lib.ggml_backend_tensor_get(w, binding.ffi.from_buffer(got), 0, got.nbytes)
-            want = gguf_file.decode(np.fromfile(files["q5_1"], np.uint8), gf.tensors["blk.0.ffn_down.weight"])
+            want = gguf_file.decode(np.fromfile(files[qtype], np.uint8), gf.tensors["blk.0.ffn_down.weight"])
             np.testing.assert_array_equal(got, want)
             for cut in (1, 6, 22):  # F32 GEMM rows are independent: a prompt cut anywhere gives the same logits
                 m.reset()
@@ -118,6 +120,17 @@ def test_dot_only_matrices_are_copied_as_f32_with_the_same_values(files):
     err = {k: np.abs(v - ref) for k, v in logits.items()}
     assert err[True].max() < 1.1 * err[False].max() and err[True].mean() < 1.1 * err[False].mean()
     assert np.abs(logits[True] - logits[False]).max() > 0  # the F32 copies were really used
+
+
+def test_no_f32_copies_when_gpus_run_layers(files):
+    """ggml's scheduler uploads the CPU layers' weights to a GPU for large batches: an F32 copy would be 5-6x the
+    bytes of the file's blocks, so a placement with GPU layers keeps Q4_1/Q5_1 mapped."""
+    from diffgemma import cpu_layout, gguf_file
+
+    cpu = binding.lib.ggml_backend_dev_by_type(binding.DEV_TYPE_CPU)
+    info = gguf_file.read(files["q5_1"]).tensors["blk.0.ffn_down.weight"]
+    assert cpu_layout.choose(cpu, info) == cpu_layout.DEQUANTIZE
+    assert cpu_layout.choose(cpu, info, f32_copies=False) is None
 
 
 def test_repack_must_be_a_bool_and_the_cli_flag_turns_it_off(random_tiny):

@@ -37,7 +37,7 @@ F32, F16, BF16, I32 = int(QT.F32), int(QT.F16), int(QT.BF16), int(QT.I32)
 TILED_TYPES = frozenset(int(t) for t in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS, QT.IQ2_XXS,
                                          QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M))
 # Types the pinned ggml's x86 CPU backend multiplies only by dot products (no tinyBLAS, tiled or repacked GEMM):
-# a Q5_1 [2112, 2816] matrix by 256 rows runs at 115 GFLOP/s on 2 cores, its F32 copy by the F32 GEMM at 268.
+# 2.3x slower than its F32 GEMM on the same values (docs/performance.md; cpu_layout.py copies them as F32).
 DOT_ONLY_TYPES = frozenset(int(t) for t in (QT.Q4_1, QT.Q5_1))
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object): offs, size, next, type + padding
 

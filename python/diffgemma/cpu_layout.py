@@ -5,9 +5,10 @@ Facts read in the pinned ggml that shape the choice (figures: docs/performance.m
 - types ggml's tiled K-quant/IQ GEMM takes (binding.TILED_TYPES; forced on for batch invariance) stay mapped,
   matrices and expert stacks alike: the tiled kernel beat the repacked one on Q4_K (dense products 2x, experts
   2.8x), so repacking serves Q4_0, IQ4_NL and MXFP4;
-- dense matrices of a type the CPU backend multiplies only by dot products (binding.DOT_ONLY_TYPES: Q4_1, Q5_1)
-  are copied as F32, the same values (d q + m is exact in float32), for ggml's F32 GEMM: 2.3x faster, 4 bytes
-  per weight;
+- dense matrices of a type the x86 CPU backend multiplies only by dot products (binding.DOT_ONLY_TYPES: Q4_1,
+  Q5_1) are copied as F32, the values ggml dequantizes them to, for ggml's F32 GEMM (faster, at 4 bytes per
+  weight). Not when GPUs run layers: ggml's scheduler uploads the CPU layers' weights for large batches, and an
+  F32 copy is 5-6x the bytes of the file's block;
 - only matrices (role MATRIX) are considered: each is read by its product alone (the embedding is also gathered
   by rows, which a rearranged layout cannot serve).
 """
@@ -26,13 +27,14 @@ from .binding import F32
 DEQUANTIZE = "F32"  # choose()'s answer for a matrix copied as F32
 
 
-def choose(cpu_dev: Any, info: Any) -> Any:
+def choose(cpu_dev: Any, info: Any, *, f32_copies: bool = True) -> Any:
     """For a CPU matrix (a file's tensor info): the first CPU extra buffer type whose kernel runs its product in
-    its own layout, DEQUANTIZE for a dense matrix of a dot-product-only type, or None (stays mapped)."""
+    its own layout, DEQUANTIZE for a dense matrix of a dot-product-only type (with f32_copies), or None (stays
+    mapped)."""
     if info.type in B.TILED_TYPES:
         return None
     if info.type in B.DOT_ONLY_TYPES and len(info.shape) == 2:
-        return DEQUANTIZE
+        return DEQUANTIZE if f32_copies else None
     return next((buft for buft in B.extra_buffer_types(cpu_dev)
                  if B.product_supported(cpu_dev, buft, info.type, tuple(info.shape))), None)
 

@@ -4,6 +4,7 @@ model.Model adds the user-level calls (generate, stream, chat, ...) on top."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import os
@@ -124,7 +125,12 @@ class Engine:
         groups: dict[Any, list] = {}
         for info in infos:
             dev = self.placement.of_tensor(info.name)
-            place = dev if not dev.is_cpu else cpu_layout.choose(self._cpu_dev, info) if info.name in products else None
+            if not dev.is_cpu:
+                place = dev
+            elif info.name in products:
+                place = cpu_layout.choose(self._cpu_dev, info, f32_copies=not self.placement.devices)
+            else:
+                place = None  # mapped
             groups.setdefault(place, []).append(info)
         self.repacked: list[str] = []
         if cpu_layout.DEQUANTIZE in groups:
@@ -251,19 +257,24 @@ class Engine:
         return gguf_file.decode(self._mmap, self._file.tensors[name])
 
     def _embedding_t(self) -> Any:
-        """E^T for the self-conditioning product (graph.sc_shape's blocks), built once on the embedding's device."""
+        """E^T for the self-conditioning product, built once on the embedding's device. Block by block
+        (graph.sc_shape: block c is E's rows c V/C .. (c+1) V/C, transposed), so only one block of E is ever
+        decoded at a time (46 MB on the 26B-A4B, whose whole E decodes to 3 GB)."""
         if self._embd_t is None:
             info = self._file.tensors["token_embd.weight"]
             hp = self.hparams
-            ttype = F32 if info.type == int(QT.F32) else F16
-            # cast first: the float32 decode (3 GB on the 26B-A4B) is freed before the block-major copy is made
-            e = self._host_array("token_embd.weight").astype(np.float32 if ttype == F32 else np.float16, copy=False)
-            et = sc_layout(e.reshape(hp.n_vocab, hp.n_embd).T)
+            ttype, dtype = (F32, np.float32) if info.type == int(QT.F32) else (F16, np.float16)
+            shape = sc_shape(hp.n_vocab, hp.n_embd)
             self._owned.append(B.DeviceTensors(self._buffer_type(self.placement.output),
-                                               [("token_embd_t", ttype, sc_shape(hp.n_vocab, hp.n_embd))],
-                                               weights=True, what="the transposed embedding for self-conditioning"))
+                                               [("token_embd_t", ttype, shape)], weights=True,
+                                               what="the transposed embedding for self-conditioning"))
             t = self._owned[-1].tensors[0]
-            _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(et), 0, et.nbytes)
+            rows, row_bytes = shape[0], info.nbytes // hp.n_vocab
+            for c in range(shape[2]):
+                part = dataclasses.replace(info, shape=(hp.n_embd, rows), offset=info.offset + c * rows * row_bytes,
+                                           nbytes=rows * row_bytes)
+                block = np.ascontiguousarray(gguf_file.decode(self._mmap, part).reshape(rows, hp.n_embd).T, dtype)
+                _lib.ggml_backend_tensor_set(t, _ffi.from_buffer(block), c * block.nbytes, block.nbytes)
             self._embd_t = t
         return self._embd_t
 
@@ -401,7 +412,7 @@ class Engine:
                 e = np.exp(sc - sc.max(axis=1, keepdims=True), dtype=np.float64)
                 probs = e / e.sum(axis=1, keepdims=True)
                 state = self._self_cond_state(L)
-                set_input(state, sc_layout(probs).astype(np.float32 if state.type == F32 else np.float16))
+                set_input(state, sc_layout(probs.astype(np.float32 if state.type == F32 else np.float16)))
             ask = Denoise(canvas, 1.0, self_cond is not None, np.full(L, 0.5, np.float32))
             gr = self._run_decoder([(self._main, ask)])
             out = np.empty((L, V), dtype=np.float32)

@@ -46,8 +46,8 @@ MIN_ROWS = 2  # a pass computes at least this many rows: ggml's CPU matrix produ
 # differently (Q4_K): their input is padded to whole groups.
 REPACK_ROWS = 4
 # The self-conditioning product sums over the whole vocabulary (262,144 entries): as one matrix product its
-# operands stream from memory for every output tile (~170 GFLOP/s on 2 cores); cut into blocks of this many
-# entries (a batched product, then a sum over blocks) they stay in cache (~410 GFLOP/s). See sc_blocks.
+# operands stream from memory for every output tile; cut into blocks of this many entries (a batched product, then
+# a sum over blocks) they stay in cache, 2.4x faster on CPU (docs/performance.md). See sc_blocks.
 SC_BLOCK = 4096
 
 
@@ -356,6 +356,7 @@ class Graphs:
         w, hp = self.w, self.hp
         soft = product(g, embd_t, sc_probs)  # [H, L, C]: one product per vocabulary block
         while soft.ne[2] > 1:  # summed over the blocks pairwise, halving the blocks each time
+            assert soft.ne[2] % 2 == 0, "sc_blocks gives a power of two"
             half = soft.ne[2] // 2
             lo, hi = (g.view_3d(soft, soft.ne[0], soft.ne[1], half, soft.nb[1], soft.nb[2], i * half * soft.nb[2])
                       for i in (0, 1))

@@ -156,7 +156,8 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, threads: int | None
     n_batch: prompt tokens encoded per graph (bounds the compute buffers). kv_type: the prompt-KV store's type,
     "f16" (default) or "f32". repack: copy the CPU matrices whose product runs faster from another layout into it
     at load instead of mapping them: Q4_0, IQ4_NL, MXFP4 into ggml's repacked layouts, dense Q4_1/Q5_1 as F32
-    (faster products; more load time, and memory for the F32 copies; False: map every weight; cpu_layout.py).
+    (without GPU layers) (faster products; more load time, and memory for the F32 copies; False: map every
+    weight; cpu_layout.py).
     path "hf://OWNER/NAME[:QUANT]" or "hf://OWNER/NAME/FILE.gguf": a Hugging Face model, downloaded into
     huggingface_hub's cache (docs/api.md, Hugging Face); a repository brings its mmproj unless mmproj= is given
     (False: none).
