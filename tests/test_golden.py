@@ -150,14 +150,15 @@ def long_pair(tmp_path_factory):
 
 @pytest.mark.parametrize("flash", ["on", "off"])
 def test_prompt_far_past_the_window(long_pair, flash):
-    """Window 12, prompt 300: with n_batch 16 the ring holds 11 + 16 slots and wraps 11 times while the prompt
-    is encoded; the logits equal transformers' and a store that never wraps (one 300-token chunk)."""
+    """Window 12, prompt 300: with n_batch 16 the ring holds 11 + 16 slots in a whole tile (64) and wraps 4 times
+    while the prompt is encoded; the logits equal transformers' and a store that never wraps (one 300-token
+    chunk)."""
     hf, path = long_pair
     prompt = [2] + _ids(299, 7, 512, 21)
     canvas = _ids(8, 0, 512, 22)
     want = ref.hf_logits(hf, prompt, canvas)
     with dg.load(path, kv_type="f32", n_batch=16, flash_attn=flash) as m:
-        assert m.prompt_kv.ring == 11 + 16
+        assert m.prompt_kv.ring == 64
         got = m.logits(prompt, canvas)
         sc = want / 0.7
         got_sc = m.logits(prompt, canvas, self_cond=sc)
@@ -170,13 +171,14 @@ def test_prompt_far_past_the_window(long_pair, flash):
 
 
 def test_multi_canvas_generation_far_past_the_window(long_pair):
-    """Five canvases of 8 after a 5-token prompt, each finished canvas encoded into a ring of 11 + 8 slots: the
-    committed length passes the window (12) three times, in lock-step with transformers."""
+    """Ten canvases of 8 after a 5-token prompt, each finished canvas encoded into a ring of 11 + 8 slots in a
+    whole tile (64): the committed length passes the window (12) six times and the ring wraps, in lock-step with
+    transformers."""
     hf, path = long_pair
     with dg.load(path, kv_type="f32", n_batch=8) as m:
-        assert m.prompt_kv.ring == 11 + 8
-        ours = lock_step(hf, m, [2] + _ids(4, 7, 512, 7), 40, seed=7)
-    assert len(ours.tokens) == 40  # no EOS on the way: the last canvas sees committed tokens 24..36
+        assert m.prompt_kv.ring == 64
+        ours = lock_step(hf, m, [2] + _ids(4, 7, 512, 7), 80, seed=7)
+    assert len(ours.tokens) == 80  # no EOS on the way: the last canvas sees the last 11 of 77 committed tokens
 
 
 def test_self_conditioning_in_vocabulary_blocks(tmp_path, monkeypatch):

@@ -30,8 +30,8 @@ def test_store_sizes_of_the_26b_layout():
     262,144 tokens fit in well under 6 GB (the F32 all-layers store needed ~115 GB)."""
     hp = dg.layout.full_26b_a4b()
     assert kv.bytes_per_token(hp, kv.F16) == 5 * 2 * 512 * 2 * 2
-    assert kv.ring_slots(hp, 512) == 1023 + 512
-    assert kv.ring_bytes(hp, kv.F16, 512) == 1535 * 25 * 8 * 256 * 2 * 2
+    assert kv.ring_slots(hp, 512) == 1536  # 1023 + 512 in whole tiles of 64 keys
+    assert kv.ring_bytes(hp, kv.F16, 512) == 1536 * 25 * 8 * 256 * 2 * 2
     total = kv.store_bytes(hp, kv.F16, 262144, 512)
     assert total <= 6e9 and total / 262144 <= 25e3
 
@@ -46,12 +46,12 @@ def test_global_store_grows_and_reset_keeps_it(tiny_f32, monkeypatch):
         want = whole.logits(prompt, canvas)
     monkeypatch.setattr(kv, "GROW_TOKENS", 32)
     with dg.load(tiny_f32, n_ctx=1024, n_batch=24, kv_type="f32") as m:
-        assert m.prompt_kv.capacity == 32 and m.n_ctx == 1024
+        assert m.prompt_kv.capacity == 64 and m.n_ctx == 1024  # stores hold whole tiles of 64 keys
         small = m.kv_bytes
         hp = m.hparams
-        assert small == kv.ring_bytes(hp, kv.F32, 24) + 32 * m.kv_bytes_per_token
+        assert small == kv.ring_bytes(hp, kv.F32, 24) + 64 * m.kv_bytes_per_token
         got = m.logits(prompt, canvas)
-        assert m.prompt_kv.capacity == 256 and m.kv_bytes > small  # 32 -> 64 -> 128 -> 256 while encoding
+        assert m.prompt_kv.capacity == 256 and m.kv_bytes > small  # 64 -> 128 -> 256 while encoding
         grown = m.kv_bytes
         m.reset()
         assert m.kv_bytes == grown and m.prompt_kv.n == 0

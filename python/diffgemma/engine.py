@@ -343,7 +343,8 @@ class Engine:
                     if bidirectional:  # same-image keys on both layer kinds, whatever the window says
                         qpos = np.arange(start, start + n)
                         for kind, mask in masks.items():
-                            multimodal.allow_image_blocks(mask[:n], qpos, store.key_positions(kind == "swa", n), here)
+                            keys = store.key_positions(kind == "swa", n, tiles=True)
+                            multimodal.allow_image_blocks(mask[:n], qpos, keys, here)
                 for kind, mask in masks.items():
                     set_input(gr.io[f"mask_{kind}"], mask)
                 self._runner.compute(gr)

@@ -285,8 +285,8 @@ class Graphs:
         both = named(g.add(dense, moe), "ffn_moe_combined", il)
         return named(rms(g, both, eps, L.post_ffw_norm), "ffn_post_norm", il)
 
-    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, *, exact_new: bool = False
-                        ) -> tuple[Any, Any]:
+    def _store_and_read(self, g: Ctx, kv: PromptKV, il: int, k: Any, v: Any, *, exact_new: bool = False,
+                        tiles: bool = False) -> tuple[Any, Any]:
         """Write the n new K/V of layer il into the store's slots after the committed tokens (a ring write may
         wrap), and return what the new queries read: the slots of PromptKV.read_range, one contiguous range in
         slot order, so nothing is concatenated. (The decoder writes its canvas into slots the next encode
@@ -296,9 +296,10 @@ class Graphs:
         tokens' F32 K/V, so a canvas attends to itself unrounded; only committed tokens' K/V are rounded. The
         copy is one pass over the slots read (the CPU's flash attention converts each F16 key once per tile of
         queries anyway). The encoder reads its own tokens back rounded: which tokens share its pass depends on
-        the prefix a store already held, and a token's numbers must not."""
+        the prefix a store already held, and a token's numbers must not. tiles: an encode pass's whole tiles
+        of keys (PromptKV.read_range)."""
         n, swa = k.ne[2], self.hp.is_swa(il)
-        first, count = kv.read_range(swa, n)
+        first, count = kv.read_range(swa, n, tiles=tiles)
         pieces = kv.write_pieces(swa, n)
         out = []
         for new, store in ((k, kv.k[il]), (v, kv.v[il])):
@@ -316,9 +317,9 @@ class Graphs:
             out.append(read)
         return out[0], out[1]
 
-    def _mask_input(self, g: Ctx, kind: str, kv: PromptKV, n: int) -> Any:
+    def _mask_input(self, g: Ctx, kind: str, kv: PromptKV, n: int, *, tiles: bool = False) -> Any:
         """The [keys read, query_rows(n)] mask input of one layer kind ("swa" or "full") of n new tokens."""
-        _, count = kv.read_range(kind == "swa", n)
+        _, count = kv.read_range(kind == "swa", n, tiles=tiles)
         return g.input(f"mask_{kind}", F16 if self.flash else F32, count, query_rows(n))
 
     def encode(self, g: Ctx, kv: PromptKV, n: int, images: bool = False) -> dict[str, Any]:
@@ -328,7 +329,7 @@ class Graphs:
         embeddings, 0 on text rows)."""
         hp, w = self.hp, self.w
         ids, pos = g.input("ids", I32, n), g.input("pos", I32, n)
-        masks = {kind: self._mask_input(g, kind, kv, n) for kind in ("swa", "full")}
+        masks = {kind: self._mask_input(g, kind, kv, n, tiles=True) for kind in ("swa", "full")}
         h = named(g.scale(g.get_rows(w.token_embd, ids), self.embd_scale), "inp_scaled")
         extra = {}
         if images:  # image rows take the tower's embeddings as they are (no embedding scale)
@@ -340,7 +341,7 @@ class Graphs:
         for il, L in enumerate(w.layers):
             a = named(rms(g, h, hp.rms_eps, L.attn_norm), "attn_norm", il)
             q, k, v = self._qkv(g, il, a, rows_pos, rows)
-            k, v = self._store_and_read(g, kv, il, token_rows(g, k, 0, n, 2), token_rows(g, v, 0, n, 2))
+            k, v = self._store_and_read(g, kv, il, token_rows(g, k, 0, n, 2), token_rows(g, v, 0, n, 2), tiles=True)
             if il == hp.n_layer - 1:
                 break  # only K/V of the last layer matter: the encoder's output is never read
             mask = masks["swa" if hp.is_swa(il) else "full"]

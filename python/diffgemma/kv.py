@@ -3,15 +3,17 @@
 Sized by what a query can see (../shared/spec/model.md §5):
 * global layers read every committed token: a linear store (slot = position) that grows in chunks as the
   context fills, so a model that only sees short prompts stays small;
-* sliding layers read at most the last W-1 committed tokens: a ring of R = W-1 + room slots (slot = position
-  mod R), where room holds one prefill chunk or a canvas. Its size does not depend on n_ctx.
+* sliding layers read at most the last W-1 committed tokens: a ring of R = W-1 + room slots, rounded up to whole
+  FA_TILE tiles (slot = position mod R), where room holds one prefill chunk or a canvas. Its size does not depend
+  on n_ctx.
 K and V are stored in F16 by default (F32 on request). Masks are built on the host from the positions the
 slots hold, so they stay exactly the reference's across wrap-around.
 
 A token's result must not depend on how its prompt was cut into passes (a reused prefix, a batch): ggml's CPU
 flash attention sums keys in tiles of FA_TILE counted from the first slot read, so the sliding layers read from
 a slot that is a multiple of FA_TILE and the tiles are fixed by slot; and masks have at least FA_TILE query rows
-(graph.attention pads the queries to as many, see there).
+(graph.attention pads the queries to as many, see there). ggml's plain attention sums over the keys read, so an
+encode pass reads them in whole tiles (whole_tiles).
 """
 
 from __future__ import annotations
@@ -60,9 +62,17 @@ def bytes_per_token(hp: HParams, ttype: int, layers: Iterable[int] | None = None
     return sum(_row_bytes(hp, il, ttype) for il in layers if not hp.is_swa(il))
 
 
+def whole_tiles(n: int) -> int:
+    """n keys rounded up to whole FA_TILE tiles. An encode pass reads its keys so (the extra slots masked): ggml's
+    plain attention sums over the keys a pass reads (softmax, then the product with V), and a sum whose SIMD
+    tail moves with the pass rounds differently; which tokens share an encode pass depends on the store's history.
+    Whole tiles leave no tail, and masked keys add exact zeros at the end."""
+    return -(-n // FA_TILE) * FA_TILE
+
+
 def ring_slots(hp: HParams, room: int) -> int:
-    """Slots of the sliding layers' ring: the last W-1 committed tokens plus `room` new ones."""
-    return hp.sliding_window - 1 + room
+    """Slots of the sliding layers' ring: the last W-1 committed tokens plus `room` new ones, in whole tiles."""
+    return whole_tiles(hp.sliding_window - 1 + room)
 
 
 def ring_bytes(hp: HParams, ttype: int, room: int, layers: Iterable[int] | None = None) -> int:
@@ -74,7 +84,7 @@ def ring_bytes(hp: HParams, ttype: int, room: int, layers: Iterable[int] | None 
 def store_bytes(hp: HParams, ttype: int, n_ctx: int, room: int, layers: Iterable[int] | None = None) -> int:
     """Bytes of the whole store (of `layers` if given) once n_ctx tokens are held."""
     layers = list(range(hp.n_layer) if layers is None else layers)
-    return ring_bytes(hp, ttype, room, layers) + n_ctx * bytes_per_token(hp, ttype, layers)
+    return ring_bytes(hp, ttype, room, layers) + whole_tiles(n_ctx) * bytes_per_token(hp, ttype, layers)
 
 
 def host_available() -> int:
@@ -150,7 +160,7 @@ class PromptKV:
         swa = [il for il in range(hp.n_layer) if hp.is_swa(il)]
         if swa:
             self._alloc(swa, self.ring)
-        self.capacity = min(n_ctx, GROW_TOKENS)
+        self.capacity = whole_tiles(min(n_ctx, GROW_TOKENS))
         for il in range(hp.n_layer):  # one buffer per global layer: growing one frees its old copy at once
             if not hp.is_swa(il):
                 self._alloc([il], self.capacity)
@@ -209,7 +219,7 @@ class PromptKV:
             return False
         if n_tokens > self.n_ctx:
             raise Error(f"{n_tokens} tokens exceed n_ctx={self.n_ctx}")
-        new = min(self.n_ctx, -(-max(n_tokens, 2 * self.capacity) // GROW_TOKENS) * GROW_TOKENS)
+        new = whole_tiles(min(self.n_ctx, -(-max(n_tokens, 2 * self.capacity) // GROW_TOKENS) * GROW_TOKENS))
         keep = self.n  # committed K/V survive; canvas slots after them are rewritten by the next pass
         stage = np.empty(COPY_CHUNK, np.uint8)
         for il in [il for il in range(self.hp.n_layer) if not self.hp.is_swa(il)]:
@@ -245,15 +255,17 @@ class PromptKV:
         a = min(n, self.ring - s)
         return [(s, 0, a)] + ([(0, a, n - a)] if n > a else [])
 
-    def read_range(self, swa: bool, n: int) -> tuple[int, int]:
+    def read_range(self, swa: bool, n: int, *, tiles: bool = False) -> tuple[int, int]:
         """(first slot, count) a pass over n new tokens reads: every slot up to them in a global store; in the
         ring the last W-1 committed and the n new ones, from the multiple of FA_TILE at or below them, where
-        those are contiguous, else the whole ring. (The extra slots hold older tokens: masked.)"""
+        those are contiguous, else the whole ring. (The extra slots hold older tokens: masked.) tiles (an
+        encode pass): the count in whole_tiles, the slots past the new tokens masked."""
         if not swa:
-            return 0, self.n + n
+            return 0, whole_tiles(self.n + n) if tiles else self.n + n
         lo = max(0, self.n - (self.hp.sliding_window - 1))
         first = lo % self.ring // FA_TILE * FA_TILE
         count = lo % self.ring - first + self.n + n - lo
+        count = whole_tiles(count) if tiles else count
         return (first, count) if first + count <= self.ring else (0, self.ring)
 
     def mark(self, n: int) -> None:
@@ -261,20 +273,22 @@ class PromptKV:
         pos = np.arange(self.n, self.n + n)
         self.slot_pos[pos % self.ring] = pos
 
-    def key_positions(self, swa: bool, n: int) -> np.ndarray:
-        """Positions held by the slots `read_range` returns (-1 for an empty ring slot)."""
-        first, count = self.read_range(swa, n)
+    def key_positions(self, swa: bool, n: int, *, tiles: bool = False) -> np.ndarray:
+        """Positions held by the slots `read_range` returns (-1 for an empty ring slot; a global slot past the new
+        tokens gets a later position, which every query masks)."""
+        first, count = self.read_range(swa, n, tiles=tiles)
         return self.slot_pos[first:first + count] if swa else np.arange(count)
 
     def masks(self, n: int, *, causal: bool, kinds: Iterable[str] = ("swa", "full"), dtype: Any = np.float32
               ) -> dict[str, np.ndarray]:
         """The masks ("swa": sliding layers, "full": global layers) [query_rows(n), keys read] of n new tokens
         after the committed ones over the slots they read (call `mark(n)` first); rows past n (padding queries,
-        a lone token's copy) repeat the last one, so that they stay finite."""
+        a lone token's copy) repeat the last one, so that they stay finite. causal: an encode pass, which reads
+        whole tiles of keys (read_range)."""
         qpos = np.arange(self.n, self.n + n)
         out = {}
         for kind in kinds:
-            m = attention_mask(self.key_positions(kind == "swa", n), qpos, causal=causal,
+            m = attention_mask(self.key_positions(kind == "swa", n, tiles=causal), qpos, causal=causal,
                                window=self.hp.sliding_window if kind == "swa" else None, dtype=dtype)
             out[kind] = np.concatenate([m, np.repeat(m[-1:], query_rows(n) - n, axis=0)])
         return out
