@@ -123,7 +123,8 @@ def sc_shape(n_vocab: int, rows: int) -> tuple[int, int, int]:
 
 
 def sc_layout(a: np.ndarray) -> np.ndarray:
-    """A host array [rows, V] (E^T, or a canvas's probabilities) in sc_shape's layout: [C, rows, V / C]."""
+    """A host array [rows, V] (a canvas's probabilities, written into its self-conditioning state) in sc_shape's
+    layout: [C, rows, V / C]."""
     rows, V = a.shape
     c = sc_blocks(V)
     return np.ascontiguousarray(a.reshape(rows, c, V // c).transpose(1, 0, 2))
