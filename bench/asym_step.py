@@ -17,7 +17,6 @@ import collections
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,11 @@ OWN_ENV = ("GGML_CPU_TILED_MM_FORCE", "OMP_WAIT_POLICY")
 
 def build(path: pathlib.Path, layers: int) -> None:
     """The asym-2bitexp layout cut to `layers` layers with the full vocabulary (runs in a child of this tree)."""
-    import dataclasses
+    from full_layout import cut_26b_a4b, recipe_types
 
-    from diffgemma import layout, testing
+    from diffgemma import testing
 
-    sys.path.insert(0, str(HERE))
-    from full_layout import recipe_types
-
-    swa = tuple(i % 2 == 0 for i in range(layers))  # sliding, global, sliding, ...
-    hp = dataclasses.replace(layout.full_26b_a4b(), n_layer=layers, swa_layers=swa,
-                             n_head_kv=tuple(8 if s else 2 for s in swa))
+    hp = cut_26b_a4b(layers)
     testing.write_synthetic(path, hp, recipe_types(hp, "asym-2bitexp", path.parent))
 
 
@@ -65,27 +59,9 @@ def child(path: str, steps: int, threads: int, profile: bool) -> dict:
         m.denoise_step(canvas, 0.8, True, u)
         out["step_ms"].append(1e3 * (time.perf_counter() - t))
     if profile:  # ms per step by node kind (weight products by weight, the rest as "other")
-        from diffgemma import binding as B
-        from diffgemma import weights
+        from full_layout import node_ms
 
-        per: dict[str, float] = collections.defaultdict(float)
-        last = [time.perf_counter()]
-
-        def on_node(node, ask):
-            if ask:
-                return True
-            now = time.perf_counter()
-            name = B.ffi.string(node.name).decode()
-            key = re.sub(r"-[0-9]+$", "", name) if weights.weight_of_product(name) or name == "token_embd_t" \
-                else "other"
-            per[key] += now - last[0]
-            last[0] = now
-            return True
-
-        with m.observe(on_node):
-            last[0] = time.perf_counter()
-            m.denoise_step(canvas, 0.8, True, u)
-        out["nodes"] = {k: 1e3 * v for k, v in per.items()}
+        out["nodes"] = node_ms(m, lambda: m.denoise_step(canvas, 0.8, True, u))
     m.close()
     return out
 

@@ -9,14 +9,52 @@ Needs ~11 GB of disk for asym-2bitexp (27 GB for q8_0) and, to run it, that much
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import json
 import pathlib
+import re
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 import diffgemma as dg
 from diffgemma import bench, binding, layout, testing
+
+
+def cut_26b_a4b(layers: int, vocab: int | None = None) -> layout.HParams:
+    """The 26B-A4B layout (full widths, 128 experts top-8) cut to `layers` layers (sliding, global, sliding, ...)
+    and, if given, a `vocab`-token vocabulary: a file of the real shapes that runs on a small machine."""
+    swa = tuple(i % 2 == 0 for i in range(layers))
+    hp = dataclasses.replace(layout.full_26b_a4b(), n_layer=layers, swa_layers=swa,
+                             n_head_kv=tuple(8 if s else 2 for s in swa))
+    return hp if vocab is None else dataclasses.replace(hp, n_vocab=vocab)
+
+
+def node_ms(m: dg.Model, run: Callable[[], object]) -> dict[str, float]:
+    """ms per node kind in one call of run() on model m, observed node by node (Model.observe): each weight product
+    under its weight ("ffn_down_exps", all layers together), the self-conditioning product as "token_embd_t", the
+    rest as "other". Works with older diffgemma trees too (bench/asym_step.py runs it against one)."""
+    from diffgemma import weights
+
+    per: dict[str, float] = collections.defaultdict(float)
+    last = [0.0]
+
+    def on_node(node: object, ask: bool) -> bool:
+        if ask:
+            return True
+        now = time.perf_counter()
+        name = binding.ffi.string(node.name).decode()
+        own = weights.weight_of_product(name) or name == "token_embd_t"
+        per[re.sub(r"-[0-9]+$", "", name) if own else "other"] += now - last[0]
+        last[0] = now
+        return True
+
+    with m.observe(on_node):
+        last[0] = time.perf_counter()
+        run()
+    return {k: 1e3 * v for k, v in per.items()}
 
 
 def recipe_types(hp: layout.HParams, recipe: str, workdir: pathlib.Path) -> dict[str, int]:

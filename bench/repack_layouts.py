@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import time
@@ -29,16 +27,13 @@ HERE = pathlib.Path(__file__).parent
 
 def build(out: pathlib.Path, layers: int, vocab: int) -> dict[str, pathlib.Path]:
     import diffgemma as dg
-    from diffgemma import layout, testing
+    from diffgemma import testing
 
     sys.path.insert(0, str(HERE))
     from batch_throughput import PROPORTIONAL
-    from full_layout import recipe_types
+    from full_layout import cut_26b_a4b, recipe_types
 
-    full = layout.full_26b_a4b()
-    swa = tuple(i % 2 == 0 for i in range(layers))  # sliding, global, sliding, ...
-    hp = dataclasses.replace(full, n_layer=layers, n_vocab=vocab, swa_layers=swa,
-                             n_head_kv=tuple(8 if s else 2 for s in swa))
+    hp = cut_26b_a4b(layers, vocab)
     files = {}
     for recipe in ("asym-2bitexp", "Q4_K_M"):
         path = out / f"26B-A4B-{layers}layers-{recipe}.gguf"
@@ -65,8 +60,6 @@ def rss_mb() -> float:
 def child(path: str, repack: bool, batches: list[int], threads: int, profile: bool) -> dict:
     """One process: load, then one warm and one timed decoder pass per B (ms per canvas), per-node times."""
     import diffgemma as dg
-    from diffgemma import binding as B
-    from diffgemma import weights
 
     rss0 = rss_mb()
     t = time.perf_counter()
@@ -89,30 +82,13 @@ def child(path: str, repack: bool, batches: list[int], threads: int, profile: bo
         out["pass_ms"][b] = 1e3 * (time.perf_counter() - t) / b
     out["rss_after_pass_mb"] = rss_mb() - rss0
     if profile:  # ms per canvas of each weight product (all layers), observed node by node, at B=1 and max B
+        from full_layout import node_ms
+
         out["nodes"] = {}
         for b in (batches[0], batches[-1]):
-            per: dict[str, float] = collections.defaultdict(float)
-            last = [0.0]
-
-            def on_node(t, ask, per=per, last=last):
-                if ask:
-                    return True
-                now = time.perf_counter()
-                name = B.ffi.string(t.name).decode()
-                w = weights.weight_of_product(name)
-                key = re.sub(r"-[0-9]+$", "", name) if w else "other"
-                if name == "self_cond_gate" or name.startswith("self_cond"):
-                    key = name
-                per[key] += now - last[0]
-                last[0] = now
-                return True
-
-            with m.observe(on_node):
-                m.denoise_batch(list(zip(seqs[:b], asks[:b], strict=True)))
-                per.clear()
-                last[0] = time.perf_counter()
-                m.denoise_batch(list(zip(seqs[:b], asks[:b], strict=True)))
-            out["nodes"][b] = {k: 1e3 * v / b for k, v in per.items()}
+            pairs = list(zip(seqs[:b], asks[:b], strict=True))
+            m.denoise_batch(pairs)  # this shape's graph, built outside the observed pass
+            out["nodes"][b] = {k: v / b for k, v in node_ms(m, lambda pairs=pairs: m.denoise_batch(pairs)).items()}
     m.close()
     return out
 
