@@ -1,5 +1,6 @@
-"""Which weight layout ggml's CPU backend multiplies fastest, for the two products of the 26B-A4B step that do
-not batch: the self-conditioning product (E^T [262144 -> 2816] by a 256-token canvas) in one piece and in
+"""Which weight layout ggml's CPU backend multiplies fastest, for two products of the 26B-A4B step.
+
+They do not batch: the self-conditioning product (E^T [262144 -> 2816] by a 256-token canvas) in one piece and in
 vocabulary blocks, per type; and the dense ffn_down ([2112 -> 2816] by 256 rows) per type. Random weights, one
 process, best of --repeats runs of each product.
 
